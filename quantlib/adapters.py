@@ -1,0 +1,105 @@
+"""Model families: where the decoder blocks are and which linear layers of a block are quantized, in true-sequential
+order, grouped by shared input. Pure Python (no torch), so the Snakefile can check a model's config.json before any
+job starts. Nothing is traced: an unknown architecture is a clear error, not a failure inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConfigError, DataError, UnsupportedArchitecture
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    blocks: str  # attribute path of the ModuleList of decoder blocks
+    # Linear layers of one block, in execution order; the layers of one subgroup read the same input, so they share
+    # one Hessian and are quantized together before the next subgroup's input is captured (true sequential).
+    subgroups: tuple[tuple[str, ...], ...]
+    # Input sizes of the quantized layers, read from config.json (for checks before any weight is loaded).
+    input_dims: Callable[[dict], dict[str, int]]
+
+    def block_list(self, model) -> torch.nn.ModuleList:
+        obj = model
+        for part in self.blocks.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def linears(self, block) -> list[tuple[str, torch.nn.Linear]]:
+        return [(name, block.get_submodule(name)) for group in self.subgroups for name in group]
+
+
+def _llama_dims(c: dict) -> dict[str, int]:
+    h = c["hidden_size"]
+    return {"self_attn.q_proj": h, "self_attn.k_proj": h, "self_attn.v_proj": h,
+            "self_attn.o_proj": c["num_attention_heads"] * c.get("head_dim", h // c["num_attention_heads"]),
+            "mlp.gate_proj": h, "mlp.up_proj": h, "mlp.down_proj": c["intermediate_size"]}
+
+
+def _opt_dims(c: dict) -> dict[str, int]:
+    h = c["hidden_size"]
+    return {"self_attn.k_proj": h, "self_attn.v_proj": h, "self_attn.q_proj": h, "self_attn.out_proj": h,
+            "fc1": h, "fc2": c["ffn_dim"]}
+
+
+def _neox_dims(c: dict) -> dict[str, int]:
+    h = c["hidden_size"]
+    return {"attention.query_key_value": h, "attention.dense": h, "mlp.dense_h_to_4h": h,
+            "mlp.dense_4h_to_h": c["intermediate_size"]}
+
+
+_LLAMA = Adapter(
+    "llama", "model.layers",
+    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    _llama_dims,
+)
+_OPT = Adapter(
+    "opt", "model.decoder.layers",
+    (("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+    _opt_dims,
+)
+_NEOX = Adapter(
+    "gpt_neox", "gpt_neox.layers",
+    (("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+    _neox_dims,
+)
+
+# config.json `model_type` -> adapter. SmolLM2 is a Llama.
+ADAPTERS: dict[str, Adapter] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+                                "opt": _OPT, "gpt_neox": _NEOX}
+
+
+def get_adapter(model_type: str) -> Adapter:
+    if model_type not in ADAPTERS:
+        raise UnsupportedArchitecture(
+            f"model type '{model_type}' is not supported; supported model types: {', '.join(sorted(ADAPTERS))}. "
+            "Support for a family is one Adapter entry in quantlib/models.py.")
+    return ADAPTERS[model_type]
+
+
+def adapter_for(model) -> Adapter:
+    return get_adapter(model.config.model_type)
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise DataError(f"{path} does not exist: is '{model_dir}' a model directory?")
+    return json.loads(path.read_text())
+
+
+def check_group_size_fits(cfg: dict, group_size: int, model: str) -> None:
+    """Refuse a group size that does not divide some quantized layer's input size, naming the layer."""
+    if group_size == -1:
+        return
+    adapter = get_adapter(cfg.get("model_type", "?"))
+    for layer, d_in in adapter.input_dims(cfg).items():
+        if d_in % group_size:
+            raise ConfigError(
+                f"group size {group_size} does not divide the input dimension {d_in} of layer '{layer}' of model "
+                f"'{model}'; packed formats need whole groups: use a divisor of {d_in} or -1 (per channel)")

@@ -1,0 +1,31 @@
+"""Perplexity with the protocol of GPTQ and the four seed papers (algorithms.md 1.8).
+
+Each window of `seqlen` tokens is scored independently (no BOS added per window); the loss predicts tokens 2..L
+of each window; ppl = exp(sum of NLL / (n_windows * (seqlen - 1))). The protocol is written into every result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def perplexity(model, windows: torch.Tensor, max_windows: int | None = None, batch_size: int = 4,
+               device: str = "cpu", progress: bool = True) -> dict:
+    if max_windows:
+        windows = windows[:max_windows]
+    n, seqlen = windows.shape
+    total_nll = 0.0
+    model.to(device)
+    with torch.no_grad():
+        for s in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, mininterval=5):
+            batch = windows[s:s + batch_size].to(device)
+            logits = model(batch, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            total_nll += float(nll)
+    mean_nll = total_nll / (n * (seqlen - 1))
+    return {"ppl": math.exp(mean_nll), "mean_nll": mean_nll, "windows": n, "seqlen": seqlen,
+            "tokens_scored": n * (seqlen - 1)}

@@ -1,0 +1,106 @@
+"""Saving a quantized model in Hugging Face layout and loading it back.
+
+Layout of `results/quantized/{name}/`:
+  config.json        the model config plus `quantization_config` (quant_method "quantlib", the short name, and each
+                     quantized layer's format, bits and group size)
+  model.safetensors  unquantized tensors as they are; for each quantized layer its stored tensors under
+                     `{layer}.{tensor}` (uniform: `qweight` packed int32, `scales`, `zeros`) instead of `.weight`
+  tokenizer files, quant_spec.json (the spec), diagnostics.json (per-layer errors, timings, versions)
+Everything is checked for NaN/Inf before the directory is atomically renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import NumericalError
+from .io import atomic_dir, versions
+from .models import _TOKENIZER_FILES, load_model
+from .quantizer import FORMATS
+
+QUANT_METHOD = "quantlib"
+
+
+def save_quantized(model, spec, report, out_dir: str | Path, tokenizer_dir: str | Path, extra: dict | None = None):
+    from safetensors.torch import save_file
+
+    stored = report.stored
+    state = {}
+    for key, value in model.state_dict().items():
+        layer, _, leaf = key.rpartition(".")
+        if leaf == "weight" and layer in stored:
+            continue
+        state[key] = value.contiguous()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    for layer, (meta, tensors) in stored.items():
+        for leaf, value in tensors.items():
+            state[f"{layer}.{leaf}"] = value.contiguous()
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise NumericalError(f"tensor '{key}' contains NaN or Inf; nothing was saved")
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = {
+        "quant_method": QUANT_METHOD, "format_version": 1, "spec": spec.short_name(),
+        "layers": {layer: meta for layer, (meta, _) in stored.items()},
+    }
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        for name in _TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        (tmp / "quant_spec.json").write_text(json.dumps(
+            {"short_name": spec.short_name(), **dataclasses.asdict(spec)}, indent=2))
+        diagnostics = {"short_name": spec.short_name(), "seconds": report.seconds, "versions": versions(),
+                       **(extra or {}), "layers": report.layers}
+        (tmp / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    return cfg.exists() and json.loads(cfg.read_text()).get("quantization_config", {}).get("quant_method") == QUANT_METHOD
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
+    """Rebuild the model with dequantized weights from a directory written by `save_quantized`."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    qcfg = raw.pop("quantization_config")
+    config = AutoConfig.for_model(**raw)
+    config._attn_implementation = attn
+    # Parameters on the meta device (no random init); buffers such as rotary tables are built normally.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    state = load_file(str(path / "model.safetensors"))
+    for layer, meta in qcfg["layers"].items():
+        prefix = f"{layer}."
+        tensors = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)
+                                                           and k[len(prefix):] not in ("bias",)]}
+        rep = FORMATS[meta["format"]].from_tensors(meta, tensors)
+        state[f"{layer}.weight"] = rep.dequantize()
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.config.use_cache = False
+    return model.eval()
+
+
+def load_any(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
+    """A quantized directory or a plain full-precision checkpoint."""
+    if is_quantized_dir(path):
+        return load_quantized(path, dtype, attn)
+    return load_model(path, dtype, attn)

@@ -1,0 +1,91 @@
+"""One Hessian capture and one damping policy, used by every Hessian-based method.
+
+H = (1/N) sum_t x_t x_t^T over the N calibration tokens that reach a layer (NeUQI's normalisation; every solver
+here is invariant to a positive rescaling of H). Accumulated in float64 across chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from .errors import NumericalError
+
+log = logging.getLogger("quantlib")
+
+
+class HessianAccumulator:
+    def __init__(self, d_in: int, device=None):
+        self.sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        # fp32 product per chunk (fast on CPU), fp64 across chunks.
+        prod = x.T @ x
+        self.sum += prod
+        self.tokens += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise NumericalError("no calibration tokens reached this layer")
+        return (self.sum / self.tokens).float()
+
+
+def fix_dead_columns(H: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Inputs that are always zero (H_ii = 0) get H_ii = 1, GPTQ's convention: their weights are rounded
+    independently. Returns a copy and the number of such columns."""
+    H = H.clone()
+    dead = torch.diagonal(H) == 0
+    n = int(dead.sum())
+    if n:
+        H[dead, dead] = 1.0
+    return H, n
+
+
+def damp_until_pd(H: torch.Tensor, damp: float, layer: str, max_tries: int = 10,
+                  factor: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """Add `damp * mean(diag H)` to the diagonal; if the factorisation fails, double the damping (at least 1%)
+    with a logged warning, up to `max_tries` times.
+
+    `factor(A)` returns (factor, info) like `torch.linalg.cholesky_ex`; info != 0 means not positive definite.
+    Returns (damped H, factor of it, damping fraction used).
+    """
+    factor = factor or torch.linalg.cholesky_ex
+    mean_diag = torch.diagonal(H).mean()
+    if not torch.isfinite(H).all():
+        raise NumericalError(f"the Hessian of layer '{layer}' contains NaN or Inf: the calibration activations "
+                             "overflowed (use float32, or check the model's weights)")
+    if mean_diag <= 0:
+        raise NumericalError(f"the Hessian of layer '{layer}' has a non-positive mean diagonal ({mean_diag:.3g}); "
+                             "no calibration signal reached it")
+    current = damp
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(max_tries + 1):
+        Hd = H + (current * mean_diag) * eye
+        fac, info = factor(Hd)
+        if int(info) == 0 and torch.isfinite(fac).all():
+            return Hd, fac, current
+        if attempt < max_tries:
+            nxt = max(2 * current, 0.01)
+            log.warning("layer %s: Hessian not positive definite with damping %.3g; retrying with %.3g",
+                        layer, current, nxt)
+            current = nxt
+    raise NumericalError(
+        f"the Hessian of layer '{layer}' is not positive definite even with damping {current:.3g} "
+        f"({max_tries} retries). More calibration tokens (nsamples x seqlen well above the layer's input size "
+        f"{H.shape[0]}) or a larger `damp` option usually fix this.")
+
+
+def layer_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - W_hat) H (W - W_hat)^T): the layer's mean squared output error per token."""
+    D = (W - W_hat).to(H.dtype)
+    return float(((D @ H) * D).sum())
+
+
+def damped_diag(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """diag(H) after the same damping the solvers apply (the weights of diag-weighted inits)."""
+    d = torch.diagonal(H)
+    return d + damp * d.mean()

@@ -1,0 +1,159 @@
+"""The catalog of methods: every solver, parameter init and preprocessing stage, with the options that can
+appear in a short name. Pure Python (no torch) so the Snakefile can validate names cheaply; the implementation
+of each entry is imported lazily from its `impl` path.
+
+A new method is one entry here plus one module under `quantlib/solvers/` (or `init.py`, `preprocess`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+_NUM_RE = r"-?[0-9]+(?:p[0-9]+)?(?:e-?[0-9]+)?"
+
+
+def format_number(value: float | int) -> str:
+    """Render a number for a name token: no dots (names are dot-separated), so 0.01 -> '0p01', 1e-05 -> '1e-05'."""
+    if isinstance(value, bool):
+        raise TypeError("booleans are flags, not numbers")
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    text = format(float(value), ".10g")
+    return text.replace("e-0", "e-").replace("e+0", "e").replace("e+", "e").replace(".", "p")
+
+
+def parse_number(text: str, kind: type) -> float | int:
+    value = float(text.replace("p", "."))
+    if kind is int:
+        if not value.is_integer():
+            raise ValueError(text)
+        return int(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting that a short name can carry.
+
+    Booleans write `token` when the value differs from the default; numbers write `token` + the number.
+    `default` may be a callable of the spec when it depends on other settings (e.g. on the group size).
+    """
+
+    key: str
+    default: Any
+    kind: type
+    token: str
+    help: str = ""
+    choices: tuple | None = None
+
+    def default_for(self, spec) -> Any:
+        return self.default(spec) if callable(self.default) else self.default
+
+    def render(self, value: Any) -> str:
+        if self.kind is bool:
+            return self.token
+        return f"{self.token}{format_number(value)}"
+
+    def match(self, tok: str, spec_default: Any) -> tuple[bool, Any]:
+        if self.kind is bool:
+            return (tok == self.token, not spec_default)
+        m = re.fullmatch(re.escape(self.token) + f"({_NUM_RE})", tok)
+        if not m:
+            return (False, None)
+        return (True, parse_number(m.group(1), self.kind))
+
+    def coerce(self, value: Any) -> Any:
+        """Check a value given in the config and convert it to the option's type."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"option '{self.key}' takes true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"option '{self.key}' takes a number, got {value!r}")
+        if self.kind is int and not float(value).is_integer():
+            raise ConfigError(f"option '{self.key}' takes an integer, got {value!r}")
+        value = self.kind(value)
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"option '{self.key}' must be one of {list(self.choices)}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Component:
+    """A solver, a parameter init or a preprocessing stage."""
+
+    name: str
+    kind: str  # "solver" | "init" | "preprocess"
+    impl: str  # "module:function", imported on first use
+    label: str
+    needs_hessian: bool
+    options: tuple[Option, ...] = ()
+    help: str = ""
+    # Solvers that do not use a uniform grid (codebooks, binary codes) do not take a parameter init.
+    uses_uniform_grid: bool = True
+
+    def load(self) -> Callable:
+        module, _, attr = self.impl.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+# Options shared by every quantized spec.
+COMMON_OPTIONS: tuple[Option, ...] = (
+    Option("sym", False, bool, "sym", "symmetric grid (zero point fixed at the middle of the range)"),
+    Option("damp", 0.01, float, "damp", "Hessian damping, as a fraction of the mean of diag(H)"),
+    Option("true_sequential", True, bool, "noseq",
+           "take each subgroup's Hessian after quantizing the earlier subgroups of its block (off: all layers of a "
+           "block from one pass of the unquantized block, as GPTQ's OPT/BLOOM scripts do)"),
+)
+
+SOLVERS: dict[str, Component] = {}
+INITS: dict[str, Component] = {}
+PREPROCESSORS: dict[str, Component] = {}
+_REGISTRIES = {"solver": SOLVERS, "init": INITS, "preprocess": PREPROCESSORS}
+
+# Names that cannot be solvers, inits or preprocessors because they mean something else in a short name.
+RESERVED = {"fp"}
+
+
+def register(component: Component) -> Component:
+    registry = _REGISTRIES[component.kind]
+    if component.name in RESERVED or any(component.name in r for r in _REGISTRIES.values()):
+        raise ValueError(f"method name '{component.name}' is already taken")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", component.name):
+        raise ValueError(f"method name '{component.name}' must be lower case letters, digits and '_'")
+    registry[component.name] = component
+    return component
+
+
+def component(kind: str, name: str) -> Component:
+    registry = _REGISTRIES[kind]
+    if name not in registry:
+        raise ConfigError(f"unknown {kind} '{name}'; known: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+# ---------------------------------------------------------------------------------------------- the catalog
+
+register(Component(
+    "minmax", "init", "quantlib.init:minmax_init", "min-max", needs_hessian=False,
+    help="scale and integer zero point from the range of each group, 0 always inside the range (GPTQ's quantizer)",
+))
+
+register(Component(
+    "rtn", "solver", "quantlib.solvers.rtn:solve", "RTN", needs_hessian=False,
+    help="round to nearest on the initialised grid",
+))
+
+register(Component(
+    "ldlq", "solver", "quantlib.solvers.ldlq:solve", "LDLQ", needs_hessian=True,
+    options=(
+        Option("act_order", True, bool, "noreorder",
+               "process columns by decreasing diag(H) (GPTQ's act order, NeUQI's H reorder); groups stay static"),
+    ),
+    help="GPTQ-equivalent error feedback through the LDL factorisation of H",
+))

@@ -1,0 +1,105 @@
+"""One function per workflow step. The Snakemake scripts are thin adapters to these; each is usable on its own."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .data import calibration_windows, eval_windows, read_texts
+from .io import atomic_file, versions, write_json
+from .models import (check_group_size_fits, load_model, load_tokenizer, read_config, resolve_attn, resolve_device,
+                     resolve_dtype)
+from .spec import QuantSpec, parse_calib_name, parse_ppl_protocol
+
+log = logging.getLogger("quantlib")
+
+
+def _save_tensor(obj, path) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def calibrate(model_dir, dataset_file, ds_cfg: dict, calib_name: str, out_pt, out_json) -> None:
+    """Sample the calibration windows named by `calib_name` ({model}.{dataset}.n{n}.L{L}[.s{seed}])."""
+    _, calib = parse_calib_name(calib_name)
+    tok = load_tokenizer(model_dir)
+    windows, manifest = calibration_windows(read_texts(dataset_file), tok, ds_cfg, calib.nsamples, calib.seqlen,
+                                            calib.seed)
+    _save_tensor(windows, out_pt)
+    write_json(out_json, {"name": calib_name, "dataset": calib.dataset, "source": ds_cfg, "nsamples": calib.nsamples,
+                          "seqlen": calib.seqlen, "tokens": windows.numel(), **manifest})
+    log.info("calibration %s: %d windows of %d tokens from %d documents", calib_name, calib.nsamples, calib.seqlen,
+             manifest.get("documents", 0))
+
+
+def make_eval_windows(model_dir, dataset_file, ds_cfg: dict, seqlen: int, out_pt) -> None:
+    tok = load_tokenizer(model_dir)
+    windows, info = eval_windows(read_texts(dataset_file), tok, ds_cfg, seqlen)
+    _save_tensor({"windows": windows, "info": info}, out_pt)
+    log.info("%d evaluation windows of %d tokens", len(windows), seqlen)
+
+
+def _compute(compute: dict):
+    device = resolve_device(compute.get("device", "auto"))
+    return device, resolve_dtype(compute.get("dtype", "auto"), device), resolve_attn(
+        compute.get("attn_implementation", "auto"), device)
+
+
+def quantize(name: str, model_dir, calib_pt, out_dir, compute: dict, calib_json=None) -> None:
+    from .export import save_quantized
+    from .runner import quantize_model
+
+    spec = QuantSpec.parse(name)
+    # Checks that need only config.json come before any weight or data is loaded.
+    check_group_size_fits(read_config(model_dir), spec.group_size, spec.model)
+    torch.manual_seed(compute.get("seed", 0))
+    device, dtype, attn = _compute(compute)
+    t0 = time.time()
+    model = load_model(model_dir, dtype, attn)
+    tokens = torch.load(calib_pt) if spec.needs_hessian else None
+    report = quantize_model(model, spec, tokens, device=device,
+                            chunk_tokens=compute.get("calib_chunk_tokens", 65536))
+    extra = {"compute": {"device": device, "dtype": str(dtype), "attn": attn,
+                         "threads": torch.get_num_threads()}, "total_seconds": None}
+    if calib_json:
+        import json
+        extra["calibration"] = {k: v for k, v in json.loads(Path(calib_json).read_text()).items() if k != "draws"}
+    extra["total_seconds"] = round(time.time() - t0, 2)
+    save_quantized(model, spec, report, out_dir, model_dir, extra)
+    log.info("%s quantized in %.1fs", name, time.time() - t0)
+
+
+def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs: dict, compute: dict,
+               batch_size: int = 4) -> dict:
+    """Evaluate one model under several protocols: `windows` and `outputs` map each protocol name
+    ({dataset}.L{seqlen}[.nw{n}]) to its window file and its result JSON. The model is loaded once."""
+    from .evaluate import perplexity as ppl
+    from .export import load_any
+
+    spec = QuantSpec.parse(name)
+    device, dtype, attn = _compute(compute)
+    model = load_any(model_path, dtype, attn)
+    records = {}
+    for protocol, out_json in outputs.items():
+        t0 = time.time()
+        dataset, seqlen, max_windows = parse_ppl_protocol(protocol)
+        data = torch.load(windows[protocol])
+        if data["windows"].shape[1] != seqlen:
+            raise ValueError(f"{windows[protocol]} holds windows of {data['windows'].shape[1]} tokens, not {seqlen}")
+        res = ppl(model, data["windows"], max_windows, batch_size, device)
+        ds_cfg = dataset_cfgs[dataset]
+        records[protocol] = {
+            "name": name, "model": spec.model, "spec": spec.short_name(), "metric": "ppl", "dataset": dataset,
+            "value": res["ppl"], **res,
+            "protocol": {"dataset": dataset, "source": {k: v for k, v in ds_cfg.items() if k != "label"},
+                         "seqlen": seqlen, "windows": res["windows"], "windows_available": len(data["windows"]),
+                         "max_windows": max_windows, "tokens_scored": res["tokens_scored"], "dtype": str(dtype),
+                         "device": device, "attn": attn, **data["info"]},
+            "seconds": round(time.time() - t0, 2), "versions": versions(),
+        }
+        write_json(out_json, records[protocol])
+        log.info("%s %s: ppl %.4f over %d windows", name, protocol, res["ppl"], res["windows"])
+    return records

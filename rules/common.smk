@@ -1,0 +1,80 @@
+# Expansion of the config into short names and paths; every helper here is a thin call into quantlib.config.
+
+import sys
+
+from quantlib.config import Experiment, check_sources
+from quantlib.errors import QuantlibError
+from quantlib.spec import MODEL_KEY_RE, DATASET_KEY_RE, QuantSpec, parse_calib_name, parse_ppl_protocol
+
+try:
+    EXP = Experiment(config)
+    check_sources(EXP)
+except QuantlibError as exc:
+    sys.exit(f"Configuration error: {exc}")
+
+RES = EXP.resources
+# Torch rules run multi-threaded: Snakemake sets OMP_NUM_THREADS to a job's threads.
+TORCH_THREADS = max(2, min(workflow.cores, 16))
+
+
+wildcard_constraints:
+    model=MODEL_KEY_RE,
+    dataset=DATASET_KEY_RE,
+    seqlen=r"[0-9]+",
+    # A quantized model's short name (never the unquantized "{model}.fp").
+    name=r"[a-z0-9][A-Za-z0-9_.-]*(?<!\.fp)",
+    anyname=r"[a-z0-9][A-Za-z0-9_.-]*",
+    calib=r"[a-z0-9][A-Za-z0-9_.-]*\.n[0-9]+\.L[0-9]+(\.s[0-9]+)?",
+    table=r"[A-Za-z0-9_-]+",
+
+
+def all_tables():
+    return expand("results/tables/{table}.{ext}", table=EXP.tables, ext=["md", "csv"])
+
+
+def model_params_b(model):
+    return EXP.model_cfg(model).get("params_b", 1.0)
+
+
+def mem_mb_for(model, factor):
+    """Memory request from the model size: float32 weights are 4 bytes per parameter."""
+    return int(max(4000, factor * 4 * 1024 * model_params_b(model)))
+
+
+def calib_inputs(wildcards):
+    model, calib = parse_calib_name(wildcards.calib)
+    return {
+        "model": EXP.model_path(model),
+        "dataset": EXP.dataset_path(calib.dataset),
+    }
+
+
+def calib_dataset_cfg(wildcards):
+    return EXP.dataset_cfg(parse_calib_name(wildcards.calib)[1].dataset)
+
+
+def quantize_inputs(wildcards):
+    spec = QuantSpec.parse(wildcards.name)
+    inputs = {"model": EXP.model_path(spec.model)}
+    if spec.needs_hessian:
+        inputs["calib"] = f"results/calibration/{spec.calib_name()}.pt"
+        inputs["calib_json"] = f"results/calibration/{spec.calib_name()}.json"
+    return inputs
+
+
+def quantize_mem(wildcards):
+    return mem_mb_for(QuantSpec.parse(wildcards.name).model, 3)
+
+
+def ppl_inputs(wildcards):
+    spec = QuantSpec.parse(wildcards.anyname)
+    model = EXP.model_path(spec.model) if spec.is_fp else f"results/quantized/{spec.short_name()}"
+    windows = {}
+    for protocol in EXP.ppl_protocols():
+        dataset, seqlen, _ = parse_ppl_protocol(protocol)
+        windows[protocol] = f"results/evaldata/{spec.model}/{dataset}.L{seqlen}.pt"
+    return {"model": model, **windows}
+
+
+def ppl_mem(wildcards):
+    return mem_mb_for(QuantSpec.parse(wildcards.anyname).model, 3)

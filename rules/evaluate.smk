@@ -1,0 +1,27 @@
+# Perplexity of a quantized ({name}) or unquantized ({model}.fp) model on every perplexity dataset of the config, one
+# result JSON per protocol {dataset}.L{seqlen}[.nw{n}]. One job per model: loading it once saves a model load and the
+# library imports per dataset.
+
+
+rule perplexity:
+    input:
+        unpack(ppl_inputs),
+    output:
+        [f"results/ppl/{protocol}/{{anyname}}.json" for protocol in EXP.ppl_protocols()],
+    params:
+        protocols=EXP.ppl_protocols(),
+        dataset_cfgs=EXP.cfg["datasets"],
+        compute=EXP.cfg["compute"],
+        batch_size=EXP.cfg["perplexity"]["batch_size"],
+    log:
+        "results/logs/perplexity/{anyname}.log",
+    benchmark:
+        "results/benchmarks/perplexity/{anyname}.tsv"
+    threads: TORCH_THREADS
+    resources:
+        mem_mb=ppl_mem,
+        runtime=120,
+    conda:
+        "../envs/evaluate.yaml"
+    script:
+        "../workflow/scripts/perplexity.py"

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny models built in the test (random weights are fine for mechanics), a tiny tokenizer, and the
+path of the real assets for quality tests (../shared/assets, or $QUANTLIB_ASSETS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach the Hugging Face hub: every model and dataset is built here or read from the assets folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("QUANTLIB_ASSETS", REPO.parent / "shared" / "assets")).resolve()
+SMOL_DIR = ASSETS / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct--Q4_1-gguf"
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_WORDS = ("the quick brown fox jumps over lazy dog model weight quantization grid scale zero point layer block "
+          "hessian error token window sample data text paper table result bits group channel solver").split()
+
+
+def corpus(n_docs: int, seed: int = 0, min_words: int = 20, max_words: int = 200) -> list[str]:
+    """Deterministic pseudo-text: enough structure for a BPE tokenizer, cheap to generate."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(min_words, max_words))]
+        docs.append(" ".join(words).capitalize() + ".")
+    return docs
+
+
+def build_tokenizer(out_dir: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(300, seed=1), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def tiny_config(family: str, vocab: int = 300):
+    import transformers as T
+
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=512)
+    if family == "llama":
+        return T.LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common)
+    if family == "mistral":
+        return T.MistralConfig(intermediate_size=128, num_key_value_heads=2, **common)
+    if family == "qwen2":
+        return T.Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common)
+    if family == "opt":
+        return T.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **common)
+    if family == "gpt_neox":
+        return T.GPTNeoXConfig(intermediate_size=128, **common)
+    if family == "gpt2":
+        return T.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, vocab: int = 300):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab), attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama with its tokenizer: a model directory like resources/models/{model}."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    build_tokenizer(d)
+    tiny_model("llama").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("text")
+    files = {}
+    for name, seed, n in (("train", 2, 400), ("test", 3, 120)):
+        path = d / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(n, seed)))
+        files[name] = path
+    return files
+
+
+def calib_tokens(n: int = 16, seqlen: int = 32, vocab: int = 300, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (n, seqlen), generator=g)
+
+
+requires_assets = pytest.mark.skipif(not (SMOL_DIR / SMOL_GGUF).exists(),
+                                     reason=f"real model not found under {ASSETS} (set QUANTLIB_ASSETS)")

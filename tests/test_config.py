@@ -1,0 +1,81 @@
+"""The config schema and its expansion: bad input is an error that names the problem."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quantlib.config import Experiment, check_sources
+from quantlib.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg():
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_default_config_expands(cfg):
+    exp = Experiment(cfg)
+    names = [s.short_name() for s in exp.all_specs()]
+    assert "smollm2-135m.fp" in names
+    assert "smollm2-135m.rtn.w4g64" in names
+    assert "smollm2-135m.c4.n32.L512.ldlq.w3" in names
+    cells = exp.table_cells("main")
+    assert {c["row"] for c in cells} == {"fp", "rtn", "ldlq"}
+    assert "results/ppl/wikitext2.L512.nw40/smollm2-135m.c4.n32.L512.ldlq.w3.json" in exp.table_inputs("main")
+
+
+def test_unknown_keys_are_named_with_the_allowed_ones(cfg):
+    bad = copy.deepcopy(cfg)
+    bad["calibraton"] = {}
+    with pytest.raises(ConfigError, match="unknown config key 'calibraton' in the top level; allowed keys: .*calibration"):
+        Experiment(bad)
+    bad = copy.deepcopy(cfg)
+    bad["methods"][0]["group"] = [64]
+    with pytest.raises(ConfigError, match="unknown config key 'group' in methods.0; allowed keys: .*group_size"):
+        Experiment(bad)
+    bad = copy.deepcopy(cfg)
+    bad["perplexity"]["datasets"]["wikitext2"]["windows"] = 3
+    with pytest.raises(ConfigError, match="unknown config key 'windows' in perplexity.datasets.wikitext2"):
+        Experiment(bad)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c["methods"][0].update(solver="awq"), "unknown solver 'awq'; known: .*ldlq"),
+    (lambda c: c["methods"][0].update(bits=[1]), "bits must be between 2 and 8, got 1"),
+    (lambda c: c["methods"][1].update(options={"iters": 3}), "unknown option 'iters'"),
+    (lambda c: c.update(run_models=["llama-9b"]), "unknown model 'llama-9b'"),
+    (lambda c: c["calibration"].update(dataset="pile"), "unknown dataset 'pile'"),
+    (lambda c: c["tables"]["main"].update(rows=["fp", "gptq"]), "unknown method id 'gptq'"),
+    (lambda c: c["compute"].update(dtype="fp8"), "'fp8' is not one of"),
+    (lambda c: c.pop("calibration"), "needs calibration data"),
+])
+def test_bad_values(cfg, change, message):
+    change(cfg)
+    with pytest.raises(ConfigError, match=message):
+        Experiment(cfg)
+
+
+def test_sources_checked_before_any_job(cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    for var in ("HF_HUB_CACHE", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg["resources"] = str(tmp_path / "resources")
+    exp = Experiment(cfg)
+    check_sources(exp, offline=False)  # hub ids are fine online
+    with pytest.raises(ConfigError, match="model 'smollm2-135m': 'HuggingFaceTB/SmolLM2-135M' is a hub id, the hub is offline"):
+        check_sources(exp, offline=True)
+    cfg["models"]["smollm2-135m"]["source"] = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="local source .*nowhere' does not exist"):
+        check_sources(Experiment(cfg), offline=False)
+    cfg["models"]["smollm2-135m"]["source"] = "HuggingFaceTB/SmolLM2-135M"
+    cfg["datasets"]["wikitext2"] = {"path": "json", "data_files": str(tmp_path / "missing.jsonl")}
+    with pytest.raises(ConfigError, match="dataset 'wikitext2': data file .*missing.jsonl' does not exist"):
+        check_sources(Experiment(cfg), offline=False)
+    cfg["datasets"]["wikitext2"] = {"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1"}
+    (tmp_path / "resources" / "models" / "smollm2-135m").mkdir(parents=True)  # pre-filled model
+    with pytest.raises(ConfigError, match="dataset 'c4': 'allenai/c4' is a hub id, the hub is offline"):
+        check_sources(Experiment(cfg), offline=True)

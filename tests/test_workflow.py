@@ -1,0 +1,147 @@
+"""The Snakemake workflow end to end on a tiny model, its refusals of bad input, lint and dry runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, build_tokenizer, tiny_model
+
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+
+def snakemake(workdir: Path, *args, offline: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if offline:
+            env[var] = "1"
+        else:
+            env.pop(var, None)
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def tiny_config(model_dir: Path, text_files: dict) -> dict:
+    return {
+        "resources": "resources",
+        "models": {"tiny": {"source": str(model_dir), "label": "Tiny Llama", "params_b": 0.001}},
+        "datasets": {
+            "toytest": {"path": "json", "data_files": str(text_files["test"]), "join": "\n\n", "label": "Toy"},
+            "toytrain": {"path": "json", "data_files": str(text_files["train"])},
+        },
+        "run_models": ["tiny"],
+        "calibration": {"dataset": "toytrain", "nsamples": 8, "seqlen": 32, "seed": 0},
+        "perplexity": {"seqlen": 32, "batch_size": 4, "datasets": {"toytest": {"max_windows": 8}}},
+        "methods": [
+            {"id": "rtn", "label": "RTN", "solver": "rtn", "bits": [4], "group_size": [32]},
+            {"id": "ldlq", "label": "LDLQ", "solver": "ldlq", "bits": [4, 3], "group_size": [32, -1]},
+        ],
+        "tables": {"main": {"title": "Tiny table"}},
+    }
+
+
+def write_config(workdir: Path, cfg: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_dir, text_files):
+    work = tmp_path_factory.mktemp("wf")
+    write_config(work, tiny_config(tiny_dir, text_files))
+    proc = snakemake(work, "--cores", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work
+
+
+def test_end_to_end_tiny(tiny_run):
+    work = tiny_run
+    table = (work / "results/tables/main.md").read_text()
+    for label in ("FP (unquantized)", "RTN", "LDLQ", "per-channel"):
+        assert label in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert len(rows) == 1 + 1 + 4  # FP, RTN w4g32, LDLQ x {w4g32, w4, w3g32, w3}
+    assert "first 8 of" in table and "of 32 tokens" in table  # the protocol is printed
+    csv = (work / "results/tables/main.csv").read_text().splitlines()
+    assert csv[0].startswith("model,method,setting,bits,group,metric,value,paper,delta")
+    record = json.loads((work / "results/ppl/toytest.L32.nw8/tiny.toytrain.n8.L32.ldlq.w3.json").read_text())
+    assert record["protocol"]["windows"] == 8 and record["protocol"]["tokens_scored"] == 8 * 31
+    assert record["protocol"]["join"] == "\n\n" and "torch" in record["versions"]
+    qdir = work / "results/quantized/tiny.toytrain.n8.L32.ldlq.w3"
+    assert {"config.json", "model.safetensors", "quant_spec.json", "diagnostics.json"} <= {p.name for p in qdir.iterdir()}
+    for rule in ("fetch_model", "fetch_dataset", "calibration", "eval_windows", "quantize", "perplexity"):
+        assert any((work / "results/logs" / rule).rglob("*.log")), rule
+        assert any((work / "results/benchmarks" / rule).rglob("*.tsv")), rule
+    # nothing is left half-written
+    assert not list(work.rglob(".*.tmp-*"))
+
+
+def test_rerun_is_a_no_op(tiny_run):
+    proc = snakemake(tiny_run, "-n", "--cores", "2")
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(calibraton={}), "unknown config key 'calibraton'"),
+    (lambda c: c["methods"][0].update(solver="awq"), "unknown solver 'awq'"),
+    (lambda c: c["methods"][0].update(bits=[1]), "bits must be between 2 and 8"),
+    (lambda c: c["methods"][1].update(group_size=[48]),
+     "group size 48 does not divide the input dimension 64 of layer 'self_attn.q_proj'"),
+    (lambda c: c["datasets"].update(toytest={"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1"}),
+     "dataset 'toytest': 'Salesforce/wikitext' is a hub id, the hub is offline"),
+])
+def test_bad_input_fails_before_any_job(tmp_path, tiny_dir, text_files, change, message, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    cfg = tiny_config(tiny_dir, text_files)
+    change(cfg)
+    write_config(tmp_path, cfg)
+    proc = snakemake(tmp_path, "--cores", "2")
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+def test_unsupported_architecture_fails_before_any_job(tmp_path, text_files):
+    model_dir = tmp_path / "gpt2"
+    build_tokenizer(model_dir)
+    tiny_model("gpt2").save_pretrained(model_dir)
+    write_config(tmp_path / "w", tiny_config(model_dir, text_files))
+    proc = snakemake(tmp_path / "w", "--cores", "2")
+    assert proc.returncode != 0
+    assert "model type 'gpt2' is not supported; supported model types:" in proc.stdout + proc.stderr
+    assert not (tmp_path / "w" / "results").exists()
+
+
+def test_runtime_failure_names_the_problem_and_leaves_no_artifact(tmp_path, tiny_dir, text_files):
+    cfg = tiny_config(tiny_dir, text_files)
+    cfg["calibration"]["nsamples"] = 100_000  # far more text than the toy corpus holds
+    write_config(tmp_path, cfg)
+    proc = snakemake(tmp_path, "--cores", "2", "results/calibration/tiny.toytrain.n100000.L32.pt")
+    assert proc.returncode != 0
+    assert "too short for 100000 windows of 32 tokens" in proc.stdout + proc.stderr
+    assert not list((tmp_path / "results" / "calibration").glob("*"))
+
+
+def test_lint_and_dry_runs(tmp_path):
+    proc = snakemake(REPO, "--lint", offline=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    for args in ([], ["--configfile", "config.yaml", "tests/offline.yaml"]):
+        proc = snakemake(REPO, "-n", "--cores", "2", *args, offline=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "quantize" in proc.stdout and "table" in proc.stdout
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "presets").glob("*.yaml")))
+def test_presets_build_their_dag(preset, tmp_path):
+    # Dry run in an empty directory: nothing of the paper's models is reachable here, and nothing is needed.
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    proc = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(REPO / "presets" / preset), offline=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "quantize" in proc.stdout and "table" in proc.stdout

@@ -1,0 +1,11 @@
+"""Sample the calibration windows named by the {calib} wildcard."""
+from quantlib.pipeline import calibrate
+from quantlib.workflow import run_script
+
+
+def main(smk):
+    calibrate(smk.input.model, smk.input.dataset, smk.params.dataset_cfg, smk.wildcards.calib,
+              smk.output.tokens, smk.output.manifest)
+
+
+run_script(snakemake, main)  # noqa: F821

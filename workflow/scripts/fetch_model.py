@@ -1,0 +1,12 @@
+"""Materialise a model (hub id, local directory or GGUF) as a plain checkpoint in the resources folder."""
+from quantlib.models import fetch_model
+from quantlib.workflow import run_script
+
+
+def main(smk):
+    cfg = smk.params.cfg
+    fetch_model(cfg["source"], smk.output[0], gguf_file=cfg.get("gguf_file"), revision=cfg.get("revision"),
+                tokenizer=cfg.get("tokenizer"))
+
+
+run_script(snakemake, main)  # noqa: F821 (injected by Snakemake)

@@ -1,0 +1,12 @@
+"""Perplexity of one model under every protocol of the config, one result JSON each."""
+from quantlib.pipeline import perplexity
+from quantlib.workflow import run_script
+
+
+def main(smk):
+    perplexity(smk.wildcards.anyname, smk.input.model, {p: smk.input[p] for p in smk.params.protocols},
+               smk.params.dataset_cfgs, dict(zip(smk.params.protocols, smk.output)), smk.params.compute,
+               smk.params.batch_size)
+
+
+run_script(snakemake, main)  # noqa: F821
