@@ -12,7 +12,7 @@ from typing import Any
 
 from . import methods
 from .errors import ConfigError
-from .spec import DATASET_KEY_RE, MODEL_KEY_RE, CalibSpec, QuantSpec, ppl_protocol_name
+from .spec import _BITS_RE, DATASET_KEY_RE, MODEL_KEY_RE, CalibSpec, QuantSpec, ppl_protocol_name
 
 _DATASET = {
     "type": "object",
@@ -41,7 +41,7 @@ _DATASET = {
 _METHOD = {
     "type": "object",
     "additionalProperties": False,
-    "required": ["id", "solver", "bits"],
+    "required": ["id", "solver"],
     "properties": {
         "id": {"type": "string", "pattern": "^[a-z][a-z0-9_-]*$", "description": "row key in tables"},
         "label": {"type": "string"},
@@ -49,7 +49,10 @@ _METHOD = {
         "init": {"type": "string", "default": "minmax"},
         "preprocess": {"type": "array", "items": {"type": "string"}, "default": []},
         "bits": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
-        "group_size": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "default": [-1]},
+        "group_size": {"type": "array", "items": {"type": "integer"}, "minItems": 1,
+                       "description": "with bits: every bits x group_size combination (default [-1])"},
+        "settings": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                     "description": "instead of bits/group_size: an explicit list such as [w3g64, w2g64, w3]"},
         "options": {"type": "object", "default": {}},
         "calibration": {"$ref": "#/$defs/calibration"},
     },
@@ -233,7 +236,21 @@ class MethodEntry:
     cfg: dict
 
     def settings(self) -> list[tuple[int, int]]:
-        return [(b, g) for b in self.cfg["bits"] for g in self.cfg["group_size"]]
+        """(bits, group_size) of every setting this method runs: an explicit `settings` list, or the product
+        bits x group_size."""
+        m = self.cfg
+        if "settings" in m:
+            if "bits" in m or "group_size" in m:
+                raise ConfigError(f"methods entry '{self.id}': give either `settings` or `bits`/`group_size`, "
+                                  "not both")
+            try:
+                return list(dict.fromkeys(_parse_setting(s) for s in m["settings"]))
+            except ConfigError as exc:
+                raise ConfigError(f"methods entry '{self.id}': {exc}") from None
+        if "bits" not in m:
+            raise ConfigError(f"methods entry '{self.id}' needs `bits` (with an optional `group_size`) or "
+                              "`settings` (e.g. [w3g64, w2g64, w3])")
+        return [(b, g) for b in m["bits"] for g in m.get("group_size", [-1])]
 
 
 @dataclass
@@ -412,8 +429,7 @@ class Experiment:
 
 
 def _parse_setting(s: str) -> tuple[int, int]:
-    import re
-    m = re.fullmatch(r"w([0-9]+)(?:g([0-9]+))?", s)
+    m = _BITS_RE.fullmatch(s)
     if not m:
         raise ConfigError(f"'{s}' is not a setting (w{{bits}} or w{{bits}}g{{group}})")
     return int(m.group(1)), int(m.group(2)) if m.group(2) else -1

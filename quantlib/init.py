@@ -48,3 +48,231 @@ def minmax_params(W: torch.Tensor, bits: int, group_size: int, sym: bool) -> tup
 def minmax_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> UniformGrid:
     scale, zero = minmax_params(W, spec.bits, spec.group_size, spec.opt("sym"))
     return UniformGrid(scale, zero, spec.bits, spec.group_size)
+
+
+# ---------------------------------------------------------------------------------------------- NeUQI
+# NeUQI (algorithms.md 2.3): per (row, group) search the scale on a grid of fractions of the min-max step
+# s0 = (max - min) / Qmax (the range here does not include 0), and for each candidate scale pick the zero point
+# that minimises the diag(H)-weighted rounding error  sum_i h_i (w_i - w_hat_i)^2  (h normalised per group).
+# `neuqi` takes the exact optimal real zero point and a coarse-to-fine scale grid; `neuqi_int` takes the best
+# integer zero point in 0..Qmax (0 stays representable) on a fine scale grid. Everything is batched over
+# (row, group); the loops run over candidate scales only.
+
+_CHUNK_ELEMENTS = 1 << 22  # elements of the largest temporary per chunk of rows (memory, cache)
+
+
+def group_weights(hdiag: torch.Tensor | None, d_in: int, group_size: int, weighted: bool,
+                  dtype=torch.float32) -> torch.Tensor:
+    """(n_groups, group) weights of each group's columns, summing to 1: diag(H) or uniform."""
+    n_groups = num_groups(d_in, group_size)
+    if weighted:
+        if hdiag is None:
+            raise ValueError("a diag(H)-weighted init needs the Hessian diagonal")
+        h = hdiag.to(dtype).reshape(n_groups, -1).clamp_min(0)
+    else:
+        h = torch.ones(n_groups, d_in // n_groups, dtype=dtype)
+    total = h.sum(-1, keepdim=True)
+    # A group without any calibration signal falls back to uniform weights.
+    return torch.where(total > 0, h / total.clamp_min(torch.finfo(dtype).tiny), 1.0 / h.shape[-1])
+
+
+def weighted_error(W: torch.Tensor, grid: UniformGrid, h: torch.Tensor) -> torch.Tensor:
+    """The init objective per (row, group): sum_i h_i (w_i - w_hat_i)^2 with h from `group_weights`."""
+    d = grouped(W - grid.round(W), grid.group_size)
+    return (d * d * h).sum(-1)
+
+
+def _neuqi_range(g: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, s0) per (row, group); a constant group gets s0 = 1 as in the reference."""
+    lo = g.amin(-1)
+    s0 = (g.amax(-1) - lo) / maxq
+    return lo, torch.where(s0 < 1e-9, torch.ones_like(s0), s0)
+
+
+def _surrogate_zero(x: torch.Tensor, h: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Stage 1: the minimiser of a convex piecewise-quadratic upper bound of the loss in zeta (an element costs its
+    exact clipping error when clipped and the worst rounding error 1/4 otherwise). x: (R, G, n), h: (G, n)."""
+    P = maxq + 1
+    c = x - maxq  # the error of a right-clipped element is c - zeta
+    h = h.expand_as(x)
+    hc = h * c
+    # At zeta = -inf every element is right-clipped: cost sum h (c - zeta)^2 = a0 zeta^2 - 2 a1 zeta + a2.
+    a0 = h.sum(-1, keepdim=True)
+    a1 = hc.sum(-1, keepdim=True)
+    a2 = (hc * c).sum(-1, keepdim=True)
+    pos = torch.cat([x - P + 0.5, x + 0.5], -1)  # right-clipped -> middle, middle -> left-clipped
+    d0 = torch.cat([-h, h], -1)
+    d1 = torch.cat([-hc, h * x], -1)
+    d2 = torch.cat([0.25 * h - hc * c, h * x * x - 0.25 * h], -1)
+    pos, order = pos.sort(-1)
+    A0 = torch.cat([a0, a0 + d0.gather(-1, order).cumsum(-1)], -1)
+    A1 = torch.cat([a1, a1 + d1.gather(-1, order).cumsum(-1)], -1)
+    A2 = torch.cat([a2, a2 + d2.gather(-1, order).cumsum(-1)], -1)
+    inf = torch.full_like(a0, float("inf"))
+    lo = torch.cat([-inf, pos], -1)
+    hi = torch.cat([pos, inf], -1)
+    flat = A0 <= 1e-12  # every element in its middle piece: any point of the interval
+    v = torch.where(flat, torch.where(torch.isfinite(lo), lo, hi), A1 / torch.where(flat, 1.0, A0))
+    v = torch.minimum(torch.maximum(v, lo), hi)
+    cost = A0 * v * v - 2 * A1 * v + A2
+    return v.gather(-1, cost.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+def _exact_zero(x: torch.Tensor, h: torch.Tensor, maxq: int, start: torch.Tensor) -> torch.Tensor:
+    """Stage 2: the exact minimiser of sum_i h_i (x_i - zeta - clamp(round(x_i - zeta), 0, Qmax))^2 over
+    zeta in [start, start + 2]. In that window each code drops at most twice; between drops the loss is
+    (zeta - A1)^2 + A2 - A1^2 with A1, A2 the weighted moments of the residuals x - q (sum h = 1)."""
+    h = h.expand_as(x)
+    zl = start.unsqueeze(-1)
+    zr = zl + 2
+    q = torch.clamp(torch.floor(x + 0.5 - zl), 0, maxq)
+    r = x - q
+    A1 = (h * r).sum(-1, keepdim=True)
+    A2 = (h * r * r).sum(-1, keepdim=True)
+    p = torch.maximum(r + 0.5, zl)  # q -> q - 1 here, and q - 1 -> q - 2 at p + 1
+    ok1 = (q >= 1) & (p <= zr)
+    ok2 = (q >= 2) & (p + 1 <= zr)
+    inf = torch.tensor(float("inf"), dtype=x.dtype)
+    pos = torch.cat([torch.where(ok1, p, inf), torch.where(ok2, p + 1, inf)], -1)
+    d1 = torch.cat([h * ok1, h * ok2], -1)
+    d2 = torch.cat([h * (2 * r + 1) * ok1, h * (2 * r + 3) * ok2], -1)
+    pos, order = pos.sort(-1)
+    B1 = torch.cat([A1, A1 + d1.gather(-1, order).cumsum(-1)], -1)
+    B2 = torch.cat([A2, A2 + d2.gather(-1, order).cumsum(-1)], -1)
+    edges = torch.minimum(pos, zr)
+    lo = torch.cat([zl, edges], -1)
+    hi = torch.cat([edges, zr], -1)
+    v = torch.minimum(torch.maximum(B1, lo), hi)
+    cost = (v - B1) ** 2 + B2 - B1 * B1
+    return v.gather(-1, cost.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+def optimal_zero(x: torch.Tensor, h: torch.Tensor, maxq: int) -> torch.Tensor:
+    """The real zeta minimising sum_i h_i (x_i - zeta - clamp(round(x_i - zeta), 0, Qmax))^2 per (row, group)
+    (NeUQI's two-stage solver). x: (R, G, n) weights in units of the scale; h: (G, n), each row summing to 1."""
+    shift = x.amin(-1, keepdim=True)  # the loss is shift-invariant; centring keeps the prefix sums accurate
+    x = x - shift
+    zeta = _exact_zero(x, h, maxq, _surrogate_zero(x, h, maxq) - 1)
+    return zeta + shift.squeeze(-1)
+
+
+def _loss(g: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """The objective of (scale, zero) per (row, group), g: (R, G, n)."""
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    e = g - s * (torch.clamp(torch.round(g / s + z), 0, maxq) - z)
+    return (e * e * h).sum(-1)
+
+
+def _best_real_zero(g, h, scale, maxq):
+    """(zero, loss) with the optimal real zero point for the given scales; zero = -zeta."""
+    zero = -optimal_zero(g / scale.unsqueeze(-1), h, maxq)
+    return zero, _loss(g, h, scale, zero, maxq)
+
+
+def _best_int_zero(g_sorted, h_sorted, scale, maxq):
+    """(zero, loss) with the best integer zero point in 0..Qmax for the given scales, from prefix sums: with an
+    integer zero, round(x + z) = round(x) + z, so only the clipped elements (a prefix and a suffix of the sorted
+    group) differ from plain rounding. g_sorted: (R, G, n) ascending; h_sorted: h in the same order."""
+    x = g_sorted / scale.unsqueeze(-1)
+    k = torch.round(x)
+    f2 = (x - k) ** 2
+    zeros = torch.arange(maxq + 1, dtype=x.dtype)
+
+    def prefix(t):
+        return torch.nn.functional.pad(t.cumsum(-1), (1, 0))
+
+    C0, C1, C2, Cf = prefix(h_sorted), prefix(h_sorted * x), prefix(h_sorted * x * x), prefix(h_sorted * f2)
+    tot = lambda C: C[..., -1:]  # noqa: E731
+    zq = zeros.expand(*x.shape[:-1], -1)
+    # Left-clipped for zero z: round(x) + z < 0, a prefix of the sorted group; right-clipped: round(x) + z > Qmax,
+    # a suffix. Counting beats a batched searchsorted here (few zero points, short groups).
+    kk = k.unsqueeze(-2)
+    nl = (kk < (-zeros - 0.5).view(-1, 1)).sum(-1)
+    nr = (kk <= (maxq - zeros).view(-1, 1)).sum(-1)
+
+    def clipped(C, lo_idx, hi_idx):
+        return C.gather(-1, hi_idx) - C.gather(-1, lo_idx)
+
+    n = x.shape[-1]
+    first = torch.zeros_like(nl)
+    last = torch.full_like(nr, n)
+    u = zq - maxq
+    left = (clipped(C2, first, nl) + 2 * zq * clipped(C1, first, nl) + zq * zq * clipped(C0, first, nl)
+            - clipped(Cf, first, nl))
+    right = (clipped(C2, nr, last) + 2 * u * clipped(C1, nr, last) + u * u * clipped(C0, nr, last)
+             - clipped(Cf, nr, last))
+    loss = (tot(Cf) + left + right) * (scale * scale).unsqueeze(-1)
+    best, idx = loss.min(-1)
+    return zeros[idx], best
+
+
+def _keep_better(best, cand):
+    """Per (row, group), keep the candidate (scale, zero, loss) where it strictly improves."""
+    better = cand[2] < best[2]
+    return tuple(torch.where(better, c, b) for b, c in zip(best, cand))
+
+
+def _chunks(d_out: int, per_row: int):
+    step = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    return range(0, d_out, step), step
+
+
+def _neuqi_check(spec, name):
+    if spec.opt("sym"):
+        from .errors import ConfigError
+        raise ConfigError(f"the {name} init chooses the zero point; it has no symmetric variant (drop 'sym')")
+
+
+def neuqi_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> UniformGrid:
+    """NeUQI (the reference's grid2_s_best_zp): coarse scales s0*t/Tm (t = 1..Tm), then a fine pass of
+    +-half a coarse step in steps s0/T around the best, each with its optimal real zero point."""
+    _neuqi_check(spec, "neuqi")
+    maxq = 2 ** spec.bits - 1
+    coarse, fine = spec.opt("grid_coarse"), spec.opt("grid")
+    if fine % coarse:
+        from .errors import ConfigError
+        raise ConfigError(f"neuqi: grid ({fine}) must be a multiple of grid_coarse ({coarse})")
+    h = group_weights(hdiag, W.shape[1], spec.group_size, spec.opt("hdiag_weight"), W.dtype)
+    G = grouped(W, spec.group_size)
+    scales, zeros = [], []
+    rows, step = _chunks(G.shape[0], 4 * G.shape[1] * G.shape[2])
+    for r0 in rows:
+        g = G[r0:r0 + step]
+        _, s0 = _neuqi_range(g, maxq)
+        best = (s0, torch.zeros_like(s0), torch.full_like(s0, float("inf")))
+        for t in range(1, coarse + 1):
+            s = s0 * (t / coarse)
+            best = _keep_better(best, (s, *_best_real_zero(g, h, s, maxq)))
+        centre = best[0]
+        half = fine // coarse // 2
+        for j in range(-half, half + 1):
+            if j:
+                s = (centre + s0 * (j / fine)).clamp_min(s0 * (1 / fine))
+                best = _keep_better(best, (s, *_best_real_zero(g, h, s, maxq)))
+        scales.append(best[0])
+        zeros.append(best[1])
+    return UniformGrid(torch.cat(scales), torch.cat(zeros), spec.bits, spec.group_size)
+
+
+def neuqi_int_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> UniformGrid:
+    """NeUQI_int (the reference's grid_s_zp): scales s0*t/T, t = 1..T, each with its best integer zero point in
+    0..Qmax."""
+    _neuqi_check(spec, "neuqi_int")
+    maxq = 2 ** spec.bits - 1
+    steps = spec.opt("grid")
+    h = group_weights(hdiag, W.shape[1], spec.group_size, spec.opt("hdiag_weight"), torch.float64)
+    G = grouped(W, spec.group_size)
+    scales, zeros = [], []
+    rows, step = _chunks(G.shape[0], 6 * G.shape[1] * G.shape[2])
+    for r0 in rows:
+        # float64: the prefix sums subtract large, nearly equal moments of the clipped elements.
+        g, order = G[r0:r0 + step].double().sort(-1)
+        hs = h.expand_as(g).gather(-1, order)
+        _, s0 = _neuqi_range(g, maxq)
+        best = (s0, torch.zeros_like(s0), torch.full_like(s0, float("inf")))
+        for t in range(1, steps + 1):
+            s = s0 * (t / steps)
+            best = _keep_better(best, (s, *_best_int_zero(g, hs, s, maxq)))
+        scales.append(best[0].to(W.dtype))
+        zeros.append(best[1].to(W.dtype))
+    return UniformGrid(torch.cat(scales), torch.cat(zeros), spec.bits, spec.group_size)

@@ -157,3 +157,34 @@ register(Component(
     ),
     help="GPTQ-equivalent error feedback through the LDL factorisation of H",
 ))
+
+# NeUQI's inits (algorithms.md 2.3). Both weight each group's error by diag(H) unless told not to, so they need the
+# Hessian even under RTN. Defaults are the reference's (grid_mid_tot_steps 64, grid_tot_steps 2048).
+_HDIAG_WEIGHT = Option("hdiag_weight", True, bool, "unweighted",
+                       "weight each column's error by diag(H), normalised per group (the reference's "
+                       "--enable_H_diag_weight); off: uniform weights")
+_GRID = Option("grid", 2048, int, "grid", "number of fine scale steps T: candidate scales are multiples of s0/T")
+
+register(Component(
+    "neuqi", "init", "quantlib.init:neuqi_init", "NeUQI", needs_hessian=True,
+    options=(_HDIAG_WEIGHT, _GRID,
+             Option("grid_coarse", 64, int, "coarse", "coarse scale steps Tm of the coarse-to-fine search")),
+    help="coarse-to-fine scale search with the optimal real zero point per scale (reference: grid2_s_best_zp)",
+))
+
+register(Component(
+    "neuqi_int", "init", "quantlib.init:neuqi_int_init", "NeUQI_int", needs_hessian=True,
+    options=(_HDIAG_WEIGHT, _GRID),
+    help="scale search on T steps with the best integer zero point in 0..Qmax per scale (reference: grid_s_zp)",
+))
+
+register(Component(
+    "magr", "preprocess", "quantlib.preprocess:magr", "MagR", needs_hessian=True,
+    options=(
+        # The reference's enable_magr_only defaults: 1e-3 per channel, 1e-4 with groups.
+        Option("magr_alpha", lambda spec: 1e-3 if spec.group_size == -1 else 1e-4, float, "alpha",
+               "weight of the l-infinity penalty per (row, group)"),
+        Option("magr_iters", 150, int, "iters", "proximal gradient iterations"),
+    ),
+    help="weight magnitude reduction: proximal gradient on the layer output error plus an l-infinity penalty",
+))

@@ -104,14 +104,21 @@ class _GroupQuantizer:
     """Quantizes one subgroup (layers sharing an input) in place and records its diagnostics."""
 
     def __init__(self, spec, solve, report: QuantizedModelReport):
+        from .methods import component
+
         self.spec, self.solve, self.report = spec, solve, report
+        self.preprocessors = [component("preprocess", p).load() for p in spec.preprocess]
 
     def __call__(self, block_idx: int, adapter: Adapter, block, group: tuple[str, ...], H, device) -> None:
         t = time.time()
         linears = [block.get_submodule(name) for name in group]
         W = torch.cat([lin.weight.data.to(device=device, dtype=torch.float32) for lin in linears])
         label = f"{adapter.blocks}.{block_idx}.{'+'.join(group)}"
-        result = self.solve(W, H, self.spec, label)
+        W_in = W
+        # Preprocessing (e.g. MagR) changes what the solver quantizes; diagnostics below still compare with W.
+        for pre in self.preprocessors:
+            W_in = pre(W_in, H, self.spec, label)
+        result = self.solve(W_in, H, self.spec, label)
         row = 0
         for name, lin in zip(group, linears):
             full = f"{adapter.blocks}.{block_idx}.{name}"

@@ -79,3 +79,26 @@ def test_sources_checked_before_any_job(cfg, tmp_path, monkeypatch):
     (tmp_path / "resources" / "models" / "smollm2-135m").mkdir(parents=True)  # pre-filled model
     with pytest.raises(ConfigError, match="dataset 'c4': 'allenai/c4' is a hub id, the hub is offline"):
         check_sources(Experiment(cfg), offline=True)
+
+
+def test_method_settings_list(cfg):
+    exp = Experiment(cfg)
+    assert exp.methods["ldlq_neuqi"].settings() == [(3, 64), (2, 64), (3, -1)]
+    names = {c["name"] for c in exp.table_cells("init")}
+    assert "smollm2-135m.c4.n32.L512.ldlq.neuqi.w2g64" in names
+    assert "smollm2-135m.c4.n32.L512.magr.ldlq.w3g64" in names
+    assert not any(n.endswith(".w2") for n in names)  # no product with per-channel 2-bit
+    # the shared w3 rows are the same files as the main table's
+    assert "smollm2-135m.c4.n32.L512.ldlq.w3g64" in names
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"settings": ["w3g64"], "bits": [3]}, "either `settings` or `bits`/`group_size`, not both"),
+    ({"settings": ["w3g64"], "group_size": [64]}, "either `settings` or `bits`/`group_size`, not both"),
+    ({"settings": ["3bit"]}, "'3bit' is not a setting"),
+    ({}, "needs `bits`"),
+])
+def test_method_settings_errors(cfg, entry, message):
+    cfg["methods"].append({"id": "x", "solver": "ldlq", **entry})
+    with pytest.raises(ConfigError, match=message):
+        Experiment(cfg)
