@@ -235,7 +235,8 @@ class ColumnOutliers:
 
     def select_rows(self, rows: slice) -> "ColumnOutliers":
         r0, r1, _ = rows.indices(self.shape[0])
-        return ColumnOutliers((r1 - r0, self.shape[1]), self.columns, self.values[r0:r1])
+        # every row block gets its own copy of the shared column list (a checkpoint may not alias tensors)
+        return ColumnOutliers((r1 - r0, self.shape[1]), self.columns.clone(), self.values[r0:r1])
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"outlier_columns": self.columns, "outlier_values": self.values}
@@ -368,7 +369,7 @@ class SpQRQuantized:
                              "statistics; SpQR needs layers whose output sizes are multiples of the statistics "
                              "group size (option stat_group)")
         g = slice(r0 // self.stat_group, -(-r1 // self.stat_group))
-        return SpQRQuantized(self.codes[r0:r1], self.perm, self.bits, self.group_size, self.stat_bits,
+        return SpQRQuantized(self.codes[r0:r1], self.perm.clone(), self.bits, self.group_size, self.stat_bits,
                              self.stat_group, self.scale_codes[r0:r1], self.zero_codes[r0:r1], self.scale_stats[g],
                              self.zero_stats[g], self.outliers.select_rows(rows))
 
