@@ -58,7 +58,9 @@ class CoordinateDescent:
 
     def sweep(self, quantize: bool) -> float:
         d_in = self.E.shape[0]
-        f = self.f
+        hdiag = self.hdiag.tolist()
+        inv_scale = 1 / self.scale
+        gains = []  # per column: delta . (g + H_jj delta / 2), so df = 2 * gain
         for b0 in range(0, d_in, BLOCK):
             b1 = min(b0 + BLOCK, d_in)
             G = self.H[b0:b1] @ self.E  # rows of (E H)^T for the block's columns, with the current E
@@ -66,18 +68,19 @@ class CoordinateDescent:
             for j in range(b1 - b0):
                 k = b0 + j
                 g = G[j]
-                u = self.X[k] + g / self.hdiag[k]
+                u = torch.add(self.X[k], g, alpha=1 / hdiag[k])
                 if quantize:
-                    s, z = self.scale[k], self.zero[k]
-                    u = s * (torch.clamp(torch.round(u / s + z), 0, self.maxq) - z)
+                    z = self.zero[k]
+                    q = torch.addcmul(z, u, inv_scale[k]).round_().clamp_(0, self.maxq)
+                    u = q.sub_(z).mul_(self.scale[k])
                 delta = self.X[k] - u  # change of E_k
-                f += float(2 * torch.dot(delta, g) + self.hdiag[k] * torch.dot(delta, delta))
+                gains.append(torch.dot(delta, torch.add(g, delta, alpha=hdiag[k] / 2)))
                 self.X[k] = u
                 self.E[k] += delta
                 if j + 1 < b1 - b0:
                     G[j + 1:].addr_(Hb[j + 1:, j], delta)
-        self.f = f
-        return f
+        self.f += 2 * float(torch.stack(gains).sum(dtype=torch.float64))
+        return self.f
 
     def codes(self) -> torch.Tensor:
         """Codes (d_out, d_in, original column order) of W_hat, which must be on the grid."""
