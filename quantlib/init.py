@@ -23,24 +23,14 @@ def grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:
     return W.reshape(d_out, num_groups(d_in, group_size), -1)
 
 
-def minmax_params(W: torch.Tensor, bits: int, group_size: int, sym: bool,
-                  trim: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def minmax_params(W: torch.Tensor, bits: int, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's quantizer: range [min(w, 0), max(w, 0)] per group (0 always representable, so the integer zero
-    point fits in `bits` bits); symmetric grids centre the zero point. An all-zero group gets the range [-1, 1].
-
-    `trim` > 0 ignores round(group * trim / 2) values at each end of every group (QuantEase's outlier-aware grid:
-    the largest weights are expected to become full-precision outliers)."""
+    point fits in `bits` bits); symmetric grids centre the zero point. An all-zero group gets the range [-1, 1]."""
     maxq = 2 ** bits - 1
     g = grouped(W, group_size)
     zero_t = torch.zeros((), dtype=W.dtype, device=W.device)
-    n = round(g.shape[-1] * trim / 2)
-    if n > 0:
-        lo = torch.kthvalue(g, n + 1, dim=-1).values
-        hi = torch.kthvalue(g, g.shape[-1] - n, dim=-1).values
-    else:
-        lo, hi = g.amin(-1), g.amax(-1)
-    xmin = torch.minimum(lo, zero_t)
-    xmax = torch.maximum(hi, zero_t)
+    xmin = torch.minimum(g.amin(-1), zero_t)
+    xmax = torch.maximum(g.amax(-1), zero_t)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
