@@ -152,10 +152,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, d_in: int, rows_per_chunk: int
 
 
 # ------------------------------------------------------------------------------------------------ outliers
-# Full-precision corrections added to a quantized matrix (QuantEase's outlier-aware variant, SpQR). Values are kept
+# Full-precision corrections added to a quantized matrix (QuantEase's outlier-aware variant). Values are kept
 # in float16, as the papers count them, so the model that is evaluated is exactly the one that is stored.
 
-INDEX_BITS = 16  # a column index, as SpQR counts it (16-bit value + 16-bit index per outlier)
+INDEX_BITS = 16  # a column index (16-bit value + 16-bit index per outlier, as SpQR counts them)
 
 
 @dataclass
@@ -288,105 +288,3 @@ class OutlierQuantized:
     def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "OutlierQuantized":
         base = UniformQuantized.from_tensors(meta, tensors)
         return cls(base, OUTLIER_KINDS[meta["outliers"]].from_tensors(meta["shape"], tensors))
-
-
-# ------------------------------------------------------------------------------------------------ SpQR
-# SpQR stores the scale and zero of each small group themselves quantized: the first-level statistics of
-# `stat_group` consecutive rows share a second-level min-max grid of `stat_bits` (real zero, range not forced to
-# contain 0), whose own scale and zero are 16-bit numbers.
-
-def quantize_stats(x: torch.Tensor, bits: int, rows_per_group: int):
-    """x (d_out, G) -> (codes uint8 (d_out, G), scale (R, G), zero (R, G)) with R = ceil(d_out / rows_per_group)."""
-    d_out, G = x.shape
-    R = -(-d_out // rows_per_group)
-    pad = R * rows_per_group - d_out
-    xp = torch.cat([x, x[-1:].expand(pad, G)]) if pad else x  # a short last group repeats its last row
-    g = xp.reshape(R, rows_per_group, G)
-    lo, hi = g.amin(1), g.amax(1)
-    flat = hi == lo
-    lo, hi = torch.where(flat, lo - 1, lo), torch.where(flat, hi + 1, hi)
-    scale = (hi - lo) / (2 ** bits - 1)
-    zero = -lo / scale
-    codes = torch.clamp(torch.round(g / scale[:, None] + zero[:, None]), 0, 2 ** bits - 1)
-    return codes.reshape(-1, G)[:d_out].to(torch.uint8), scale, zero
-
-
-def dequantize_stats(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rows_per_group: int):
-    group = torch.arange(codes.shape[0]) // rows_per_group
-    return scale[group] * (codes.float() - zero[group])
-
-
-@register_format
-@dataclass
-class SpQRQuantized:
-    """SpQR: small-group uniform codes with quantized statistics, columns in a permuted order (act order, groups
-    contiguous in that order), plus unstructured full-precision outliers. Codes, statistics and outliers are held
-    in the permuted column order; dequantize() returns the original order."""
-
-    format = "spqr"
-    codes: torch.Tensor  # (d_out, d_in) uint8, permuted column order
-    perm: torch.Tensor  # (d_in,) int64: column c of the permuted matrix is original column perm[c]
-    bits: int
-    group_size: int
-    stat_bits: int
-    stat_group: int
-    scale_codes: torch.Tensor  # (d_out, G) uint8
-    zero_codes: torch.Tensor  # (d_out, G) uint8
-    scale_stats: torch.Tensor  # (R, G, 2): second-level (scale, zero) of the scales
-    zero_stats: torch.Tensor  # (R, G, 2): second-level (scale, zero) of the zeros
-    outliers: SparseOutliers  # permuted column order
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
-    def grid(self) -> UniformGrid:
-        s = dequantize_stats(self.scale_codes, self.scale_stats[..., 0], self.scale_stats[..., 1], self.stat_group)
-        z = dequantize_stats(self.zero_codes, self.zero_stats[..., 0], self.zero_stats[..., 1], self.stat_group)
-        return UniformGrid(s, z, self.bits, self.group_size)
-
-    @property
-    def outlier_fraction(self) -> float:
-        d_out, d_in = self.shape
-        return self.outliers.count / (d_out * d_in)
-
-    @property
-    def bits_per_weight(self) -> float:
-        d_out, d_in = self.shape
-        stats = 2 * self.stat_bits * self.scale_codes.numel() + 2 * 2 * 16 * self.scale_stats[..., 0].numel()
-        return self.bits + (stats + 32 * d_in + self.outliers.storage_bits) / (d_out * d_in)
-
-    def dequantize(self) -> torch.Tensor:
-        permuted = self.grid().dequantize(self.codes) + self.outliers.dense()
-        out = torch.empty_like(permuted)
-        out[:, self.perm] = permuted
-        return out
-
-    def select_rows(self, rows: slice) -> "SpQRQuantized":
-        r0, r1, _ = rows.indices(self.shape[0])
-        if r0 % self.stat_group or (r1 % self.stat_group and r1 != self.shape[0]):
-            raise ValueError(f"rows [{r0}, {r1}) split a group of {self.stat_group} rows that share quantized "
-                             "statistics; SpQR needs layers whose output sizes are multiples of the statistics "
-                             "group size (option stat_group)")
-        g = slice(r0 // self.stat_group, -(-r1 // self.stat_group))
-        return SpQRQuantized(self.codes[r0:r1], self.perm.clone(), self.bits, self.group_size, self.stat_bits,
-                             self.stat_group, self.scale_codes[r0:r1], self.zero_codes[r0:r1], self.scale_stats[g],
-                             self.zero_stats[g], self.outliers.select_rows(rows))
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"qweight": pack_codes(self.codes, self.bits), "perm": self.perm.to(torch.int32),
-                "scale_codes": self.scale_codes, "zero_codes": self.zero_codes,
-                "scale_stats": self.scale_stats.float().contiguous(), "zero_stats": self.zero_stats.float().contiguous(),
-                **self.outliers.to_tensors()}
-
-    def meta(self) -> dict:
-        return {"format": self.format, "bits": self.bits, "group_size": self.group_size, "shape": list(self.shape),
-                "stat_bits": self.stat_bits, "stat_group": self.stat_group}
-
-    @classmethod
-    def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "SpQRQuantized":
-        d_out, d_in = meta["shape"]
-        return cls(unpack_codes(tensors["qweight"], meta["bits"], d_in), tensors["perm"].long(), meta["bits"],
-                   meta["group_size"], meta["stat_bits"], meta["stat_group"], tensors["scale_codes"],
-                   tensors["zero_codes"], tensors["scale_stats"], tensors["zero_stats"],
-                   SparseOutliers.from_tensors(meta["shape"], tensors))
