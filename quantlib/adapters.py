@@ -52,6 +52,13 @@ def _neox_dims(c: dict) -> dict[str, int]:
             "mlp.dense_4h_to_h": c["intermediate_size"]}
 
 
+def _bloom_falcon_dims(c: dict) -> dict[str, int]:
+    h = c["hidden_size"]
+    ffn = c.get("ffn_hidden_size") or 4 * h  # BLOOM has no key (always 4h); Falcon's defaults to 4h
+    return {"self_attention.query_key_value": h, "self_attention.dense": h, "mlp.dense_h_to_4h": h,
+            "mlp.dense_4h_to_h": ffn}
+
+
 _LLAMA = Adapter(
     "llama", "model.layers",
     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -69,9 +76,18 @@ _NEOX = Adapter(
     _neox_dims,
 )
 
+# BLOOM and Falcon share module names. Falcon's attention and MLP read the same normalised input (parallel
+# attention), so capturing the MLP's input after quantizing the attention is still exact.
+_BLOOM = Adapter(
+    "bloom", "transformer.h",
+    (("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+    _bloom_falcon_dims,
+)
+_FALCON = Adapter("falcon", _BLOOM.blocks, _BLOOM.subgroups, _bloom_falcon_dims)
+
 # config.json `model_type` -> adapter. SmolLM2 is a Llama.
 ADAPTERS: dict[str, Adapter] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-                                "opt": _OPT, "gpt_neox": _NEOX}
+                                "opt": _OPT, "gpt_neox": _NEOX, "bloom": _BLOOM, "falcon": _FALCON}
 
 
 def get_adapter(model_type: str) -> Adapter:

@@ -58,8 +58,14 @@ def save_quantized(model, spec, report, out_dir: str | Path, tokenizer_dir: str 
         (tmp / "quant_spec.json").write_text(json.dumps(
             {"short_name": spec.short_name(), **dataclasses.asdict(spec)}, indent=2))
         diagnostics = {"short_name": spec.short_name(), "seconds": report.seconds, "versions": versions(),
-                       **(extra or {}), "layers": report.layers}
+                       "avg_bits_per_weight": average_bits(report.layers), **(extra or {}), "layers": report.layers}
         (tmp / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
+
+
+def average_bits(layers: dict) -> float:
+    """Storage bits per quantized weight over the whole model (grid statistics and outliers included)."""
+    sizes = {k: d["shape"][0] * d["shape"][1] for k, d in layers.items()}
+    return sum(d["bits_per_weight"] * sizes[k] for k, d in layers.items()) / max(1, sum(sizes.values()))
 
 
 def is_quantized_dir(path: str | Path) -> bool:

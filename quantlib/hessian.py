@@ -62,9 +62,8 @@ def damp_until_pd(H: torch.Tensor, damp: float, layer: str, max_tries: int = 10,
         raise NumericalError(f"the Hessian of layer '{layer}' has a non-positive mean diagonal ({mean_diag:.3g}); "
                              "no calibration signal reached it")
     current = damp
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(max_tries + 1):
-        Hd = H + (current * mean_diag) * eye
+        Hd = add_damping(H, current)
         fac, info = factor(Hd)
         if int(info) == 0 and torch.isfinite(fac).all():
             return Hd, fac, current
@@ -83,6 +82,11 @@ def layer_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W - W_hat) H (W - W_hat)^T): the layer's mean squared output error per token."""
     D = (W - W_hat).to(H.dtype)
     return float(((D @ H) * D).sum())
+
+
+def add_damping(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) * I: the one damping rule (methods that need no factorisation call it directly)."""
+    return H + (damp * torch.diagonal(H).mean()) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
 def damped_diag(H: torch.Tensor, damp: float) -> torch.Tensor:

@@ -149,12 +149,12 @@ register(Component(
     help="round to nearest on the initialised grid",
 ))
 
+_ACT_ORDER = Option("act_order", True, bool, "noreorder",
+                    "process columns by decreasing diag(H) (GPTQ's act order, NeUQI's H reorder); groups stay static")
+
 register(Component(
     "ldlq", "solver", "quantlib.solvers.ldlq:solve", "LDLQ", needs_hessian=True,
-    options=(
-        Option("act_order", True, bool, "noreorder",
-               "process columns by decreasing diag(H) (GPTQ's act order, NeUQI's H reorder); groups stay static"),
-    ),
+    options=(_ACT_ORDER,),
     help="GPTQ-equivalent error feedback through the LDL factorisation of H",
 ))
 
@@ -187,4 +187,29 @@ register(Component(
         Option("magr_iters", 150, int, "iters", "proximal gradient iterations"),
     ),
     help="weight magnitude reduction: proximal gradient on the layer output error plus an l-infinity penalty",
+))
+
+_QUANTEASE_CORE = (
+    _ACT_ORDER,
+    Option("iterations", 30, int, "it", "coordinate-descent sweeps over all columns (the paper's num_iter)"),
+    Option("relax", True, bool, "norelax",
+           "accelerated schedule (Algorithm 2): every third sweep before the last four is left unrounded"),
+)
+
+register(Component(
+    "quantease", "solver", "quantlib.solvers.quantease:solve", "QuantEase", needs_hessian=True,
+    options=_QUANTEASE_CORE + (
+        Option("outliers", 0.0, float, "ol",
+               "fraction of weights kept in full precision (Algorithm 3): unstructured entries, or whole input "
+               "columns with `structured`"),
+        Option("structured", False, bool, "cols", "outliers are whole input columns (needs outliers > 0)"),
+        Option("alpha", 1.0, float, "alpha", "step of the outliers' hard-thresholding step, times 1/(2 lambda_max(H))"),
+    ),
+    help="cyclic coordinate descent on tr((W - W_hat) H (W - W_hat)^T) over the grid, from W_hat = W",
+))
+
+register(Component(
+    "gptq_quantease", "solver", "quantlib.solvers.quantease:solve_gptq", "GPTQ+QuantEase", needs_hessian=True,
+    options=_QUANTEASE_CORE,
+    help="QuantEase sweeps started from the LDLQ (= GPTQ) solution and grid",
 ))

@@ -24,7 +24,8 @@ def test_default_config_expands(cfg):
     assert "smollm2-135m.rtn.w4g64" in names
     assert "smollm2-135m.c4.n32.L512.ldlq.w3" in names
     cells = exp.table_cells("main")
-    assert {c["row"] for c in cells} == {"fp", "rtn", "ldlq"}
+    assert {"fp", "rtn", "ldlq", "quantease", "quantease_ol1"} <= {c["row"] for c in cells}
+    assert "smollm2-135m.c4.n32.L512.quantease.w3.ol0p01" in names
     assert "results/ppl/wikitext2.L512.nw40/smollm2-135m.c4.n32.L512.ldlq.w3.json" in exp.table_inputs("main")
 
 
