@@ -57,6 +57,8 @@ _METHOD = {
     },
 }
 
+_TASK_METRICS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+
 _LMEVAL_TASK = {
     "type": ["object", "null"],
     "additionalProperties": False,
@@ -186,13 +188,12 @@ SCHEMA: dict[str, Any] = {
                     "averages": {
                         "type": "object",
                         "default": {},
-                        "additionalProperties": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["of"],
-                            "properties": {"label": {"type": "string"},
-                                           "of": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
-                        },
+                        "description": "{key: {label, of: [task metrics]}} or the short form {key: [task metrics]}",
+                        "additionalProperties": {"oneOf": [
+                            {"type": "object", "additionalProperties": False, "required": ["of"],
+                             "properties": {"label": {"type": "string"}, "of": _TASK_METRICS}},
+                            _TASK_METRICS,
+                        ]},
                     },
                     "layout": {"enum": ["long", "wide"], "default": "long",
                                "description": "long: a line per method and setting; wide: a line per method, "
@@ -249,6 +250,9 @@ def _describe(err) -> str:
                 if extra else f"{where}: {err.message}")
     if err.validator == "enum":
         return f"config {where}: {err.instance!r} is not one of: {', '.join(map(str, err.validator_value))}"
+    if err.validator == "oneOf":
+        parent = _schema_at(list(err.absolute_path)[:-1])
+        return f"config {where}: {err.instance!r} has the wrong form; expected {parent.get('description', err.message)}"
     if err.validator == "required":
         return f"config {where}: missing required key ({err.message})"
     return f"config {where}: {err.message}"
@@ -418,8 +422,14 @@ class Experiment:
                               f"(perplexity.datasets: {', '.join(ppl['datasets'])})")
         return ppl_protocol_name(dataset, ppl["seqlen"], (ppl["datasets"][dataset] or {}).get("max_windows"))
 
+    def used_tasks(self) -> list[str]:
+        """The tasks of lm_eval.tasks that some table reads, in config order. Only these are evaluated: a task that
+        an overlay only gives a local source for (tests/offline.yaml) costs nothing unless a table names it."""
+        used = {m.partition(".")[0] for t in self.tables.values() for m in t.result_metrics() if "." in m}
+        return [task for task in self.lmeval_tasks if task in used]
+
     def lmeval_protocols(self) -> list[str]:
-        return [self.lmeval_protocol(task) for task in self.lmeval_tasks]
+        return [self.lmeval_protocol(task) for task in self.used_tasks()]
 
     def lmeval_protocol(self, task: str) -> str:
         if task not in self.lmeval_tasks:
@@ -430,7 +440,7 @@ class Experiment:
     def lmeval_params(self) -> dict:
         """What the lm-eval rule needs: {task: {num_fewshot, limit, source}} and the harness settings."""
         cfg = self.cfg["lm_eval"]
-        return {"tasks": {t: {k: v for k, v in o.items() if k != "label"} for t, o in self.lmeval_tasks.items()},
+        return {"tasks": {t: {k: v for k, v in self.lmeval_tasks[t].items() if k != "label"} for t in self.used_tasks()},
                 "batch_size": cfg["batch_size"], "bootstrap_iters": cfg["bootstrap_iters"]}
 
     def result_path(self, spec: QuantSpec, metric: str) -> str:
@@ -471,7 +481,7 @@ class Experiment:
             if s not in all_settings:
                 raise ConfigError(f"tables.{key}.settings: '{s}' is not produced by any row; produced: "
                                   f"{', '.join(all_settings)}")
-        averages = t.get("averages") or {}
+        averages = {a: {"of": v} if isinstance(v, list) else v for a, v in (t.get("averages") or {}).items()}
         metrics = t.get("metrics") or list(self.cfg["perplexity"]["datasets"])
         for avg, spec in averages.items():
             if avg in self.cfg["perplexity"]["datasets"] or "." in avg:

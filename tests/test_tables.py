@@ -147,3 +147,28 @@ def test_latex_escapes_specials():
     tex = render_latex(df, params)
     assert r"50\% of A \& B" in tex and r"x\_task acc $\uparrow$" in tex and r"M\#1" in tex
     assert json.dumps(tex)  # plain text
+
+
+def test_only_the_tasks_a_table_reads_are_evaluated():
+    cfg = copy.deepcopy(CFG)
+    # an overlay's local source for a task that no table names (tests/offline.yaml gives six)
+    cfg["lm_eval"]["tasks"]["piqa"] = {"source": {"data_files": "/nowhere/piqa.jsonl"}}
+    exp = Experiment(cfg)
+    assert exp.used_tasks() == ["arc_easy", "winogrande"]
+    assert exp.lmeval_protocols() == ["arc_easy.0shot.lim25", "winogrande.0shot.lim25"]
+    assert set(exp.lmeval_params()["tasks"]) == {"arc_easy", "winogrande"}
+    # a perplexity-only table (the schema before zero-shot columns) needs no lm-eval run
+    cfg["tables"] = {"ppl": {"rows": ["fp", "rtn"], "metrics": ["wiki"]}}
+    exp = Experiment(cfg)
+    assert exp.lmeval_protocols() == [] and {c["path"].split("/")[1] for c in exp.table_cells("ppl")} == {"ppl"}
+
+
+def test_average_short_form():
+    cfg = copy.deepcopy(CFG)
+    cfg["tables"]["t"]["averages"] = {"avg": ["arc_easy.acc_norm", "winogrande.acc"]}
+    t = Experiment(cfg).tables["t"]
+    assert t.averages == {"avg": {"of": ["arc_easy.acc_norm", "winogrande.acc"]}}
+    assert t.result_metrics() == ["wiki", "arc_easy.acc_norm", "winogrande.acc_norm|acc", "winogrande.acc"]
+    cfg["tables"]["t"]["averages"] = {"avg": "arc_easy.acc"}
+    with pytest.raises(ConfigError, match="tables.t.averages.avg"):
+        Experiment(cfg)
