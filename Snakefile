@@ -14,6 +14,9 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/quantize.smk"
@@ -24,4 +27,5 @@ include: "rules/tables.smk"
 rule all:
     input:
         all_tables(),
+        "results/benchmarks/summary.csv",
     default_target: True

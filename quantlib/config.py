@@ -12,7 +12,9 @@ from typing import Any
 
 from . import methods
 from .errors import ConfigError
-from .spec import _BITS_RE, DATASET_KEY_RE, MODEL_KEY_RE, CalibSpec, QuantSpec, ppl_protocol_name
+from .lmeval import is_lower_better
+from .spec import (_BITS_RE, DATASET_KEY_RE, MODEL_KEY_RE, TASK_KEY_RE, CalibSpec, QuantSpec, lmeval_protocol_name,
+                   ppl_protocol_name)
 
 _DATASET = {
     "type": "object",
@@ -55,6 +57,34 @@ _METHOD = {
                      "description": "instead of bits/group_size: an explicit list such as [w3g64, w2g64, w3]"},
         "options": {"type": "object", "default": {}},
         "calibration": {"$ref": "#/$defs/calibration"},
+    },
+}
+
+_TASK_METRICS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+
+_LMEVAL_TASK = {
+    "type": ["object", "null"],
+    "additionalProperties": False,
+    "properties": {
+        "num_fewshot": {"type": "integer", "minimum": 0, "default": 0},
+        "limit": {"type": ["integer", "null"], "minimum": 1,
+                  "description": "evaluate the first `limit` documents only (CPU runs); recorded in results and tables"},
+        "label": {"type": "string", "description": "column name in tables"},
+        "source": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "a local copy of the task's data; lm-eval's own config of the task is kept",
+            "properties": {
+                "data_files": {"type": ["string", "array", "object"],
+                               "description": "the file of the evaluated split, or {split: file(s)}"},
+                "split": {"type": "string", "description": "the task's split a single data file holds "
+                                                          "(default: the split lm-eval evaluates)"},
+                "path": {"type": "string", "description": "datasets loader for data_files (default: from the "
+                                                          "suffix), or a local copy of the hub dataset repository"},
+                "overrides": {"type": "object", "description": "lm-eval task-config keys to replace, for a copy "
+                                                               "whose fields differ from the hub's"},
+            },
+        },
     },
 }
 
@@ -130,6 +160,19 @@ SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        "lm_eval": {
+            "type": "object",
+            "additionalProperties": False,
+            "default": {},
+            "properties": {
+                "batch_size": {"type": "integer", "minimum": 1, "default": 8},
+                "bootstrap_iters": {"type": "integer", "minimum": 0, "default": 1000,
+                                    "description": "bootstrap draws for standard errors without a closed form "
+                                                   "(lambada perplexity); accuracies use the closed form"},
+                "tasks": {"type": "object", "default": {}, "additionalProperties": _LMEVAL_TASK,
+                          "description": "lm-eval task or group names (as `lm_eval ls tasks` prints them)"},
+            },
+        },
         "methods": {"type": "array", "items": _METHOD, "minItems": 1},
         "tables": {
             "type": "object",
@@ -142,9 +185,25 @@ SCHEMA: dict[str, Any] = {
                     "models": {"type": "array", "items": {"type": "string"}},
                     "rows": {"type": "array", "items": {"type": "string"}},
                     "settings": {"type": "array", "items": {"type": "string"}},
-                    "metrics": {"type": "array", "items": {"type": "string"}},
+                    "metrics": {"type": "array", "items": {"type": "string"},
+                                "description": "columns: perplexity datasets, task metrics `{task}.{metric}` "
+                                               "(`{task}.acc_norm|acc`: the first reported), keys of averages"},
+                    "averages": {
+                        "type": "object",
+                        "default": {},
+                        "description": "{key: {label, of: [task metrics]}} or the short form {key: [task metrics]}",
+                        "additionalProperties": {"oneOf": [
+                            {"type": "object", "additionalProperties": False, "required": ["of"],
+                             "properties": {"label": {"type": "string"}, "of": _TASK_METRICS}},
+                            _TASK_METRICS,
+                        ]},
+                    },
+                    "layout": {"enum": ["long", "wide"], "default": "long",
+                               "description": "long: a line per method and setting; wide: a line per method, "
+                                              "columns per setting x metric"},
                     "paper_source": {"type": "string"},
-                    "paper": {"type": "object", "description": "{model: {'fp' | 'row.setting': {metric: value}}}"},
+                    "paper": {"type": "object", "description": "{model: {'fp' | 'row.setting': {metric: value}}}; "
+                                                               "accuracies in percent"},
                 },
             },
         },
@@ -194,6 +253,9 @@ def _describe(err) -> str:
                 if extra else f"{where}: {err.message}")
     if err.validator == "enum":
         return f"config {where}: {err.instance!r} is not one of: {', '.join(map(str, err.validator_value))}"
+    if err.validator == "oneOf":
+        parent = _schema_at(list(err.absolute_path)[:-1])
+        return f"config {where}: {err.instance!r} has the wrong form; expected {parent.get('description', err.message)}"
     if err.validator == "required":
         return f"config {where}: missing required key ({err.message})"
     return f"config {where}: {err.message}"
@@ -263,6 +325,19 @@ class TableDef:
     metrics: list[str]
     paper: dict
     paper_source: str | None
+    averages: dict[str, dict] = None
+    layout: str = "long"
+
+    @property
+    def columns(self) -> list[str]:
+        """Displayed columns: the metrics in order, then the averages not named among them."""
+        return self.metrics + [a for a in (self.averages or {}) if a not in self.metrics]
+
+    def result_metrics(self) -> list[str]:
+        """Every metric read from result files: the displayed ones and the parts of the averages."""
+        avg = self.averages or {}
+        return list(dict.fromkeys([m for m in self.metrics if m not in avg] + [p for a in avg.values()
+                                                                                 for p in a["of"]]))
 
 
 class Experiment:
@@ -294,6 +369,11 @@ class Experiment:
         ppl = c["perplexity"]
         for key in ppl["datasets"]:
             self._need_dataset(key, "perplexity.datasets")
+        self.lmeval_tasks: dict[str, dict] = {}
+        for task, opts in c["lm_eval"]["tasks"].items():
+            if not _fullmatch(TASK_KEY_RE, task):
+                raise ConfigError(f"lm_eval.tasks: '{task}' must match {TASK_KEY_RE} (no dots)")
+            self.lmeval_tasks[task] = {"num_fewshot": 0, "limit": None, **(opts or {})}
         self.tables = {key: self._table(key, t) for key, t in c["tables"].items()}
 
     # ------------------------------------------------------------------ lookups
@@ -359,8 +439,38 @@ class Experiment:
                               f"(perplexity.datasets: {', '.join(ppl['datasets'])})")
         return ppl_protocol_name(dataset, ppl["seqlen"], (ppl["datasets"][dataset] or {}).get("max_windows"))
 
+    def used_tasks(self) -> list[str]:
+        """The tasks of lm_eval.tasks that some table reads, in config order. Only these are evaluated: a task that
+        an overlay only gives a local source for (tests/offline.yaml) costs nothing unless a table names it."""
+        used = {m.partition(".")[0] for t in self.tables.values() for m in t.result_metrics() if "." in m}
+        return [task for task in self.lmeval_tasks if task in used]
+
+    def lmeval_protocols(self) -> list[str]:
+        return [self.lmeval_protocol(task) for task in self.used_tasks()]
+
+    def lmeval_protocol(self, task: str) -> str:
+        if task not in self.lmeval_tasks:
+            raise ConfigError(f"'{task}' is not a task of lm_eval.tasks ({', '.join(self.lmeval_tasks) or 'none'})")
+        opts = self.lmeval_tasks[task]
+        return lmeval_protocol_name(task, opts["num_fewshot"], opts["limit"])
+
+    def lmeval_params(self) -> dict:
+        """What the lm-eval rule needs: {task: {num_fewshot, limit, source}} and the harness settings."""
+        cfg = self.cfg["lm_eval"]
+        return {"tasks": {t: {k: v for k, v in self.lmeval_tasks[t].items() if k != "label"} for t in self.used_tasks()},
+                "batch_size": cfg["batch_size"], "bootstrap_iters": cfg["bootstrap_iters"]}
+
     def result_path(self, spec: QuantSpec, metric: str) -> str:
+        """A perplexity dataset's result, or an lm-eval task's for a metric `{task}.{field}`."""
+        if "." in metric:
+            return f"results/lmeval/{self.lmeval_protocol(metric.partition('.')[0])}/{spec.short_name()}.json"
         return f"results/ppl/{self.ppl_protocol(metric)}/{spec.short_name()}.json"
+
+    def metric_label(self, metric: str) -> str:
+        if "." in metric:
+            task, _, field = metric.partition(".")
+            return f"{self.lmeval_tasks[task].get('label', task)} {field.replace('|', ' or ')}"
+        return self.cfg["datasets"][metric].get("label", metric)
 
     def quantized_path(self, spec: QuantSpec) -> str:
         return f"results/quantized/{spec.short_name()}"
@@ -388,11 +498,38 @@ class Experiment:
             if s not in all_settings:
                 raise ConfigError(f"tables.{key}.settings: '{s}' is not produced by any row; produced: "
                                   f"{', '.join(all_settings)}")
+        averages = {a: {"of": v} if isinstance(v, list) else v for a, v in (t.get("averages") or {}).items()}
         metrics = t.get("metrics") or list(self.cfg["perplexity"]["datasets"])
+        for avg, spec in averages.items():
+            if avg in self.cfg["perplexity"]["datasets"] or "." in avg:
+                raise ConfigError(f"tables.{key}.averages: '{avg}' must differ from the perplexity datasets and "
+                                  "contain no dot")
+            for part in spec["of"]:
+                if "." not in part:
+                    raise ConfigError(f"tables.{key}.averages.{avg}: '{part}' is not a task metric "
+                                      "`{task}.{metric}`; averages are over lm-eval task metrics")
+                self._check_metric(key, part)
+            if len({is_lower_better(p) for p in spec["of"]}) > 1:
+                raise ConfigError(f"tables.{key}.averages.{avg} mixes accuracies with perplexities")
         for metric in metrics:
-            self.ppl_protocol(metric)
+            if metric not in averages:
+                self._check_metric(key, metric)
         return TableDef(key, t.get("title", key), models, rows, settings, metrics, t.get("paper", {}),
-                        t.get("paper_source"))
+                        t.get("paper_source"), averages, t.get("layout", "long"))
+
+    def _check_metric(self, table: str, metric: str) -> None:
+        if "." in metric:
+            task, _, field = metric.partition(".")
+            if task not in self.lmeval_tasks or not field or "." in field:
+                raise ConfigError(
+                    f"tables.{table}.metrics: '{metric}' names no task of lm_eval.tasks "
+                    f"({', '.join(self.lmeval_tasks) or 'none'}); a task metric is `{{task}}.{{metric}}`, e.g. "
+                    "arc_easy.acc_norm")
+        elif metric not in self.cfg["perplexity"]["datasets"]:
+            raise ConfigError(
+                f"tables.{table}.metrics: '{metric}' is neither a perplexity dataset (perplexity.datasets: "
+                f"{', '.join(self.cfg['perplexity']['datasets']) or 'none'}), a task metric `{{task}}.{{metric}}` of "
+                "lm_eval.tasks, nor a key of the table's averages")
 
     def table_cells(self, key: str) -> list[dict]:
         """One entry per table cell: model, row, setting, metric, spec name and result path (None if the row does
@@ -406,7 +543,7 @@ class Experiment:
                 for s in settings:
                     bits, gs = _parse_setting(s) if s else (None, -1)
                     spec = self.spec(model, row, bits, gs)
-                    for metric in t.metrics:
+                    for metric in t.result_metrics():
                         cells.append({"model": model, "row": row, "setting": s, "metric": metric,
                                       "name": spec.short_name(), "path": self.result_path(spec, metric)})
         return cells
@@ -422,7 +559,10 @@ class Experiment:
             "key": key, "title": t.title, "cells": self.table_cells(key),
             "row_labels": {"fp": "FP (unquantized)", **{m: e.label for m, e in self.methods.items()}},
             "model_labels": {m: self.model_label(m) for m in t.models},
-            "metric_labels": {d: self.cfg["datasets"][d].get("label", d) for d in t.metrics},
+            "metric_labels": {**{m: self.metric_label(m) for m in t.result_metrics()},
+                              **{a: v.get("label", a) for a, v in t.averages.items()}},
+            "task_labels": {task: o.get("label", task) for task, o in self.lmeval_tasks.items()},
+            "columns": t.columns, "averages": {a: v["of"] for a, v in t.averages.items()}, "layout": t.layout,
             "rows": t.rows, "settings": t.settings, "paper": t.paper, "paper_source": t.paper_source,
             "seqlen": ppl["seqlen"],
         }
@@ -489,6 +629,26 @@ def check_sources(exp: Experiment, offline: bool | None = None) -> None:
             raise ConfigError(f"dataset '{key}': '{d['path']}' is a hub id, the hub is offline "
                               f"(HF_DATASETS_OFFLINE=1) and {exp.dataset_path(key)} is not pre-filled; set "
                               f"datasets.{key}.path/data_files to local files")
+
+
+    _check_task_sources(exp)
+
+
+def _check_task_sources(exp: Experiment) -> None:
+    """Local copies of lm-eval task data must exist. Tasks that read the hub are not refused here, offline or not:
+    whether lm-eval's datasets cache holds them is only known to lm-eval, and a dry run or a run whose lm-eval
+    results are up to date needs no data. The lm-eval job checks every task's data before it loads the model and
+    fails with a message naming the task (quantlib.lmeval.TaskSet.check_data)."""
+    for task, opts in exp.lmeval_tasks.items():
+        src = opts.get("source") or {}
+        files = src.get("data_files")
+        if files:
+            flat = files.values() if isinstance(files, dict) else ([files] if isinstance(files, str) else files)
+            for f in [f for v in flat for f in (v if isinstance(v, list) else [v])]:
+                if not any(ch in f for ch in "*?[") and not Path(f).expanduser().exists():
+                    raise ConfigError(f"lm_eval.tasks.{task}.source: data file '{f}' does not exist")
+        elif src.get("path", "").startswith((".", "/", "~")) and not Path(src["path"]).expanduser().exists():
+            raise ConfigError(f"lm_eval.tasks.{task}.source: local path '{src['path']}' does not exist")
 
 
 def _check_model_shapes(exp: Experiment, key: str) -> None:

@@ -12,7 +12,7 @@ from .data import calibration_windows, eval_windows, read_texts
 from .io import atomic_file, versions, write_json
 from .models import (check_group_size_fits, load_model, load_tokenizer, read_config, resolve_attn, resolve_device,
                      resolve_dtype)
-from .spec import QuantSpec, parse_calib_name, parse_ppl_protocol
+from .spec import QuantSpec, parse_calib_name, parse_lmeval_protocol, parse_ppl_protocol
 
 log = logging.getLogger("quantlib")
 
@@ -102,4 +102,39 @@ def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs
         }
         write_json(out_json, records[protocol])
         log.info("%s %s: ppl %.4f over %d windows", name, protocol, res["ppl"], res["windows"])
+    return records
+
+
+def lm_eval_tasks(name: str, model_path, tasks: dict, outputs: dict, compute: dict, batch_size: int = 8,
+                  bootstrap_iters: int = 1000) -> dict:
+    """Evaluate one model on lm-eval tasks. `tasks` maps task names to {num_fewshot, limit, source}; `outputs` maps
+    each protocol name ({task}.{shots}shot[.lim{n}]) to its result JSON. Every task's data is loaded before the
+    model, so a missing dataset fails fast; the model is loaded once for all tasks."""
+    import tempfile
+
+    from .export import load_any
+    from .lmeval import TaskSet, evaluate_tasks
+
+    spec = QuantSpec.parse(name)
+    for protocol in outputs:
+        task, shots, limit = parse_lmeval_protocol(protocol)
+        opts = tasks.get(task) or {}
+        if (opts.get("num_fewshot", 0), opts.get("limit")) != (shots, limit):
+            raise ValueError(f"output {protocol} does not match the task settings {opts}")
+    device, dtype, attn = _compute(compute)
+    with tempfile.TemporaryDirectory(prefix="quantlib-lmeval-") as tmp:
+        taskset = TaskSet(tasks, tmp)
+        taskset.check_data()
+        t0 = time.time()
+        model = load_any(model_path, dtype, attn)
+        records = evaluate_tasks(model, model_path, taskset, device, batch_size, bootstrap_iters)
+    seconds = round(time.time() - t0, 2)
+    for protocol, out_json in outputs.items():
+        task = parse_lmeval_protocol(protocol)[0]
+        write_json(out_json, {
+            "name": name, "model": spec.model, "spec": spec.short_name(), "protocol": protocol, **records[task],
+            "compute": {"device": device, "dtype": str(dtype), "attn": attn, "batch_size": batch_size,
+                        "threads": torch.get_num_threads()},
+            "job_seconds": seconds, "versions": versions(),
+        })
     return records

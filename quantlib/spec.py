@@ -262,3 +262,19 @@ def parse_ppl_protocol(name: str) -> tuple[str, int, int | None]:
     if not m:
         raise ConfigError(f"'{name}' is not a perplexity protocol name ({{dataset}}.L{{seqlen}}[.nw{{windows}}])")
     return m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None
+
+
+# lm-eval task and group names as lm-eval spells them (no dots: dots separate the parts of a protocol name).
+TASK_KEY_RE = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+
+
+def lmeval_protocol_name(task: str, num_fewshot: int, limit: int | None) -> str:
+    """Names an lm-eval evaluation in result paths, e.g. `arc_easy.0shot.lim25`, `mmlu.5shot`."""
+    return f"{task}.{num_fewshot}shot" + (f".lim{limit}" if limit else "")
+
+
+def parse_lmeval_protocol(name: str) -> tuple[str, int, int | None]:
+    m = re.fullmatch(rf"({TASK_KEY_RE})\.([0-9]+)shot(?:\.lim([0-9]+))?", name)
+    if not m:
+        raise ConfigError(f"'{name}' is not an lm-eval protocol name ({{task}}.{{shots}}shot[.lim{{limit}}])")
+    return m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None

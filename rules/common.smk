@@ -2,6 +2,8 @@
 
 import sys
 
+from snakemake.exceptions import WorkflowError
+
 from quantlib.config import Experiment, check_sources
 from quantlib.errors import QuantlibError
 from quantlib.spec import MODEL_KEY_RE, DATASET_KEY_RE, QuantSpec, parse_calib_name, parse_ppl_protocol
@@ -13,8 +15,12 @@ except QuantlibError as exc:
     sys.exit(f"Configuration error: {exc}")
 
 RES = EXP.resources
-# Torch rules run multi-threaded: Snakemake sets OMP_NUM_THREADS to a job's threads.
-TORCH_THREADS = max(2, min(workflow.cores, 16))
+# Torch rules run multi-threaded: Snakemake sets OMP_NUM_THREADS to a job's threads. `snakemake --report` runs
+# without --cores, and then no job runs.
+try:
+    TORCH_THREADS = max(2, min(workflow.cores, 16))
+except WorkflowError:
+    TORCH_THREADS = 2
 
 
 wildcard_constraints:
@@ -28,8 +34,11 @@ wildcard_constraints:
     table=r"[A-Za-z0-9_-]+",
 
 
+TABLE_FORMATS = ["md", "csv", "tex", "png"]
+
+
 def all_tables():
-    return expand("results/tables/{table}.{ext}", table=EXP.tables, ext=["md", "csv"])
+    return expand("results/tables/{table}.{ext}", table=EXP.tables, ext=TABLE_FORMATS)
 
 
 def model_params_b(model):
@@ -68,7 +77,7 @@ def quantize_mem(wildcards):
 
 def ppl_inputs(wildcards):
     spec = QuantSpec.parse(wildcards.anyname)
-    model = EXP.model_path(spec.model) if spec.is_fp else f"results/quantized/{spec.short_name()}"
+    model = model_input(wildcards)
     windows = {}
     for protocol in EXP.ppl_protocols():
         dataset, seqlen, _ = parse_ppl_protocol(protocol)
@@ -78,3 +87,9 @@ def ppl_inputs(wildcards):
 
 def ppl_mem(wildcards):
     return mem_mb_for(QuantSpec.parse(wildcards.anyname).model, 3)
+
+
+def model_input(wildcards):
+    """The model a {anyname} evaluation reads: the resources checkpoint ({model}.fp) or a quantized directory."""
+    spec = QuantSpec.parse(wildcards.anyname)
+    return EXP.model_path(spec.model) if spec.is_fp else f"results/quantized/{spec.short_name()}"

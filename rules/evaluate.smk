@@ -1,3 +1,5 @@
+# Evaluation of a quantized ({name}) or unquantized ({model}.fp) model.
+#
 # Perplexity of a quantized ({name}) or unquantized ({model}.fp) model on every perplexity dataset of the config, one
 # result JSON per protocol {dataset}.L{seqlen}[.nw{n}]. One job per model: loading it once saves a model load and the
 # library imports per dataset.
@@ -25,3 +27,31 @@ rule perplexity:
         "../envs/evaluate.yaml"
     script:
         "../workflow/scripts/perplexity.py"
+
+
+# lm-eval tasks through lm-eval's own API on the loaded model, one result JSON per protocol
+# {task}.{shots}shot[.lim{limit}]. One job per model for every task: the model load and the lm-eval import are its
+# fixed costs.
+if EXP.lmeval_protocols():
+
+    rule lmeval:
+        input:
+            model=model_input,
+        output:
+            [f"results/lmeval/{protocol}/{{anyname}}.json" for protocol in EXP.lmeval_protocols()],
+        params:
+            protocols=EXP.lmeval_protocols(),
+            lmeval=EXP.lmeval_params(),
+            compute=EXP.cfg["compute"],
+        log:
+            "results/logs/lmeval/{anyname}.log",
+        benchmark:
+            "results/benchmarks/lmeval/{anyname}.tsv"
+        threads: TORCH_THREADS
+        resources:
+            mem_mb=ppl_mem,
+            runtime=240,
+        conda:
+            "../envs/evaluate.yaml"
+        script:
+            "../workflow/scripts/lmeval.py"

@@ -108,3 +108,32 @@ def calib_tokens(n: int = 16, seqlen: int = 32, vocab: int = 300, seed: int = 0)
 
 requires_assets = pytest.mark.skipif(not (SMOL_DIR / SMOL_GGUF).exists(),
                                      reason=f"real model not found under {ASSETS} (set QUANTLIB_ASSETS)")
+
+
+def write_task_files(out_dir: Path, n: int = 12, seed: int = 5) -> dict[str, Path]:
+    """Tiny copies of lm-eval tasks in the Hugging Face field names (like ../shared/assets/.../hf_schema)."""
+    rng = random.Random(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def words(k):
+        return " ".join(rng.choice(_WORDS) for _ in range(k))
+
+    rows = {
+        "piqa": [{"goal": words(6), "sol1": words(5), "sol2": words(7), "label": i % 2} for i in range(n)],
+        "arc_easy": [{"id": f"q{i}", "question": words(8) + "?",
+                      "choices": {"text": [words(rng.randint(1, 4)) for _ in range(4)], "label": list("ABCD")},
+                      "answerKey": "ABCD"[i % 4]} for i in range(n)],
+        "winogrande": [{"sentence": f"{words(4)} _ {words(3)}.", "option1": words(1), "option2": words(1),
+                        "answer": "12"[i % 2]} for i in range(n)],
+        "lambada_openai": [{"text": words(rng.randint(10, 20))} for _ in range(n)],
+    }
+    files = {}
+    for task, items in rows.items():
+        files[task] = out_dir / f"{task}.jsonl"
+        files[task].write_text("".join(json.dumps(r) + "\n" for r in items))
+    return files
+
+
+@pytest.fixture(scope="session")
+def task_files(tmp_path_factory) -> dict[str, Path]:
+    return write_task_files(tmp_path_factory.mktemp("tasks"))

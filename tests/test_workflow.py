@@ -28,8 +28,8 @@ def snakemake(workdir: Path, *args, offline: bool = True, timeout: int = 900) ->
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def tiny_config(model_dir: Path, text_files: dict) -> dict:
-    return {
+def tiny_config(model_dir: Path, text_files: dict, task_files: dict | None = None) -> dict:
+    cfg = {
         "resources": "resources",
         "models": {"tiny": {"source": str(model_dir), "label": "Tiny Llama", "params_b": 0.001}},
         "datasets": {
@@ -45,6 +45,19 @@ def tiny_config(model_dir: Path, text_files: dict) -> dict:
         ],
         "tables": {"main": {"title": "Tiny table"}},
     }
+    if task_files:
+        # Zero-shot on local copies for two rows only: each lm-eval job costs an import and a model load.
+        cfg["lm_eval"] = {"batch_size": 4, "tasks": {
+            "piqa": {"limit": 8, "label": "PIQA", "source": {"data_files": str(task_files["piqa"])}},
+            "winogrande": {"limit": 6, "source": {"data_files": str(task_files["winogrande"]), "split": "validation"}},
+        }}
+        cfg["tables"]["zeroshot"] = {
+            "title": "Tiny zero-shot", "rows": ["fp", "rtn"], "layout": "wide",
+            "metrics": ["toytest", "piqa.acc_norm", "winogrande.acc_norm|acc", "avg"],
+            "averages": {"avg": {"label": "Avg", "of": ["piqa.acc", "winogrande.acc"]}},
+            "paper": {"tiny": {"fp": {"toytest": 250.0, "avg": 50.0}}},
+        }
+    return cfg
 
 
 def write_config(workdir: Path, cfg: dict) -> None:
@@ -53,9 +66,9 @@ def write_config(workdir: Path, cfg: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_dir, text_files):
+def tiny_run(tmp_path_factory, tiny_dir, text_files, task_files):
     work = tmp_path_factory.mktemp("wf")
-    write_config(work, tiny_config(tiny_dir, text_files))
+    write_config(work, tiny_config(tiny_dir, text_files, task_files))
     proc = snakemake(work, "--cores", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work
@@ -76,11 +89,70 @@ def test_end_to_end_tiny(tiny_run):
     assert record["protocol"]["join"] == "\n\n" and "torch" in record["versions"]
     qdir = work / "results/quantized/tiny.toytrain.n8.L32.ldlq.w3"
     assert {"config.json", "model.safetensors", "quant_spec.json", "diagnostics.json"} <= {p.name for p in qdir.iterdir()}
-    for rule in ("fetch_model", "fetch_dataset", "calibration", "eval_windows", "quantize", "perplexity"):
+    for rule in ("fetch_model", "fetch_dataset", "calibration", "eval_windows", "quantize", "perplexity", "lmeval",
+                 "table"):
         assert any((work / "results/logs" / rule).rglob("*.log")), rule
         assert any((work / "results/benchmarks" / rule).rglob("*.tsv")), rule
+    for ext in ("md", "csv", "tex", "png"):
+        assert (work / f"results/tables/main.{ext}").stat().st_size > 0
+    bench = (work / "results/benchmarks/summary.csv").read_text()
+    assert bench.startswith("rule,job,s,") and "quantize,tiny.toytrain.n8.L32.ldlq.w3," in bench
     # nothing is left half-written
     assert not list(work.rglob(".*.tmp-*"))
+
+
+def test_zero_shot_columns(tiny_run):
+    work = tiny_run
+    # lm-eval ran for the zero-shot table's rows only
+    assert sorted(p.name for p in (work / "results/lmeval/piqa.0shot.lim8").iterdir()) == [
+        "tiny.fp.json", "tiny.rtn.w4g32.json"]
+    record = json.loads((work / "results/lmeval/piqa.0shot.lim8/tiny.rtn.w4g32.json").read_text())
+    assert record["limit"] == 8 and record["docs"] == 8 and record["docs_available"] == 12
+    assert {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"} <= set(record) and record["lm_eval"]
+    assert record["source"]["origin"] == "local" and record["source"]["eval_split"] == "validation"
+    wino = json.loads((work / "results/lmeval/winogrande.0shot.lim6/tiny.fp.json").read_text())
+    assert wino["acc_norm"] is None and wino["docs"] == 6
+    table = (work / "results/tables/zeroshot.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| Method"))
+    assert "w4g32 PIQA acc_norm ↑" in header and "w4g32 winogrande acc ↑" in header and "Avg paper" in header
+    fp_row = next(line for line in table.splitlines() if line.startswith("| FP"))
+    expected_avg = 100 * (json.loads((work / "results/lmeval/piqa.0shot.lim8/tiny.fp.json").read_text())["acc"]
+                          + wino["acc"]) / 2
+    assert f"{expected_avg:.2f}" in fp_row.split(" | ")
+    assert "first 8 of 12 documents of the validation split, local copy piqa.jsonl" in table
+    assert (work / "results/tables/zeroshot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_holds_the_tables(tiny_run, tmp_path):
+    import base64
+    import re
+
+    report = tmp_path / "report.html"
+    proc = snakemake(tiny_run, "--report", str(report))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    html = report.read_text()
+    files = {m.group(1): base64.b64decode(m.group(2)) for m in re.finditer(
+        r"data:[a-z/.+-]+;charset=[^;]+;filename=([^;]+);base64,([A-Za-z0-9+/=]+)", html)}
+    assert {"main.md", "main.csv", "main.png", "zeroshot.md", "zeroshot.png", "summary.csv", "summary.png"} <= set(files)
+    assert files["main.md"].decode() == (tiny_run / "results/tables/main.md").read_text()
+    assert files["zeroshot.png"][:4] == b"\x89PNG"
+    assert "Paper tables" in html and "Benchmarks" in html
+
+
+def test_broken_result_fails_the_table_rule_naming_the_file(tiny_run, tmp_path):
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    broken = "results/lmeval/piqa.0shot.lim8/tiny.fp.json"
+    (work / broken).write_text('{"task": "piqa", "acc": 0.5')
+    proc = snakemake(work, "--cores", "1", "results/tables/zeroshot.md")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"[table] DataError: result file {broken} is not valid JSON" in out
+    assert "Traceback" not in out and "pandas" not in out
+    assert not (work / "results/tables/zeroshot.md").exists()
+    (work / broken).write_text('{"task": "piqa"}')
+    proc = snakemake(work, "--cores", "1", "results/tables/zeroshot.md")
+    assert f"result file {broken} has no 'metrics' of an lm-eval task" in proc.stdout + proc.stderr
 
 
 def test_rerun_is_a_no_op(tiny_run):
@@ -136,6 +208,19 @@ def test_lint_and_dry_runs(tmp_path):
         proc = snakemake(REPO, "-n", "--cores", "2", *args, offline=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "quantize" in proc.stdout and "table" in proc.stdout
+
+
+def test_offline_dry_run_with_mmlu_builds(tmp_path):
+    """A hub-only task (MMLU, 5-shot) in an offline dry run: the DAG builds without any data access."""
+    extra = tmp_path / "mmlu.yaml"
+    extra.write_text(yaml.safe_dump({
+        "lm_eval": {"tasks": {"mmlu": {"num_fewshot": 5, "label": "MMLU"}}},
+        "tables": {"mmlu": {"title": "MMLU 5-shot", "rows": ["fp", "ldlq"], "metrics": ["mmlu.acc"]}}}))
+    proc = snakemake(REPO, "-n", "--cores", "2", "--configfile", str(REPO / "config.yaml"),
+                     str(REPO / "tests/offline.yaml"), str(extra))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "results/lmeval/mmlu.5shot/smollm2-135m-instruct-q4_1.fp.json" in proc.stdout
+    assert "results/tables/mmlu.md" in proc.stdout
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "presets").glob("*.yaml")))

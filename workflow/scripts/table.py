@@ -1,10 +1,10 @@
-"""Aggregate a table's result JSONs into Markdown and CSV."""
+"""Aggregate a table's result JSONs into Markdown, CSV, LaTeX and a plot."""
 from quantlib.tables import write_table
 from quantlib.workflow import run_script
 
 
 def main(smk):
-    write_table(smk.params.table, smk.output.md, smk.output.csv)
+    write_table(smk.params.table, smk.output.md, smk.output.csv, smk.output.tex, smk.output.png)
 
 
 run_script(snakemake, main)  # noqa: F821
