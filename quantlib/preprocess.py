@@ -12,22 +12,33 @@ from .hessian import damp_until_pd, fix_dead_columns
 from .init import grouped
 
 
-def project_l1_ball(v: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each vector along the last dim onto {u : ||u||_1 <= 1} (sort-based)."""
+def _clip_level(srt: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, complete) from the k largest magnitudes of each vector, sorted descending: the level t at which the
+    magnitudes clipped above it sum to alpha, when the clipped entries lie among those k (complete)."""
+    css = srt.cumsum(-1) - alpha
+    idx = torch.arange(1, srt.shape[-1] + 1, dtype=srt.dtype, device=srt.device)
+    clipped = srt * idx > css  # true on a prefix: the entries above the level
+    rho = clipped.sum(-1, keepdim=True).clamp_min(1)
+    level = (css.gather(-1, rho - 1) / rho.to(srt.dtype)).clamp_min(0)
+    return level, ~clipped[..., -1:]
+
+
+def prox_linf(v: torch.Tensor, alpha: float, top: int = 8) -> torch.Tensor:
+    """prox of alpha * ||.||_inf along the last dim: clips each vector's magnitudes at the level t where the clipped
+    parts sum to alpha, or returns 0 when ||v||_1 <= alpha (Moreau: v - alpha * P_{l1 ball}(v / alpha)).
+
+    MagR's small penalty clips only a few entries per group, so the level is found from the `top` largest
+    magnitudes (a partial sort); only the vectors that clip more entries are fully sorted."""
     a = v.abs()
-    inside = a.sum(-1, keepdim=True) <= 1
-    srt = a.sort(-1, descending=True).values
-    css = srt.cumsum(-1) - 1
-    idx = torch.arange(1, v.shape[-1] + 1, dtype=v.dtype, device=v.device)
-    rho = ((srt * idx) > css).sum(-1, keepdim=True).clamp_min(1)  # the active entries form a prefix
-    theta = (css.gather(-1, rho - 1) / rho.to(v.dtype)).clamp_min(0)
-    return torch.where(inside, v, torch.sign(v) * (a - theta).clamp_min(0))
-
-
-def prox_linf(v: torch.Tensor, alpha: float) -> torch.Tensor:
-    """prox of alpha * ||.||_inf along the last dim (Moreau: v - alpha * P_{l1 ball}(v / alpha)): clips each
-    vector's largest magnitudes down to a common level, or returns 0 when ||v||_1 <= alpha."""
-    return v - alpha * project_l1_ball(v / alpha)
+    n = v.shape[-1]
+    level, complete = _clip_level(a.topk(min(top, n), -1).values, alpha)
+    if n > top and not bool(complete.all()):
+        flat_a, flat_level = a.reshape(-1, n), level.reshape(-1, 1).clone()
+        redo = (~complete.reshape(-1)).nonzero().flatten()
+        flat_level[redo] = _clip_level(flat_a[redo].sort(-1, descending=True).values, alpha)[0]
+        level = flat_level.reshape(level.shape)
+    small = a.sum(-1, keepdim=True) <= alpha
+    return torch.where(small, torch.zeros_like(v), v.clamp(-level, level))
 
 
 def magr(W: torch.Tensor, H: torch.Tensor, spec, layer: str) -> torch.Tensor:

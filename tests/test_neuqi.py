@@ -8,7 +8,7 @@ from conftest import requires_assets
 
 from quantlib.errors import ConfigError
 from quantlib.init import group_weights, init_grid, optimal_zero, weighted_error
-from quantlib.preprocess import magr, project_l1_ball
+from quantlib.preprocess import magr, prox_linf
 from quantlib.spec import CalibSpec, QuantSpec
 
 CAL = CalibSpec("c4", 8, 16)
@@ -101,17 +101,24 @@ def test_neuqi_rejects_symmetric_grids():
         init_grid(W, spec("neuqi", 3, 32, sym=True), hdiag)
 
 
-def test_l1_projection():
+@pytest.mark.parametrize("alpha", [1e-3, 0.3, 3.0, 100.0])  # few, many (full sort), most and all entries clipped
+def test_prox_linf_is_the_proximal_operator(alpha):
+    """prox(v) = argmin_u 1/2 ||u - v||^2 + alpha ||u||_inf: no point sampled near it does better, on the
+    partial-sort path (few clipped entries) and the full-sort one alike."""
     g = torch.Generator().manual_seed(0)
-    v = torch.randn(50, 9, generator=g, dtype=torch.float64)
-    p = project_l1_ball(v)
-    assert torch.allclose(p.abs().sum(-1).clamp_min(1), v.abs().sum(-1).clamp(max=1).clamp_min(1))
-    assert (p.abs().sum(-1) <= 1 + 1e-9).all()
-    # optimality: no point of the ball sampled at random is closer
-    for _ in range(200):
-        u = torch.randn(50, 9, generator=g, dtype=torch.float64)
-        u = u / u.abs().sum(-1, keepdim=True).clamp_min(1) * torch.rand(50, 1, generator=g, dtype=torch.float64)
-        assert ((v - p).norm(dim=-1) <= (v - u).norm(dim=-1) + 1e-9).all()
+    v = torch.randn(40, 3, 24, generator=g, dtype=torch.float64)
+
+    def cost(u):
+        return 0.5 * ((u - v) ** 2).sum(-1) + alpha * u.abs().amax(-1)
+
+    p = prox_linf(v, alpha)
+    best = cost(p)
+    for scale in (1e-1, 1e-3):
+        for _ in range(100):
+            u = p + scale * torch.randn(v.shape, generator=g, dtype=torch.float64)
+            assert (best <= cost(u) + 1e-12).all()
+    small = v.abs().sum(-1) <= alpha
+    assert (p[small] == 0).all()
 
 
 @pytest.mark.parametrize("gs", [32, -1])
