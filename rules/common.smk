@@ -2,6 +2,8 @@
 
 import sys
 
+from snakemake.exceptions import WorkflowError
+
 from quantlib.config import Experiment, check_sources
 from quantlib.errors import QuantlibError
 from quantlib.spec import MODEL_KEY_RE, DATASET_KEY_RE, QuantSpec, parse_calib_name, parse_ppl_protocol
@@ -13,8 +15,12 @@ except QuantlibError as exc:
     sys.exit(f"Configuration error: {exc}")
 
 RES = EXP.resources
-# Torch rules run multi-threaded: Snakemake sets OMP_NUM_THREADS to a job's threads.
-TORCH_THREADS = max(2, min(workflow.cores, 16))
+# Torch rules run multi-threaded: Snakemake sets OMP_NUM_THREADS to a job's threads. `snakemake --report` runs
+# without --cores, and then no job runs.
+try:
+    TORCH_THREADS = max(2, min(workflow.cores, 16))
+except WorkflowError:
+    TORCH_THREADS = 2
 
 
 wildcard_constraints:
@@ -41,6 +47,11 @@ def mem_mb_for(model, factor):
     return int(max(4000, factor * 4 * 1024 * model_params_b(model)))
 
 
+def runtime_for(model, minutes_per_b, floor):
+    """Wall-time request (minutes) from the model size: the work grows about linearly with the parameter count."""
+    return int(max(floor, minutes_per_b * model_params_b(model)))
+
+
 def calib_inputs(wildcards):
     model, calib = parse_calib_name(wildcards.calib)
     return {
@@ -64,6 +75,14 @@ def quantize_inputs(wildcards):
 
 def quantize_mem(wildcards):
     return mem_mb_for(QuantSpec.parse(wildcards.name).model, 3)
+
+
+def quantize_runtime(wildcards):
+    return runtime_for(QuantSpec.parse(wildcards.name).model, 10, 60)
+
+
+def ppl_runtime(wildcards):
+    return runtime_for(QuantSpec.parse(wildcards.anyname).model, 5, 30)
 
 
 def ppl_inputs(wildcards):
