@@ -50,6 +50,11 @@ def mem_mb_for(model, factor):
     return int(max(4000, factor * 4 * 1024 * model_params_b(model)))
 
 
+def runtime_for(model, minutes_per_b, floor):
+    """Wall-time request (minutes) from the model size: the work grows about linearly with the parameter count."""
+    return int(max(floor, minutes_per_b * model_params_b(model)))
+
+
 def calib_inputs(wildcards):
     model, calib = parse_calib_name(wildcards.calib)
     return {
@@ -73,6 +78,14 @@ def quantize_inputs(wildcards):
 
 def quantize_mem(wildcards):
     return mem_mb_for(QuantSpec.parse(wildcards.name).model, 3)
+
+
+def quantize_runtime(wildcards):
+    return runtime_for(QuantSpec.parse(wildcards.name).model, 10, 60)
+
+
+def ppl_runtime(wildcards):
+    return runtime_for(QuantSpec.parse(wildcards.anyname).model, 5, 30)
 
 
 def ppl_inputs(wildcards):

@@ -22,7 +22,7 @@ rule perplexity:
     threads: TORCH_THREADS
     resources:
         mem_mb=ppl_mem,
-        runtime=120,
+        runtime=ppl_runtime,
     conda:
         "../envs/evaluate.yaml"
     script:

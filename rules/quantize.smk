@@ -15,7 +15,7 @@ rule quantize:
     threads: TORCH_THREADS
     resources:
         mem_mb=quantize_mem,
-        runtime=120,
+        runtime=quantize_runtime,
     conda:
         "../envs/quantize.yaml"
     script:
