@@ -88,6 +88,11 @@ def ppl_runtime(wildcards):
     return runtime_for(QuantSpec.parse(wildcards.anyname).model, 5, 30)
 
 
+def lmeval_runtime(wildcards):
+    # Every task of the config in one job: on a 2-core CPU ~10 min for 6 tasks x 25 documents of a 135M model.
+    return runtime_for(QuantSpec.parse(wildcards.anyname).model, 20, 60)
+
+
 def ppl_inputs(wildcards):
     spec = QuantSpec.parse(wildcards.anyname)
     model = model_input(wildcards)

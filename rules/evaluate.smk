@@ -50,7 +50,7 @@ if EXP.lmeval_protocols():
         threads: TORCH_THREADS
         resources:
             mem_mb=ppl_mem,
-            runtime=240,
+            runtime=lmeval_runtime,
         conda:
             "../envs/evaluate.yaml"
         script:

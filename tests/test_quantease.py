@@ -193,8 +193,13 @@ def test_gptq_quantease_not_worse_than_ldlq_on_real_layers():
     ids = tok("\n\n".join(text[1100:1160]), return_tensors="pt").input_ids[:, :8 * 256].reshape(8, 256)
     names = ("model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj")
     acts = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda m, i, o, n=n: acts.setdefault(n, i[0].detach().reshape(-1, i[0].shape[-1]))) for n in names]
+
+    def keep_input(name):
+        def hook(module, inputs, output):  # returns None: the module's output is left as it is
+            acts[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(keep_input(n)) for n in names]
     with torch.no_grad():
         model(ids)
     for h in hooks:
