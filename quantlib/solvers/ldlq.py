@@ -81,20 +81,28 @@ class ErrorFeedback:
     touches contiguous memory). `run(step)` calls `step(k, target_k)` for k = 0..d_in-1, where target_k = w_k +
     sum_{j<k} (w_j - w_hat_j) U_jk, and `step` returns w_hat_k. Feedback from earlier blocks of columns is one matmul
     per block ("lazy batch"); the result does not depend on the block size.
+
+    In terms of the rounding errors r_j = target_j - w_hat_j (r = e U), target_k = w_k + sum_{j<k} r_j V_jk with
+    V = I - U^-1: GPTQ's form, whose partial sums are GPTQ's working matrix (`current`).
     """
 
     def __init__(self, W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor):
         self.Wt = W[:, perm].T.contiguous()
         self.U = U.to(W.dtype)
         self.err = torch.empty_like(self.Wt)  # w - w_hat of the columns done so far
+        self.rounding = torch.empty_like(self.Wt)  # target - w_hat
         self.done = 0  # columns 0..done-1 have their w_hat
+        self._V = None
 
     def current(self, positions: torch.Tensor) -> torch.Tensor:
-        """(len(positions), d_out) targets of columns not yet done, with the feedback of every column done so far
-        (what `step` would receive for them if no further column were rounded)."""
+        """(len(positions), d_out): GPTQ's working values of columns not yet done, i.e. the best unquantized values
+        given the columns done so far (w_p + sum_{j<done} r_j V_jp). Costs one triangular inverse on first use."""
+        if self._V is None:
+            eye = torch.eye(self.U.shape[0], dtype=self.U.dtype)
+            self._V = eye - torch.linalg.solve_triangular(self.U, eye, upper=True, unitriangular=True)
         out = self.Wt[positions].clone()
         if self.done:
-            out += self.U[:self.done, positions].T @ self.err[:self.done]
+            out += self._V[:self.done, positions].T @ self.rounding[:self.done]
         return out
 
     def run(self, step) -> None:
@@ -109,7 +117,9 @@ class ErrorFeedback:
             for j in range(b1 - b0):
                 k = b0 + j
                 self.done = k
-                torch.sub(Wt[k], step(k, target[j]), out=err[k])
+                w_hat = step(k, target[j])
+                torch.sub(target[j], w_hat, out=self.rounding[k])
+                torch.sub(Wt[k], w_hat, out=err[k])
                 if j + 1 < b1 - b0:
                     target[j + 1:].addr_(Ub[j, j + 1:], err[k])
         self.done = d_in
