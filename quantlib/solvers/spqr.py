@@ -44,7 +44,7 @@ def _row_errors(X: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, 
     """D-weighted squared rounding errors (d_out, n) of X with each row's statistics fitted to the range [lo, hi]."""
     scale, zero = minmax_params(torch.stack([lo, hi], 1), bits, -1, False, tight=True)
     grid = UniformGrid(scale, zero, bits, -1)
-    return (grid.round(X) - X).square() * dk
+    return (grid.dequantize(grid.quantize(X, scale, zero), scale, zero) - X).square() * dk
 
 
 def leave_one_out_reduction(X: torch.Tensor, dk: torch.Tensor, bits: int) -> torch.Tensor:
@@ -55,12 +55,13 @@ def leave_one_out_reduction(X: torch.Tensor, dk: torch.Tensor, bits: int) -> tor
     d_out, n = X.shape
     if n < 2:
         raise ValueError("the leave-one-out criterion needs groups of at least 2 columns")
-    vals, order = X.sort(dim=1)
-    lo1, lo2, hi1, hi2 = vals[:, 0], vals[:, 1], vals[:, -1], vals[:, -2]
+    top, bottom = X.topk(2, dim=1), X.topk(2, dim=1, largest=False)
+    (hi1, hi2), (lo1, lo2) = top.values.unbind(1), bottom.values.unbind(1)
+    i_max, i_min = top.indices[:, 0], bottom.indices[:, 0]
     base = _row_errors(X, lo1, hi1, bits, dk)
     reduction = base.clone()  # an inner weight: the others keep their errors, its own disappears
     rows = torch.arange(d_out)
-    for i, lo, hi in ((order[:, 0], lo2, hi1), (order[:, -1], lo1, hi2)):
+    for i, lo, hi in ((i_min, lo2, hi1), (i_max, lo1, hi2)):
         refit = _row_errors(X, lo, hi, bits, dk)
         reduction[rows, i] = base.sum(1) - (refit.sum(1) - refit[rows, i])
     return reduction
