@@ -169,5 +169,5 @@ def solve(W: torch.Tensor, H: torch.Tensor, spec, layer: str) -> SolveResult:
     stats = {"damp": used, "dead_columns": dead, "act_order": act_order}
     if keep_outliers:
         rep = OutlierQuantized(rep, SparseOutliers.from_dense(original_order(corrections)))
-        stats.update(outlier_threshold=tau, outlier_fraction=rep.outlier_fraction)
+        stats.update(outlier_tau=tau, outlier_fraction=rep.outlier_fraction)
     return SolveResult(rep, rep.dequantize().to(W.dtype), stats)
