@@ -23,25 +23,30 @@ def grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:
     return W.reshape(d_out, num_groups(d_in, group_size), -1)
 
 
-def minmax_params(W: torch.Tensor, bits: int, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def minmax_params(W: torch.Tensor, bits: int, group_size: int, sym: bool,
+                  tight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's quantizer: range [min(w, 0), max(w, 0)] per group (0 always representable, so the integer zero
-    point fits in `bits` bits); symmetric grids centre the zero point. An all-zero group gets the range [-1, 1]."""
+    point fits in `bits` bits); symmetric grids centre the zero point. An all-zero group gets the range [-1, 1].
+    `tight` is SpQR's quantizer: the range [min(w), max(w)] of the group itself and a real zero point (a constant
+    group gets [-1, 1])."""
     maxq = 2 ** bits - 1
     g = grouped(W, group_size)
-    zero_t = torch.zeros((), dtype=W.dtype, device=W.device)
-    xmin = torch.minimum(g.amin(-1), zero_t)
-    xmax = torch.maximum(g.amax(-1), zero_t)
+    xmin, xmax = g.amin(-1), g.amax(-1)
+    if not tight:
+        zero_t = torch.zeros((), dtype=W.dtype, device=W.device)
+        xmin, xmax = torch.minimum(xmin, zero_t), torch.maximum(xmax, zero_t)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
-    empty = (xmin == 0) & (xmax == 0)
+    empty = xmin == xmax
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
     scale = (xmax - xmin) / maxq
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
-        zero = torch.round(-xmin / scale)
+        zero = -xmin / scale
+        zero = zero if tight else torch.round(zero)
     return scale, zero
 
 

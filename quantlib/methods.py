@@ -213,3 +213,24 @@ register(Component(
     options=_QUANTEASE_CORE,
     help="QuantEase sweeps started from the LDLQ (= GPTQ) solution and grid",
 ))
+
+register(Component(
+    "spqr", "solver", "quantlib.solvers.spqr:solve", "SpQR", needs_hessian=True,
+    # SpQR's own quantizer (tight range, real zero point) fitted per small group: no parameter init to choose.
+    uses_uniform_grid=False,
+    options=(
+        _ACT_ORDER,
+        Option("stat_bits", 3, int, "qq", "bits of every per-row scale and zero of a group (SpQR's qq_scale_bits = "
+               "qq_zero_bits); 16 keeps them unquantized", choices=(2, 3, 4, 5, 6, 7, 8, 16)),
+        Option("stat_group", 16, int, "qqg", "rows per second-level group of the statistics (SpQR's qq_groupsize, "
+               "beta2)"),
+        Option("outlier_threshold", 0.2, float, "ot",
+               "SpQR's outlier_relative_threshold: a weight whose rounding error costs more than this times "
+               "mean_k var(w_k) D_k is kept in full precision"),
+        Option("keep_outliers", True, bool, "noot", "keep unstructured outliers (off: SpQR's threshold = inf)"),
+        Option("loo", True, bool, "simpleot",
+               "fit each group's statistics without its likely outliers, found by the leave-one-out error reduction "
+               "(off: SpQR's simplified_outliers, as the QuantEase code calls SpQR)"),
+    ),
+    help="GPTQ/LDLQ error feedback with small groups, quantized statistics and unstructured full-precision outliers",
+))

@@ -47,6 +47,11 @@ class UniformGrid:
     zero: torch.Tensor  # (d_out, n_groups)
     bits: int
     group_size: int
+    # How the statistics are stored: `stat_bits` per scale and per zero (16: half precision, the papers' count);
+    # below 16 they are themselves quantized, min-max, in groups of `stat_group` rows, each such group with a 16-bit
+    # scale and zero for either statistic (SpQR's second level). The tensors hold the dequantized values.
+    stat_bits: int = 16
+    stat_group: int = 0
 
     @property
     def maxq(self) -> int:
@@ -75,7 +80,12 @@ class UniformGrid:
         return self.dequantize(self.quantize(w))
 
     def select_rows(self, rows: slice) -> "UniformGrid":
-        return UniformGrid(self.scale[rows], self.zero[rows], self.bits, self.group_size)
+        return UniformGrid(self.scale[rows], self.zero[rows], self.bits, self.group_size, self.stat_bits,
+                           self.stat_group)
+
+    def stat_meta(self) -> dict:
+        """The statistics' storage, for a checkpoint's metadata (absent when they are plain 16-bit values)."""
+        return {} if self.stat_bits == 16 else {"stat_bits": self.stat_bits, "stat_group": self.stat_group}
 
 
 @register_format
@@ -94,9 +104,15 @@ class UniformQuantized:
 
     @property
     def bits_per_weight(self) -> float:
-        """Average storage bits per weight, scale and zero at 16 bits each as the papers count them."""
+        """Average storage bits per weight: the codes, plus a scale and a zero per (row, group) at `stat_bits` each
+        (16 as the papers count them), plus with quantized statistics a 16-bit scale and zero of each statistic per
+        `stat_group` rows of a group (SpQR's count: wbits + 2 qq_bits / beta1 + 64 / (beta1 beta2))."""
         d_out, d_in = self.codes.shape
-        return self.grid.bits + 32 * self.grid.scale.shape[1] / d_in
+        grid, n_groups = self.grid, self.grid.scale.shape[1]
+        bits = grid.bits + 2 * grid.stat_bits * n_groups / d_in
+        if grid.stat_bits < 16:
+            bits += 2 * 32 * n_groups * -(-d_out // grid.stat_group) / (d_out * d_in)
+        return bits
 
     def dequantize(self) -> torch.Tensor:
         return self.grid.dequantize(self.codes)
@@ -113,13 +129,14 @@ class UniformQuantized:
 
     def meta(self) -> dict:
         return {"format": self.format, "bits": self.grid.bits, "group_size": self.grid.group_size,
-                "shape": list(self.codes.shape)}
+                "shape": list(self.codes.shape), **self.grid.stat_meta()}
 
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "UniformQuantized":
         d_out, d_in = meta["shape"]
         codes = unpack_codes(tensors["qweight"], meta["bits"], d_in)
-        grid = UniformGrid(tensors["scales"], tensors["zeros"], meta["bits"], meta["group_size"])
+        grid = UniformGrid(tensors["scales"], tensors["zeros"], meta["bits"], meta["group_size"],
+                           meta.get("stat_bits", 16), meta.get("stat_group", 0))
         return cls(codes, grid)
 
 

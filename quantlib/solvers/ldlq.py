@@ -28,10 +28,18 @@ def _reversed_cholesky(A: torch.Tensor):
     return L.flip(0, 1), info
 
 
+def ldl_factor(H: torch.Tensor, damp: float, layer: str):
+    """(U unit upper triangular, D, damping used) with H_damped = U diag(D) U^T. D_k is what a unit rounding error
+    of column k (after feedback) costs: D_k = 1 / [H^-1 Cholesky factor]_kk^2 in GPTQ's terms."""
+    _, C, used = damp_until_pd(H, damp, layer, factor=_reversed_cholesky)
+    d = torch.diagonal(C)
+    return C / d, d * d, used
+
+
 def unit_upper_factor(H: torch.Tensor, damp: float, layer: str):
     """(U unit upper triangular with H_damped = U D U^T, damping used)."""
-    _, C, used = damp_until_pd(H, damp, layer, factor=_reversed_cholesky)
-    return C / torch.diagonal(C), used
+    U, _, used = ldl_factor(H, damp, layer)
+    return U, used
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, spec, layer: str) -> SolveResult:
@@ -51,26 +59,67 @@ def solve(W: torch.Tensor, H: torch.Tensor, spec, layer: str) -> SolveResult:
 def ldlq_codes(W: torch.Tensor, U: torch.Tensor, grid, perm: torch.Tensor) -> torch.Tensor:
     """Codes (d_out, d_in, original column order) from the LDLQ feedback with unit upper U of the permuted H."""
     d_out, d_in = W.shape
-    # Work on transposed, contiguous copies: column k of W is row k here, so every step touches contiguous memory.
-    Wt = W[:, perm].T.contiguous()
     scale, zero = (t.T.contiguous() for t in grid.column_params(d_in, perm))
     maxq = grid.maxq
-    U = U.to(W.dtype)
-    err = torch.empty_like(Wt)  # w - w_hat, permuted order
-    codes = torch.empty_like(Wt)
-    for b0 in range(0, d_in, BLOCK):
-        b1 = min(b0 + BLOCK, d_in)
-        target = Wt[b0:b1].clone()
-        if b0:
-            target += U[:b0, b0:b1].T @ err[:b0]
-        Ub = U[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            k = b0 + j
-            q = torch.clamp(torch.round(target[j] / scale[k] + zero[k]), 0, maxq)
-            codes[k] = q
-            e = torch.sub(Wt[k], scale[k] * (q - zero[k]), out=err[k])
-            if j + 1 < b1 - b0:
-                target[j + 1:].addr_(Ub[j, j + 1:], e)
+    codes = torch.empty(d_in, d_out, dtype=W.dtype)
+
+    def round_column(k: int, target: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(target / scale[k] + zero[k]), 0, maxq)
+        codes[k] = q
+        return scale[k] * (q - zero[k])
+
+    ErrorFeedback(W, U, perm).run(round_column)
     out = torch.empty(d_out, d_in, dtype=torch.uint8)
     out[:, perm] = codes.T.to(torch.uint8)
     return out
+
+
+class ErrorFeedback:
+    """The LDLQ column loop, shared by every solver that rounds column by column with error feedback (LDLQ, SpQR).
+
+    Works on transposed, contiguous copies in processing order (column k of W[:, perm] is row k here, so every step
+    touches contiguous memory). `run(step)` calls `step(k, target_k)` for k = 0..d_in-1, where target_k = w_k +
+    sum_{j<k} (w_j - w_hat_j) U_jk, and `step` returns w_hat_k. Feedback from earlier blocks of columns is one matmul
+    per block ("lazy batch"); the result does not depend on the block size.
+
+    In terms of the rounding errors r_j = target_j - w_hat_j (r = e U), target_k = w_k + sum_{j<k} r_j V_jk with
+    V = I - U^-1: GPTQ's form, whose partial sums are GPTQ's working matrix (`current`).
+    """
+
+    def __init__(self, W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor):
+        self.Wt = W[:, perm].T.contiguous()
+        self.U = U.to(W.dtype)
+        self.err = torch.empty_like(self.Wt)  # w - w_hat of the columns done so far
+        self.rounding = torch.empty_like(self.Wt)  # target - w_hat
+        self.done = 0  # columns 0..done-1 have their w_hat
+        self._V = None
+
+    def current(self, positions: torch.Tensor) -> torch.Tensor:
+        """(len(positions), d_out): GPTQ's working values of columns not yet done, i.e. the best unquantized values
+        given the columns done so far (w_p + sum_{j<done} r_j V_jp). Costs one triangular inverse on first use."""
+        if self._V is None:
+            eye = torch.eye(self.U.shape[0], dtype=self.U.dtype)
+            self._V = eye - torch.linalg.solve_triangular(self.U, eye, upper=True, unitriangular=True)
+        out = self.Wt[positions].clone()
+        if self.done:
+            out += self._V[:self.done, positions].T @ self.rounding[:self.done]
+        return out
+
+    def run(self, step) -> None:
+        Wt, U, err = self.Wt, self.U, self.err
+        d_in = Wt.shape[0]
+        for b0 in range(0, d_in, BLOCK):
+            b1 = min(b0 + BLOCK, d_in)
+            target = Wt[b0:b1].clone()
+            if b0:
+                target += U[:b0, b0:b1].T @ err[:b0]
+            Ub = U[b0:b1, b0:b1]
+            for j in range(b1 - b0):
+                k = b0 + j
+                self.done = k
+                w_hat = step(k, target[j])
+                torch.sub(target[j], w_hat, out=self.rounding[k])
+                torch.sub(Wt[k], w_hat, out=err[k])
+                if j + 1 < b1 - b0:
+                    target[j + 1:].addr_(Ub[j, j + 1:], err[k])
+        self.done = d_in
