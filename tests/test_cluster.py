@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
+import importlib.util
 import json
 import os
 import re
@@ -262,6 +263,8 @@ SLURM_DAEMONS = ("slurmctld", "slurmd")
 def _cluster_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "a single-node SLURM cluster needs root (slurmd runs as root)"
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        return "snakemake's SLURM executor plugin is not installed: pip install -e '.[slurm]'"
     missing = [tool for tool in ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
                if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin")]
     if missing:
