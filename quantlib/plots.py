@@ -17,13 +17,15 @@ def _lower_is_better(df: pd.DataFrame, metric: str) -> bool:
 def _log_axis(ax, which: str, values) -> None:
     """A log scale labelled with plain numbers (20, 30, 40 rather than 2x10^1); minor ticks are labelled too
     when the values span less than a decade."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     getattr(ax, f"set_{which}scale")("log")
     axis = getattr(ax, f"{which}axis")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
-    axis.set_major_formatter(plain)
     lo, hi = float(min(values)), float(max(values))
+    if lo > 0 and 10 <= hi / lo < 1000:  # a decade or two: 1-2-5 ticks, else a single label may be all there is
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(plain)
     axis.set_minor_formatter(plain if lo > 0 and hi / lo < 10 else NullFormatter())
 
 
@@ -96,11 +98,14 @@ def plot_table(df: pd.DataFrame, params: dict, out_png) -> None:
     for ax in flat[n:]:
         ax.set_visible(False)
     fig.suptitle(params["title"], fontsize=11)
+    # As many legend columns as fit the figure's width (a label is up to ~3.4 inches at this font size).
+    legend_cols = max(1, min(4, len(handles), int(fig.get_figwidth() // 3.4)))
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=legend_cols, fontsize=8,
                    frameon=False)
-    legend_rows = math.ceil(len(handles) / 4) if handles else 0
-    fig.tight_layout(rect=(0, (0.3 + 0.25 * legend_rows) / fig.get_figheight(), 1, 0.97))
+    legend_rows = math.ceil(len(handles) / legend_cols) if handles else 0
+    fig.set_figheight(fig.get_figheight() + 0.18 * max(0, legend_rows - 1))
+    fig.tight_layout(rect=(0, (0.3 + 0.18 * legend_rows) / fig.get_figheight(), 1, 0.97))
     with atomic_file(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
