@@ -52,23 +52,31 @@ def plot_table(df: pd.DataFrame, params: dict, out_png) -> None:
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     styles = ["-", "--", ":", "-."]
     groups = sorted({g for g in df["group"] if g != "-"}, key=lambda g: (g == "per-channel", g))
+    markers = ["o", "s", "^", "D", "v"]
     handles = {}
     for ax, metric in zip(flat, columns):
         sub = df[df.metric == metric]
+        bits = sorted({int(b) for b in sub["bits"] if b != "FP"})
+        # With one bit width every point would share one x: spread the (method, group) series side by side.
+        series = list(dict.fromkeys(zip(sub.loc[sub.method != "fp", "method"], sub.loc[sub.method != "fp", "group"])))
+        spread = 0.8 / len(series) if len(bits) == 1 and len(series) > 1 else 0.0
         for model_i, (model, msub) in enumerate(sub.groupby("model", sort=False)):
             prefix = f"{model_labels.get(model, model)}: " if multi_model else ""
             for _, fp in msub[msub.method == "fp"].iterrows():
                 h = ax.axhline(fp["value"], color="0.4", ls=(0, (4, 3)), lw=1.2)
                 handles.setdefault(f"{prefix}FP", h)
             for (method, group), g in msub[msub.method != "fp"].groupby(["method", "group"], sort=False):
-                g = g.assign(b=g["bits"].astype(int)).sort_values("b")
+                offset = (series.index((method, group)) - (len(series) - 1) / 2) * spread
+                g = g.assign(b=g["bits"].astype(int) + offset).sort_values("b")
                 name = f"{prefix}{row_labels.get(method, method)}, {'g' + group if group != 'per-channel' else group}"
-                (h,) = ax.plot(g["b"], g["value"], marker="o", ms=4, color=colors.get(method, "k"),
-                               ls=styles[(groups.index(group) + model_i) % len(styles)] if group in groups else "-")
+                gi = groups.index(group) if group in groups else 0
+                (h,) = ax.plot(g["b"], g["value"], marker=markers[gi % len(markers)], ms=4,
+                               color=colors.get(method, "k"), ls=styles[(gi + model_i) % len(styles)])
                 handles.setdefault(name, h)
-        bits = sorted({int(b) for b in sub["bits"] if b != "FP"})
         if bits:
             ax.set_xticks(bits)
+            if spread:
+                ax.set_xlim(bits[0] - 0.5, bits[0] + 0.5)
         if lower[metric]:
             _log_axis(ax, "y", sub["value"])
         unit = " (%)" if set(sub["unit"]) == {"%"} else ""

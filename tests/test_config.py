@@ -25,7 +25,7 @@ def test_default_config_expands(cfg):
     assert "smollm2-135m.c4.n32.L512.ldlq.w3" in names
     assert {c["row"] for c in exp.table_cells("main")} == {"fp", "rtn", "ldlq"}
     cells = exp.table_cells("quantease")
-    assert {"fp", "ldlq", "gptq", "quantease", "gptq_quantease", "quantease_ol1"} == {c["row"] for c in cells}
+    assert {"fp", "rtn", "ldlq", "gptq", "quantease", "gptq_quantease", "quantease_ol1"} == {c["row"] for c in cells}
     assert {c.get("setting") for c in cells if c["row"] != "fp"} <= {"w3g64", "w3"}
     assert "smollm2-135m.c4.n32.L512.quantease.w3.ol0p01" in names
     assert "results/ppl/wikitext2.L512.nw40/smollm2-135m.c4.n32.L512.ldlq.w3.json" in exp.table_inputs("main")
