@@ -106,6 +106,23 @@ def calib_tokens(n: int = 16, seqlen: int = 32, vocab: int = 300, seed: int = 0)
     return torch.randint(4, vocab, (n, seqlen), generator=g)
 
 
+def quantize_save_reload(model, spec, tok_dir: Path, out: Path, **save_kwargs) -> tuple[object, dict, dict]:
+    """Quantizes `model` in place on `calib_tokens(8)`, saves it with the tokenizer in `tok_dir` to `out`, loads it
+    back and checks that the reloaded model gives exactly the same logits. Returns (the quantize report, the saved
+    per-layer quantization metadata, the saved diagnostics)."""
+    from quantlib.export import load_quantized, save_quantized
+    from quantlib.runner import quantize_model
+
+    report = quantize_model(model, spec, calib_tokens(8), progress=False)
+    save_quantized(model, spec, report, out, tok_dir, **save_kwargs)
+    loaded = load_quantized(out)
+    x = calib_tokens(2, 16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    return report, layers, json.loads((out / "diagnostics.json").read_text())
+
+
 requires_assets = pytest.mark.skipif(not (SMOL_DIR / SMOL_GGUF).exists(),
                                      reason=f"real model not found under {ASSETS} (set QUANTLIB_ASSETS)")
 

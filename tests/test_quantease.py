@@ -1,14 +1,11 @@
 """QuantEase: properties that a wrong coordinate descent would break (monotone objective, coordinate-wise optimality,
 never worse than its LDLQ start), the outlier variants and their stored format, and the BLOOM/Falcon adapters."""
 
-import json
-
 import pytest
 import torch
 
-from conftest import build_tokenizer, calib_tokens, requires_assets, tiny_model
+from conftest import build_tokenizer, calib_tokens, quantize_save_reload, requires_assets, tiny_model
 from test_solvers import correlated_problem
-from quantlib.export import load_quantized, save_quantized
 from quantlib.hessian import add_damping, fix_dead_columns, layer_error
 from quantlib.quantizer import FORMATS, ColumnOutliers, OutlierQuantized, SparseOutliers
 from quantlib.runner import quantize_model
@@ -105,15 +102,8 @@ def test_outlier_format_round_trip_gives_identical_logits(tmp_path, structured):
     model = tiny_model("llama")
     s = QuantSpec.build("m", "quantease", 3, 32, calib=CalibSpec("c4", 8, 32),
                         options={"outliers": 0.05, "structured": structured, "iterations": 4})
-    report = quantize_model(model, s, calib_tokens(8), progress=False)
-    save_quantized(model, s, report, tmp_path / "q", tok_dir)
-    loaded = load_quantized(tmp_path / "q")
-    x = calib_tokens(2, 16, seed=5)
-    with torch.no_grad():
-        assert torch.equal(loaded(x).logits, model(x).logits)
-    layers = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["layers"]
+    _, layers, diag = quantize_save_reload(model, s, tok_dir, tmp_path / "q")
     assert all(m["format"] == "uniform_outliers" for m in layers.values())
-    diag = json.loads((tmp_path / "q" / "diagnostics.json").read_text())
     assert all(d["bits_per_weight"] > 3.5 for d in diag["layers"].values())  # 3 bits + group stats + outliers
     assert 3.5 < diag["avg_bits_per_weight"] < max(d["bits_per_weight"] for d in diag["layers"].values()) + 1e-9
 

@@ -2,20 +2,17 @@
 feedback loop equals plain GPTQ with SpQR's dynamic groups, exact leave-one-out, statistics on a 3-bit grid, the
 bit count), and the stored format."""
 
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import build_tokenizer, calib_tokens, tiny_model
+from conftest import build_tokenizer, quantize_save_reload, tiny_model
 from test_solvers import correlated_problem
 from quantlib.errors import ConfigError
-from quantlib.export import load_quantized, save_quantized
 from quantlib.hessian import add_damping, fix_dead_columns, layer_error
 from quantlib.init import minmax_params
 from quantlib.quantizer import OutlierQuantized, UniformGrid, UniformQuantized, group_index
-from quantlib.runner import quantize_model
 from quantlib.solvers import ldlq, rtn, spqr
 from quantlib.spec import CalibSpec, QuantSpec
 
@@ -148,16 +145,9 @@ def test_round_trip_gives_identical_logits(tmp_path):
     build_tokenizer(tok_dir)
     model = tiny_model("llama")
     s = QuantSpec.build("m", "spqr", 3, 16, calib=CalibSpec("c4", 8, 32))
-    report = quantize_model(model, s, calib_tokens(8), progress=False)
-    save_quantized(model, s, report, tmp_path / "q", tok_dir)
-    loaded = load_quantized(tmp_path / "q")
-    x = calib_tokens(2, 16, seed=5)
-    with torch.no_grad():
-        assert torch.equal(loaded(x).logits, model(x).logits)
-    layers = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["layers"]
+    _, layers, diag = quantize_save_reload(model, s, tok_dir, tmp_path / "q")
     assert all(m["format"] == "uniform_outliers" and m["stat_bits"] == 3 and m["stat_group"] == 16
                for m in layers.values())
-    diag = json.loads((tmp_path / "q" / "diagnostics.json").read_text())
     assert all(d["bits_per_weight"] > 3.625 for d in diag["layers"].values())
     assert any(d["outlier_fraction"] > 0 for d in diag["layers"].values())
 
