@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from quantlib.data import read_texts
-from quantlib.hessian import layer_error
+from quantlib.data import eval_windows, read_texts
+from quantlib.hessian import HessianAccumulator, layer_error
 from quantlib.io import versions
 from quantlib.models import load_model, load_tokenizer
 from quantlib.solvers import ldlq, quantease
@@ -36,21 +36,21 @@ SOLVERS = {
 }
 
 
-def windows(text: str, tokenizer, n: int, seqlen: int) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if ids.numel() < n * seqlen:
-        raise SystemExit(f"the text has {ids.numel()} tokens, fewer than {n} x {seqlen}")
-    return ids[: n * seqlen].reshape(n, seqlen)
+def windows(texts: list[str], join: str, tokenizer, n: int, seqlen: int) -> torch.Tensor:
+    """The first n non-overlapping windows of the joined text (the perplexity protocol's windows)."""
+    ids, _ = eval_windows(texts, tokenizer, {"join": join, "max_tokens": n * seqlen}, seqlen)
+    if ids.shape[0] < n:
+        raise SystemExit(f"the text holds {ids.shape[0]} windows of {seqlen} tokens, fewer than {n}")
+    return ids
 
 
 def input_hessians(model, names: list[str], ids: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
-    """Mean x x^T of each named linear's inputs over all tokens (float64 accumulation)."""
-    acc: dict[str, torch.Tensor] = {}
+    """Mean x x^T of each named linear's inputs over all tokens (the runner's accumulator)."""
+    accs = {n: HessianAccumulator(model.get_submodule(n).in_features) for n in names}
 
     def keep(name):
         def hook(module, inputs, output):  # returns None: the output is left as it is
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            acc[name] = acc.get(name, 0) + x.T @ x
+            accs[name].add(inputs[0].detach())
         return hook
 
     hooks = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
@@ -59,7 +59,7 @@ def input_hessians(model, names: list[str], ids: torch.Tensor, batch: int = 8) -
             model(ids[b:b + batch])
     for h in hooks:
         h.remove()
-    return {n: (v / ids.numel()).float() for n, v in acc.items()}
+    return {n: acc.result() for n, acc in accs.items()}
 
 
 def main() -> None:
@@ -80,8 +80,8 @@ def main() -> None:
 
     model, tok = load_model(args.model_dir), load_tokenizer(args.model_dir)
     r0, r1 = args.calib_rows
-    calib = windows(" ".join(read_texts(args.calib_text)[r0:r1]), tok, args.nsamples, args.seqlen)
-    heldout = windows(Path(args.heldout_text).read_text(), tok, args.nsamples, args.seqlen)
+    calib = windows(read_texts(args.calib_text)[r0:r1], " ", tok, args.nsamples, args.seqlen)
+    heldout = windows([Path(args.heldout_text).read_text()], "", tok, args.nsamples, args.seqlen)
     names = [f"model.layers.{b}.{m}" for b in args.blocks for m in args.modules]
     H_cal, H_out = input_hessians(model, names, calib), input_hessians(model, names, heldout)
     cal = CalibSpec("calib", args.nsamples, args.seqlen)
