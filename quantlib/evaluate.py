@@ -23,8 +23,13 @@ def perplexity(model, windows: torch.Tensor, max_windows: int | None = None, bat
     with torch.no_grad():
         for s in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, mininterval=5):
             batch = windows[s:s + batch_size].to(device)
-            logits = model(batch, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            logits = model(batch, use_cache=False).logits.float()
+            # Shifted labels with the last position ignored: slicing the logits instead would copy them
+            # (batch x seqlen x vocab floats) before the loss reads them.
+            labels = torch.full_like(batch, -100)
+            labels[:, :-1] = batch[:, 1:]
+            nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100,
+                                  reduction="sum")
             total_nll += float(nll)
     mean_nll = total_nll / (n * (seqlen - 1))
     return {"ppl": math.exp(mean_nll), "mean_nll": mean_nll, "windows": n, "seqlen": seqlen,

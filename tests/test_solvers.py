@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantlib.errors import NumericalError
-from quantlib.hessian import HessianAccumulator, damp_until_pd, layer_error
+from quantlib.hessian import HessianAccumulator, damp_until_pd, gram, layer_error
 from quantlib.solvers import ldlq, rtn
 from quantlib.spec import CalibSpec, QuantSpec
 
@@ -100,3 +100,12 @@ def test_dead_inputs_are_rounded_not_nan():
     H[:, 5] = 0
     res = ldlq.solve(W, H, QuantSpec.build("m", "ldlq", 4, -1, calib=CAL), "l")
     assert res.stats["dead_columns"] == 1 and torch.isfinite(res.weight).all()
+
+
+@pytest.mark.parametrize("d", [5, 512, 513, 1100, 1536])
+def test_blocked_gram_equals_full_product(d):
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(d))
+    G = gram(x, block=512)
+    torch.testing.assert_close(G, x.T @ x, rtol=1e-5, atol=1e-3)
+    if d > 512:  # mirrored blocks: exactly symmetric
+        assert torch.equal(G, G.T)

@@ -62,11 +62,15 @@ def ldlq_codes(W: torch.Tensor, U: torch.Tensor, grid, perm: torch.Tensor) -> to
     scale, zero = (t.T.contiguous() for t in grid.column_params(d_in, perm))
     maxq = grid.maxq
     codes = torch.empty(d_in, d_out, dtype=W.dtype)
+    w_hat = torch.empty(d_out, dtype=W.dtype)
 
+    # In place and into preallocated rows: this runs once per column, so dispatch and allocation dominate.
     def round_column(k: int, target: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(torch.round(target / scale[k] + zero[k]), 0, maxq)
-        codes[k] = q
-        return scale[k] * (q - zero[k])
+        q, s, z = codes[k], scale[k], zero[k]
+        torch.div(target, s, out=q)
+        q.add_(z).round_().clamp_(0, maxq)
+        torch.sub(q, z, out=w_hat)
+        return w_hat.mul_(s)
 
     ErrorFeedback(W, U, perm).run(round_column)
     out = torch.empty(d_out, d_in, dtype=torch.uint8)
@@ -90,7 +94,9 @@ class ErrorFeedback:
         self.Wt = W[:, perm].T.contiguous()
         self.U = U.to(W.dtype)
         self.err = torch.empty_like(self.Wt)  # w - w_hat of the columns done so far
-        self.rounding = torch.empty_like(self.Wt)  # target - w_hat
+        # target_k of the columns done so far; the rounding errors target - w_hat = target - w + err are formed
+        # only when `current` needs them, which keeps the column loop short.
+        self.targets = torch.empty_like(self.Wt)
         self.done = 0  # columns 0..done-1 have their w_hat
         self._V = None
 
@@ -102,7 +108,9 @@ class ErrorFeedback:
             self._V = eye - torch.linalg.solve_triangular(self.U, eye, upper=True, unitriangular=True)
         out = self.Wt[positions].clone()
         if self.done:
-            out += self._V[:self.done, positions].T @ self.rounding[:self.done]
+            done = slice(0, self.done)
+            rounding = self.targets[done] - self.Wt[done] + self.err[done]
+            out += self._V[done, positions].T @ rounding
         return out
 
     def run(self, step) -> None:
@@ -110,16 +118,16 @@ class ErrorFeedback:
         d_in = Wt.shape[0]
         for b0 in range(0, d_in, BLOCK):
             b1 = min(b0 + BLOCK, d_in)
-            target = Wt[b0:b1].clone()
+            target = self.targets[b0:b1]
+            target.copy_(Wt[b0:b1])
             if b0:
-                target += U[:b0, b0:b1].T @ err[:b0]
+                target.addmm_(U[:b0, b0:b1].T, err[:b0])
             Ub = U[b0:b1, b0:b1]
             for j in range(b1 - b0):
                 k = b0 + j
                 self.done = k
-                w_hat = step(k, target[j])
-                torch.sub(target[j], w_hat, out=self.rounding[k])
-                torch.sub(Wt[k], w_hat, out=err[k])
+                e = err[k]
+                torch.sub(Wt[k], step(k, target[j]), out=e)
                 if j + 1 < b1 - b0:
-                    target[j + 1:].addr_(Ub[j, j + 1:], err[k])
+                    target[j + 1:].addr_(Ub[j, j + 1:], e)
         self.done = d_in
