@@ -94,9 +94,20 @@ def _neuqi_range(g: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor
     return lo, torch.where(s0 < 1e-9, torch.ones_like(s0), s0)
 
 
+def _merge_order(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The permutation that stably sorts cat([a, b], -1) when a and b are each sorted along the last dimension:
+    two binary searches instead of a sort (ties: a's elements first, as a stable sort of the concatenation)."""
+    n_a, n_b = a.shape[-1], b.shape[-1]
+    rank = torch.cat([torch.arange(n_a, device=a.device) + torch.searchsorted(b, a, side="left"),
+                      torch.arange(n_b, device=a.device) + torch.searchsorted(a, b, side="right")], -1)
+    order = torch.empty_like(rank)
+    return order.scatter_(-1, rank, torch.arange(n_a + n_b, device=a.device).expand_as(rank))
+
+
 def _surrogate_zero(x: torch.Tensor, h: torch.Tensor, maxq: int) -> torch.Tensor:
     """Stage 1: the minimiser of a convex piecewise-quadratic upper bound of the loss in zeta (an element costs its
-    exact clipping error when clipped and the worst rounding error 1/4 otherwise). x: (R, G, n), h: (G, n)."""
+    exact clipping error when clipped and the worst rounding error 1/4 otherwise). x: (R, G, n) sorted ascending,
+    h: its weights in the same order."""
     P = maxq + 1
     c = x - maxq  # the error of a right-clipped element is c - zeta
     h = h.expand_as(x)
@@ -105,11 +116,13 @@ def _surrogate_zero(x: torch.Tensor, h: torch.Tensor, maxq: int) -> torch.Tensor
     a0 = h.sum(-1, keepdim=True)
     a1 = hc.sum(-1, keepdim=True)
     a2 = (hc * c).sum(-1, keepdim=True)
-    pos = torch.cat([x - P + 0.5, x + 0.5], -1)  # right-clipped -> middle, middle -> left-clipped
+    # Breakpoints right-clipped -> middle at x - P + 1/2 and middle -> left-clipped at x + 1/2: two sorted lists.
+    right, left = x - P + 0.5, x + 0.5
+    order = _merge_order(right, left)
+    pos = torch.cat([right, left], -1).gather(-1, order)
     d0 = torch.cat([-h, h], -1)
     d1 = torch.cat([-hc, h * x], -1)
     d2 = torch.cat([0.25 * h - hc * c, h * x * x - 0.25 * h], -1)
-    pos, order = pos.sort(-1)
     A0 = torch.cat([a0, a0 + d0.gather(-1, order).cumsum(-1)], -1)
     A1 = torch.cat([a1, a1 + d1.gather(-1, order).cumsum(-1)], -1)
     A2 = torch.cat([a2, a2 + d2.gather(-1, order).cumsum(-1)], -1)
@@ -135,13 +148,16 @@ def _exact_zero(x: torch.Tensor, h: torch.Tensor, maxq: int, start: torch.Tensor
     A1 = (h * r).sum(-1, keepdim=True)
     A2 = (h * r * r).sum(-1, keepdim=True)
     p = torch.maximum(r + 0.5, zl)  # q -> q - 1 here, and q - 1 -> q - 2 at p + 1
-    ok1 = (q >= 1) & (p <= zr)
-    ok2 = (q >= 2) & (p + 1 <= zr)
-    inf = torch.tensor(float("inf"), dtype=x.dtype)
-    pos = torch.cat([torch.where(ok1, p, inf), torch.where(ok2, p + 1, inf)], -1)
+    # Sort the first drops once; the second drops are the same list shifted by 1. Drops that cannot happen in the
+    # window keep their place with zero weight (an extra breakpoint that changes nothing).
+    p, by_p = p.sort(dim=-1, stable=True)
+    q, r, h = q.gather(-1, by_p), r.gather(-1, by_p), h.gather(-1, by_p)
+    ok1 = ((q >= 1) & (p <= zr)).to(x.dtype)
+    ok2 = ((q >= 2) & (p + 1 <= zr)).to(x.dtype)
+    order = _merge_order(p, p + 1)
+    pos = torch.cat([p, p + 1], -1).gather(-1, order)
     d1 = torch.cat([h * ok1, h * ok2], -1)
     d2 = torch.cat([h * (2 * r + 1) * ok1, h * (2 * r + 3) * ok2], -1)
-    pos, order = pos.sort(-1)
     B1 = torch.cat([A1, A1 + d1.gather(-1, order).cumsum(-1)], -1)
     B2 = torch.cat([A2, A2 + d2.gather(-1, order).cumsum(-1)], -1)
     edges = torch.minimum(pos, zr)
@@ -155,7 +171,13 @@ def _exact_zero(x: torch.Tensor, h: torch.Tensor, maxq: int, start: torch.Tensor
 def optimal_zero(x: torch.Tensor, h: torch.Tensor, maxq: int) -> torch.Tensor:
     """The real zeta minimising sum_i h_i (x_i - zeta - clamp(round(x_i - zeta), 0, Qmax))^2 per (row, group)
     (NeUQI's two-stage solver). x: (R, G, n) weights in units of the scale; h: (G, n), each row summing to 1."""
-    shift = x.amin(-1, keepdim=True)  # the loss is shift-invariant; centring keeps the prefix sums accurate
+    x, order = x.sort(-1)  # the loss does not depend on the order of the elements
+    return _optimal_zero_sorted(x, h.expand_as(x).gather(-1, order), maxq)
+
+
+def _optimal_zero_sorted(x: torch.Tensor, h: torch.Tensor, maxq: int) -> torch.Tensor:
+    """`optimal_zero` for groups already sorted ascending, h in the same order."""
+    shift = x[..., :1]  # the loss is shift-invariant; centring keeps the prefix sums accurate
     x = x - shift
     zeta = _exact_zero(x, h, maxq, _surrogate_zero(x, h, maxq) - 1)
     return zeta + shift.squeeze(-1)
@@ -168,47 +190,61 @@ def _loss(g: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return (e * e * h).sum(-1)
 
 
-def _best_real_zero(g, h, scale, maxq):
-    """(zero, loss) with the optimal real zero point for the given scales; zero = -zeta."""
-    zero = -optimal_zero(g / scale.unsqueeze(-1), h, maxq)
-    return zero, _loss(g, h, scale, zero, maxq)
+def _best_real_zero(g_sorted, h_sorted, scale, maxq):
+    """(zero, loss) with the optimal real zero point for the given scales; zero = -zeta. Groups sorted ascending,
+    h in the same order."""
+    zero = -_optimal_zero_sorted(g_sorted / scale.unsqueeze(-1), h_sorted, maxq)
+    return zero, _loss(g_sorted, h_sorted, scale, zero, maxq)
 
 
-def _best_int_zero(g_sorted, h_sorted, scale, maxq):
-    """(zero, loss) with the best integer zero point in 0..Qmax for the given scales, from prefix sums: with an
-    integer zero, round(x + z) = round(x) + z, so only the clipped elements (a prefix and a suffix of the sorted
-    group) differ from plain rounding. g_sorted: (R, G, n) ascending; h_sorted: h in the same order."""
-    x = g_sorted / scale.unsqueeze(-1)
-    k = torch.round(x)
-    f2 = (x - k) ** 2
-    zeros = torch.arange(maxq + 1, dtype=x.dtype)
+class _IntZeroSearch:
+    """The best integer zero point in 0..Qmax for a given scale, per (row, group), from prefix sums over each group
+    sorted ascending. With an integer zero z, round(x + z) = round(x) + z, so only the clipped elements (a prefix
+    and a suffix of the sorted group) differ from plain rounding; the prefix sums of h, h*w and h*w^2 do not depend
+    on the scale and are formed once, leaving one prefix sum (of the rounding errors) per candidate scale.
+    g_sorted: (R, G, n) ascending; h_sorted: h in the same order."""
 
-    def prefix(t):
+    def __init__(self, g_sorted: torch.Tensor, h_sorted: torch.Tensor, maxq: int):
+        self.g, self.h, self.maxq = g_sorted, h_sorted, maxq
+        self.C0, self.G1, self.G2 = (self._prefix(t) for t in (h_sorted, h_sorted * g_sorted,
+                                                               h_sorted * g_sorted * g_sorted))
+        self.zeros = torch.arange(maxq + 1, dtype=g_sorted.dtype)
+        lead = g_sorted.shape[:-1]
+        # Clipping thresholds on round(x) for each zero point: left-clipped when round(x) + z < 0, right-clipped
+        # when round(x) + z > Qmax. round(x) is non-decreasing along a sorted group, so both sets are counted by
+        # binary search.
+        self.left_at = (-self.zeros - 0.5).expand(*lead, -1).contiguous()
+        self.right_at = (maxq - self.zeros + 0.5).expand(*lead, -1).contiguous()
+        self.n = g_sorted.shape[-1]
+
+    @staticmethod
+    def _prefix(t):
         return torch.nn.functional.pad(t.cumsum(-1), (1, 0))
 
-    C0, C1, C2, Cf = prefix(h_sorted), prefix(h_sorted * x), prefix(h_sorted * x * x), prefix(h_sorted * f2)
-    tot = lambda C: C[..., -1:]  # noqa: E731
-    zq = zeros.expand(*x.shape[:-1], -1)
-    # Left-clipped for zero z: round(x) + z < 0, a prefix of the sorted group; right-clipped: round(x) + z > Qmax,
-    # a suffix. Counting beats a batched searchsorted here (few zero points, short groups).
-    kk = k.unsqueeze(-2)
-    nl = (kk < (-zeros - 0.5).view(-1, 1)).sum(-1)
-    nr = (kk <= (maxq - zeros).view(-1, 1)).sum(-1)
+    def __call__(self, scale: torch.Tensor):
+        s = scale.unsqueeze(-1)
+        x = self.g / s
+        k = torch.round(x)
+        f = x - k
+        Cf = self._prefix(self.h * f * f)
+        nl = torch.searchsorted(k, self.left_at)
+        nr = torch.searchsorted(k, self.right_at)
+        z, u = self.zeros, self.zeros - self.maxq
 
-    def clipped(C, lo_idx, hi_idx):
-        return C.gather(-1, hi_idx) - C.gather(-1, lo_idx)
+        def part(C, idx):
+            return C.gather(-1, idx)
 
-    n = x.shape[-1]
-    first = torch.zeros_like(nl)
-    last = torch.full_like(nr, n)
-    u = zq - maxq
-    left = (clipped(C2, first, nl) + 2 * zq * clipped(C1, first, nl) + zq * zq * clipped(C0, first, nl)
-            - clipped(Cf, first, nl))
-    right = (clipped(C2, nr, last) + 2 * u * clipped(C1, nr, last) + u * u * clipped(C0, nr, last)
-             - clipped(Cf, nr, last))
-    loss = (tot(Cf) + left + right) * (scale * scale).unsqueeze(-1)
-    best, idx = loss.min(-1)
-    return zeros[idx], best
+        def moments(idx):  # prefix sums up to idx of h, h*x, h*x^2 and h*f^2
+            return part(self.C0, idx), part(self.G1, idx) / s, part(self.G2, idx) / (s * s), part(Cf, idx)
+
+        l0, l1, l2, lf = moments(nl)
+        r0, r1, r2, rf = moments(nr)
+        t0, t1, t2, tf = self.C0[..., -1:], self.G1[..., -1:] / s, self.G2[..., -1:] / (s * s), Cf[..., -1:]
+        left = l2 + 2 * z * l1 + z * z * l0 - lf
+        right = (t2 - r2) + 2 * u * (t1 - r1) + u * u * (t0 - r0) - (tf - rf)
+        loss = (tf + left + right) * (s * s)
+        best, idx = loss.min(-1)
+        return self.zeros[idx], best
 
 
 def _keep_better(best, cand):
@@ -242,18 +278,20 @@ def neuqi_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> Unif
     scales, zeros = [], []
     rows, step = _chunks(G.shape[0], 4 * G.shape[1] * G.shape[2])
     for r0 in rows:
-        g = G[r0:r0 + step]
+        # Sorted once: each candidate scale's breakpoints then come in this order (see _surrogate_zero).
+        g, order = G[r0:r0 + step].sort(-1)
+        h_sorted = h.expand_as(g).gather(-1, order)
         _, s0 = _neuqi_range(g, maxq)
         best = (s0, torch.zeros_like(s0), torch.full_like(s0, float("inf")))
         for t in range(1, coarse + 1):
             s = s0 * (t / coarse)
-            best = _keep_better(best, (s, *_best_real_zero(g, h, s, maxq)))
+            best = _keep_better(best, (s, *_best_real_zero(g, h_sorted, s, maxq)))
         centre = best[0]
         half = fine // coarse // 2
         for j in range(-half, half + 1):
             if j:
                 s = (centre + s0 * (j / fine)).clamp_min(s0 * (1 / fine))
-                best = _keep_better(best, (s, *_best_real_zero(g, h, s, maxq)))
+                best = _keep_better(best, (s, *_best_real_zero(g, h_sorted, s, maxq)))
         scales.append(best[0])
         zeros.append(best[1])
     return UniformGrid(torch.cat(scales), torch.cat(zeros), spec.bits, spec.group_size)
@@ -272,12 +310,12 @@ def neuqi_int_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> 
     for r0 in rows:
         # float64: the prefix sums subtract large, nearly equal moments of the clipped elements.
         g, order = G[r0:r0 + step].double().sort(-1)
-        hs = h.expand_as(g).gather(-1, order)
+        search = _IntZeroSearch(g, h.expand_as(g).gather(-1, order), maxq)
         _, s0 = _neuqi_range(g, maxq)
         best = (s0, torch.zeros_like(s0), torch.full_like(s0, float("inf")))
         for t in range(1, steps + 1):
             s = s0 * (t / steps)
-            best = _keep_better(best, (s, *_best_int_zero(g, hs, s, maxq)))
+            best = _keep_better(best, (s, *search(s)))
         scales.append(best[0].to(W.dtype))
         zeros.append(best[1].to(W.dtype))
     return UniformGrid(torch.cat(scales), torch.cat(zeros), spec.bits, spec.group_size)

@@ -7,7 +7,7 @@ import torch
 from conftest import requires_assets
 
 from quantlib.errors import ConfigError
-from quantlib.init import group_weights, init_grid, optimal_zero, weighted_error
+from quantlib.init import _IntZeroSearch, _loss, group_weights, init_grid, optimal_zero, weighted_error
 from quantlib.preprocess import magr, prox_linf
 from quantlib.spec import CalibSpec, QuantSpec
 
@@ -48,6 +48,23 @@ def test_optimal_zero_matches_brute_force(bits):
     ref = brute_force_zero_loss(x, h, maxq)
     assert (loss <= ref + 1e-9).all()  # a grid of step 1e-3 cannot beat the exact optimum
     assert (loss >= ref - 1e-3 * ref.abs() - 1e-6).all()  # and lands close to it
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_integer_zero_search_matches_brute_force(bits):
+    g = torch.Generator().manual_seed(10 + bits)
+    w = (torch.randn(16, 3, 40, generator=g, dtype=torch.float64) * 2 + 0.5).sort(-1).values
+    h = torch.rand(3, 40, generator=g, dtype=torch.float64)
+    h /= h.sum(-1, keepdim=True)
+    hs = h.expand_as(w).contiguous()
+    maxq = 2 ** bits - 1
+    search = _IntZeroSearch(w, hs, maxq)
+    for factor in (0.05, 0.2, 0.6, 1.0):  # heavy clipping to none
+        scale = (w[..., -1] - w[..., 0]) / maxq * factor
+        zero, loss = search(scale)
+        every = torch.stack([_loss(w, hs, scale, torch.full_like(scale, z), maxq) for z in range(maxq + 1)], -1)
+        torch.testing.assert_close(loss, every.amin(-1), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(_loss(w, hs, scale, zero, maxq), loss, rtol=1e-9, atol=1e-12)
 
 
 CASES = [(2, 64, (24, 128)), (3, -1, (16, 96)), (4, 32, (12, 64)), (3, 16, (8, 48))]
