@@ -206,42 +206,36 @@ class _IntZeroSearch:
 
     def __init__(self, g_sorted: torch.Tensor, h_sorted: torch.Tensor, maxq: int):
         self.g, self.h, self.maxq = g_sorted, h_sorted, maxq
-        self.C0, self.G1, self.G2 = (self._prefix(t) for t in (h_sorted, h_sorted * g_sorted,
-                                                               h_sorted * g_sorted * g_sorted))
-        self.zeros = torch.arange(maxq + 1, dtype=g_sorted.dtype)
-        lead = g_sorted.shape[:-1]
+        lead, n = g_sorted.shape[:-1], g_sorted.shape[-1]
+        # (3, R, G, n + 1): prefix sums of h, h*w, h*w^2, each starting at 0.
+        terms = torch.stack([h_sorted, h_sorted * g_sorted, h_sorted * g_sorted * g_sorted])
+        self.static = g_sorted.new_zeros(3, *lead, n + 1)
+        torch.cumsum(terms, -1, out=self.static[..., 1:])
+        self.Cf = g_sorted.new_zeros(*lead, n + 1)  # prefix sums of h * (rounding error)^2, per candidate
+        self.zeros = torch.arange(maxq + 1, dtype=g_sorted.dtype, device=g_sorted.device)
         # Clipping thresholds on round(x) for each zero point: left-clipped when round(x) + z < 0, right-clipped
         # when round(x) + z > Qmax. round(x) is non-decreasing along a sorted group, so both sets are counted by
-        # binary search.
-        self.left_at = (-self.zeros - 0.5).expand(*lead, -1).contiguous()
-        self.right_at = (maxq - self.zeros + 0.5).expand(*lead, -1).contiguous()
-        self.n = g_sorted.shape[-1]
-
-    @staticmethod
-    def _prefix(t):
-        return torch.nn.functional.pad(t.cumsum(-1), (1, 0))
+        # binary search: the first Qmax + 1 counts are the left-clipped prefixes, the rest the unclipped-or-left.
+        self.thresholds = torch.cat([-self.zeros - 0.5, maxq - self.zeros + 0.5]).expand(*lead, -1).contiguous()
 
     def __call__(self, scale: torch.Tensor):
         s = scale.unsqueeze(-1)
         x = self.g / s
         k = torch.round(x)
         f = x - k
-        Cf = self._prefix(self.h * f * f)
-        nl = torch.searchsorted(k, self.left_at)
-        nr = torch.searchsorted(k, self.right_at)
+        torch.cumsum(self.h * f * f, -1, out=self.Cf[..., 1:])
+        idx = torch.searchsorted(k, self.thresholds)
+        c0, c1, c2 = self.static.gather(-1, idx.expand(3, *idx.shape))
+        cf = self.Cf.gather(-1, idx)
+        t0, t1, t2 = self.static[..., -1:]
+        tf = self.Cf[..., -1:]
+        c1, t1 = c1 / s, t1 / s  # sums of h*x = h*w/s and h*x^2 = h*w^2/s^2
+        c2, t2 = c2 / (s * s), t2 / (s * s)
+        P = self.maxq + 1
         z, u = self.zeros, self.zeros - self.maxq
-
-        def part(C, idx):
-            return C.gather(-1, idx)
-
-        def moments(idx):  # prefix sums up to idx of h, h*x, h*x^2 and h*f^2
-            return part(self.C0, idx), part(self.G1, idx) / s, part(self.G2, idx) / (s * s), part(Cf, idx)
-
-        l0, l1, l2, lf = moments(nl)
-        r0, r1, r2, rf = moments(nr)
-        t0, t1, t2, tf = self.C0[..., -1:], self.G1[..., -1:] / s, self.G2[..., -1:] / (s * s), Cf[..., -1:]
-        left = l2 + 2 * z * l1 + z * z * l0 - lf
-        right = (t2 - r2) + 2 * u * (t1 - r1) + u * u * (t0 - r0) - (tf - rf)
+        left = c2[..., :P] + 2 * z * c1[..., :P] + z * z * c0[..., :P] - cf[..., :P]
+        right = ((t2 - c2[..., P:]) + 2 * u * (t1 - c1[..., P:]) + u * u * (t0 - c0[..., P:])
+                 - (tf - cf[..., P:]))
         loss = (tf + left + right) * (s * s)
         best, idx = loss.min(-1)
         return self.zeros[idx], best
