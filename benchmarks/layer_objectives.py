@@ -33,6 +33,9 @@ SOLVERS = {
     "gptq": lambda W, H, s, n: ldlq.solve(W, H, s("ldlq", act_order=False), n),
     "quantease": lambda W, H, s, n: quantease.solve(W, H, s("quantease"), n),
     "gptq_quantease": lambda W, H, s, n: quantease.solve_gptq(W, H, s("gptq_quantease"), n),
+    # Is QuantEase's gap to LDLQ a matter of its schedule or of too few sweeps?
+    "quantease_norelax": lambda W, H, s, n: quantease.solve(W, H, s("quantease", relax=False), n),
+    "quantease_100it": lambda W, H, s, n: quantease.solve(W, H, s("quantease", iterations=100), n),
 }
 
 
