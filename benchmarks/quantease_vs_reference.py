@@ -1,0 +1,116 @@
+"""Does our `quantease` solver compute what the released QuantEase code computes? Runs both on the same real layers
+and Hessians and compares the results.
+
+    python benchmarks/quantease_vs_reference.py --reference-dir /path/to/linkedin/QuantEase \
+        --model-dir resources/models/smollm2-135m-instruct-q4_1 \
+        --calib-text ../shared/assets/datasets/c4/found/yxanul--yxanul_0.6B/c4_validation_2k.parquet
+
+The reference is a checkout of github.com/linkedin/QuantEase (read at e8c7d71), imported from --reference-dir at
+run time; nothing of it is part of this project. Both run the paper's setting: no damping, act order, 30 sweeps,
+asymmetric min-max grid (per channel, or static groups, which is how our solver groups). The reference times itself
+with CUDA events; on a CPU those are replaced by a no-op timer. Prints a line per layer and group size (objective
+tr((W - Q) H (W - Q)^T) of ours over the reference's, the fraction of identical weights, and both against LDLQ's)
+and appends a summary to benchmarks/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from layer_objectives import input_hessians, windows
+from quantlib.data import read_texts
+from quantlib.hessian import layer_error
+from quantlib.io import versions
+from quantlib.models import load_model, load_tokenizer
+from quantlib.solvers import ldlq, quantease
+from quantlib.spec import CalibSpec, QuantSpec
+
+
+def load_reference(reference_dir: str):
+    if not (Path(reference_dir) / "method" / "quantease.py").is_file():
+        raise SystemExit(f"{reference_dir} has no method/quantease.py: pass a checkout of linkedin/QuantEase")
+    if not torch.cuda.is_available():
+        torch.cuda.Event = lambda enable_timing=True: types.SimpleNamespace(record=lambda: None,
+                                                                            elapsed_time=lambda other: 0.0)
+        torch.cuda.synchronize = lambda: None
+    sys.path.insert(0, str(Path(reference_dir).resolve()))
+    from method.quant import Quantizer
+    from method.quantease import QuantEase
+    return QuantEase, Quantizer
+
+
+def reference_solve(QuantEase, Quantizer, W, H, bits, group_size, iterations):
+    layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    layer.weight.data = W.clone()
+    solver = QuantEase(layer, num_iter=iterations)
+    solver.XtX = H.clone()
+    solver.quantizer = Quantizer()
+    solver.quantizer.configure(bits, perchannel=True, sym=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every 3000 columns
+        solver.fasterquant(group_size=group_size, static_groups=group_size != -1, actorder=True)
+    return layer.weight.data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reference-dir", required=True, help="a checkout of linkedin/QuantEase")
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--calib-text", required=True, help="parquet/jsonl with a text column")
+    ap.add_argument("--calib-rows", type=int, nargs=2, default=[1100, 1600])
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[2, 15])
+    ap.add_argument("--modules", nargs="+", default=["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"])
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=[-1, 64])
+    ap.add_argument("--iterations", type=int, default=30)
+    args = ap.parse_args()
+    QuantEase, Quantizer = load_reference(args.reference_dir)
+    torch.manual_seed(0)
+
+    model, tok = load_model(args.model_dir), load_tokenizer(args.model_dir)
+    r0, r1 = args.calib_rows
+    calib = windows(read_texts(args.calib_text)[r0:r1], " ", tok, args.nsamples, args.seqlen)
+    names = [f"model.layers.{b}.{m}" for b in args.blocks for m in args.modules]
+    hessians = input_hessians(model, names, calib)
+    cal = CalibSpec("calib", args.nsamples, args.seqlen)
+
+    rows = []
+    for name in names:
+        W, H = model.get_submodule(name).weight.data.float(), hessians[name]
+        for gs in args.group_sizes:
+            spec = QuantSpec.build("m", "quantease", args.bits, gs, calib=cal,
+                                   options={"damp": 0.0, "iterations": args.iterations})
+            ours = quantease.solve(W, H, spec, name).weight
+            ref = reference_solve(QuantEase, Quantizer, W, H, args.bits, gs, args.iterations)
+            lq = ldlq.solve(W, H, QuantSpec.build("m", "ldlq", args.bits, gs, calib=cal), name).weight
+            f_ours, f_ref, f_ldlq = (float(layer_error(W, q, H)) for q in (ours, ref, lq))
+            row = {"layer": name, "group_size": gs, "ours_over_reference": round(f_ours / f_ref, 5),
+                   "identical_weights": round(float(torch.isclose(ours, ref, rtol=1e-5, atol=1e-7).float().mean()), 5),
+                   "ours_over_ldlq": round(f_ours / f_ldlq, 4), "reference_over_ldlq": round(f_ref / f_ldlq, 4)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+
+    ratios = [r["ours_over_reference"] for r in rows]
+    same = [r["identical_weights"] for r in rows]
+    record = {"benchmark": "quantease_vs_reference", "model": Path(args.model_dir).name, "bits": args.bits,
+              "group_sizes": args.group_sizes, "blocks": args.blocks, "modules": args.modules,
+              "calibration": f"{args.nsamples}x{args.seqlen}", "iterations": args.iterations,
+              "objective_ratio_range": [min(ratios), max(ratios)], "identical_weights_min": min(same),
+              "rows": rows, "machine": platform.machine(), "versions": versions()}
+    print(json.dumps({k: v for k, v in record.items() if k != "rows"}))
+    with open(Path(__file__).parent / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
