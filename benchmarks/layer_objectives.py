@@ -36,6 +36,8 @@ SOLVERS = {
     # Is QuantEase's gap to LDLQ a matter of its schedule or of too few sweeps?
     "quantease_norelax": lambda W, H, s, n: quantease.solve(W, H, s("quantease", relax=False), n),
     "quantease_100it": lambda W, H, s, n: quantease.solve(W, H, s("quantease", iterations=100), n),
+    # ... or of act order (the released CLI runs without it)?
+    "quantease_noact": lambda W, H, s, n: quantease.solve(W, H, s("quantease", act_order=False), n),
 }
 
 
