@@ -182,6 +182,9 @@ SCHEMA: dict[str, Any] = {
                 "additionalProperties": False,
                 "properties": {
                     "title": {"type": "string"},
+                    "default_target": {"type": "boolean", "default": True,
+                                       "description": "false: left out of a plain `snakemake` run (for tables that "
+                                                      "cost hours); built when results/tables/<key>.md is asked for"},
                     "models": {"type": "array", "items": {"type": "string"}},
                     "rows": {"type": "array", "items": {"type": "string"}},
                     "settings": {"type": "array", "items": {"type": "string"}},
@@ -327,6 +330,7 @@ class TableDef:
     paper_source: str | None
     averages: dict[str, dict] = None
     layout: str = "long"
+    default_target: bool = True
 
     @property
     def columns(self) -> list[str]:
@@ -515,7 +519,7 @@ class Experiment:
             if metric not in averages:
                 self._check_metric(key, metric)
         return TableDef(key, t.get("title", key), models, rows, settings, metrics, t.get("paper", {}),
-                        t.get("paper_source"), averages, t.get("layout", "long"))
+                        t.get("paper_source"), averages, t.get("layout", "long"), t.get("default_target", True))
 
     def _check_metric(self, table: str, metric: str) -> None:
         if "." in metric:

@@ -84,9 +84,16 @@ def test_sources_checked_before_any_job(cfg, tmp_path, monkeypatch):
         check_sources(Experiment(cfg), offline=True)
 
 
+def test_table_left_out_of_the_default_run(cfg):
+    exp = Experiment(cfg)
+    assert not exp.tables["init"].default_target  # NeUQI's comparison: hours on a CPU
+    assert all(t.default_target for key, t in exp.tables.items() if key != "init")
+    cfg["tables"]["init"]["default_target"] = "no"
+    with pytest.raises(ConfigError, match="tables.init.default_target"):
+        Experiment(cfg)
+
+
 def test_method_settings_list(cfg):
-    overlay = yaml.safe_load((REPO / "presets" / "overlays" / "neuqi-smollm2.yaml").read_text())
-    cfg["tables"].update(overlay["tables"])  # as Snakemake merges a second --configfile
     exp = Experiment(cfg)
     assert exp.methods["ldlq_neuqi"].settings() == [(3, 64), (2, 64), (3, -1)]
     names = {c["name"] for c in exp.table_cells("init")}

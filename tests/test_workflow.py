@@ -233,11 +233,15 @@ def test_presets_build_their_dag(preset, tmp_path):
     assert "quantize" in proc.stdout and "table" in proc.stdout
 
 
-def test_neuqi_overlay_adds_the_init_table(tmp_path):
+def test_init_table_builds_when_asked_for_only(tmp_path):
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
-    proc = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(REPO / "config.yaml"),
-                     str(REPO / "presets" / "overlays" / "neuqi-smollm2.yaml"), offline=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    config = ("--configfile", str(REPO / "config.yaml"))
+    plain = snakemake(tmp_path, "-n", "--cores", "2", *config, offline=False)
+    asked = snakemake(tmp_path, "results/tables/init.md", "-n", "--cores", "2", *config, offline=False)
+    for proc in (plain, asked):
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "results/tables/main.md" in plain.stdout and "results/tables/init.md" not in plain.stdout
+    assert "neuqi" not in plain.stdout and "magr" not in plain.stdout
     for name in ("ldlq.neuqi.w2g64", "ldlq.neuqi_int.w3", "magr.ldlq.w3g64"):
-        assert f"results/quantized/smollm2-135m.c4.n32.L512.{name}" in proc.stdout
-    assert "results/tables/init.md" in proc.stdout
+        assert f"results/quantized/smollm2-135m.c4.n32.L512.{name}" in asked.stdout
+    assert "results/tables/init.md" in asked.stdout
