@@ -535,6 +535,10 @@ class Experiment:
                 f"{', '.join(self.cfg['perplexity']['datasets']) or 'none'}), a task metric `{{task}}.{{metric}}` of "
                 "lm_eval.tasks, nor a key of the table's averages")
 
+    def default_tables(self) -> list[str]:
+        """Keys of the tables a plain `snakemake` run builds: all but those marked `default_target: false`."""
+        return [key for key, t in self.tables.items() if t.default_target]
+
     def table_cells(self, key: str) -> list[dict]:
         """One entry per table cell: model, row, setting, metric, spec name and result path (None if the row does
         not produce that setting)."""

@@ -38,9 +38,7 @@ TABLE_FORMATS = ["md", "csv", "tex", "png"]
 
 
 def all_tables():
-    """The tables of a plain `snakemake` run: those not marked `default_target: false`."""
-    tables = [key for key, t in EXP.tables.items() if t.default_target]
-    return expand("results/tables/{table}.{ext}", table=tables, ext=TABLE_FORMATS)
+    return expand("results/tables/{table}.{ext}", table=EXP.default_tables(), ext=TABLE_FORMATS)
 
 
 def model_params_b(model):
