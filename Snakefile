@@ -19,6 +19,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/stats.smk"
 include: "rules/quantize.smk"
 include: "rules/evaluate.smk"
 include: "rules/tables.smk"
@@ -27,5 +28,5 @@ include: "rules/tables.smk"
 rule all:
     input:
         all_tables(),
-        "results/benchmarks/summary.csv",
+        PATHS.benchmark_summary.format(ext="csv"),
     default_target: True

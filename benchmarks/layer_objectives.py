@@ -25,19 +25,19 @@ from quantlib.data import eval_windows, read_texts
 from quantlib.hessian import HessianAccumulator, layer_error
 from quantlib.io import versions
 from quantlib.models import load_model, load_tokenizer
-from quantlib.solvers import ldlq, quantease
+from quantlib.solvers import solve_layer
 from quantlib.spec import CalibSpec, QuantSpec
 
 SOLVERS = {
-    "ldlq": lambda W, H, s, n: ldlq.solve(W, H, s("ldlq"), n),
-    "gptq": lambda W, H, s, n: ldlq.solve(W, H, s("ldlq", act_order=False), n),
-    "quantease": lambda W, H, s, n: quantease.solve(W, H, s("quantease"), n),
-    "gptq_quantease": lambda W, H, s, n: quantease.solve_gptq(W, H, s("gptq_quantease"), n),
+    "ldlq": lambda W, H, s, n: solve_layer(W, H, s("ldlq"), n),
+    "gptq": lambda W, H, s, n: solve_layer(W, H, s("ldlq", act_order=False), n),
+    "quantease": lambda W, H, s, n: solve_layer(W, H, s("quantease"), n),
+    "gptq_quantease": lambda W, H, s, n: solve_layer(W, H, s("gptq_quantease"), n),
     # Is QuantEase's gap to LDLQ a matter of its schedule or of too few sweeps?
-    "quantease_norelax": lambda W, H, s, n: quantease.solve(W, H, s("quantease", relax=False), n),
-    "quantease_100it": lambda W, H, s, n: quantease.solve(W, H, s("quantease", iterations=100), n),
+    "quantease_norelax": lambda W, H, s, n: solve_layer(W, H, s("quantease", relax=False), n),
+    "quantease_100it": lambda W, H, s, n: solve_layer(W, H, s("quantease", iterations=100), n),
     # ... or of act order (the released CLI runs without it)?
-    "quantease_noact": lambda W, H, s, n: quantease.solve(W, H, s("quantease", act_order=False), n),
+    "quantease_noact": lambda W, H, s, n: solve_layer(W, H, s("quantease", act_order=False), n),
 }
 
 

@@ -21,7 +21,7 @@ import torch
 
 from quantlib.hessian import add_damping, layer_error
 from quantlib.io import versions
-from quantlib.solvers import ldlq, quantease
+from quantlib.solvers import solve_layer
 from quantlib.spec import CalibSpec, QuantSpec
 
 
@@ -48,9 +48,8 @@ def main() -> None:
     results = {}
     for solver, options in (("ldlq", {}), ("quantease", {"iterations": args.iterations})):
         spec = QuantSpec.build("bench", solver, args.bits, args.group_size, calib=calib, options=options)
-        solve = ldlq.solve if solver == "ldlq" else quantease.solve
         t0 = time.perf_counter()
-        result = solve(W, H, spec, "bench")
+        result = solve_layer(W, H, spec, "bench")
         seconds = time.perf_counter() - t0
         results[solver] = {"seconds": round(seconds, 2),
                            "objective": layer_error(W, result.weight, add_damping(H, spec.opt("damp")))}

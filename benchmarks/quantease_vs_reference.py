@@ -31,7 +31,7 @@ from quantlib.data import read_texts
 from quantlib.hessian import layer_error
 from quantlib.io import versions
 from quantlib.models import load_model, load_tokenizer
-from quantlib.solvers import ldlq, quantease
+from quantlib.solvers import quantease, solve_layer
 from quantlib.spec import CalibSpec, QuantSpec
 
 
@@ -90,9 +90,9 @@ def main() -> None:
         for gs in args.group_sizes:
             spec = QuantSpec.build("m", "quantease", args.bits, gs, calib=cal,
                                    options={"damp": 0.0, "iterations": args.iterations})
-            ours = quantease.solve(W, H, spec, name).weight
+            ours = solve_layer(W, H, spec, name).weight
             ref = reference_solve(QuantEase, Quantizer, W, H, args.bits, gs, args.iterations)
-            lq = ldlq.solve(W, H, QuantSpec.build("m", "ldlq", args.bits, gs, calib=cal), name).weight
+            lq = solve_layer(W, H, QuantSpec.build("m", "ldlq", args.bits, gs, calib=cal), name).weight
             f_ours, f_ref, f_ldlq = (float(layer_error(W, q, H)) for q in (ours, ref, lq))
             row = {"layer": name, "group_size": gs, "ours_over_reference": round(f_ours / f_ref, 5),
                    "identical_weights": round(float(torch.isclose(ours, ref, rtol=1e-5, atol=1e-7).float().mean()), 5),

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -53,11 +54,15 @@ def main() -> None:
     torch.save(windows, work / "calib.pt")
 
     times = []
-    for i in range(args.repeat):
-        t0 = time.perf_counter()
-        quantize(args.name, args.model_dir, work / "calib.pt", work / f"out{i}", {"device": "cpu", "dtype": "float32"})
-        times.append(time.perf_counter() - t0)
-    diag = json.loads((work / "out0" / "diagnostics.json").read_text())
+    try:
+        for i in range(args.repeat):
+            t0 = time.perf_counter()
+            quantize(args.name, args.model_dir, {"calib": work / "calib.pt"}, work / f"out{i}",
+                     {"device": "cpu", "dtype": "float32"})
+            times.append(time.perf_counter() - t0)
+        diag = json.loads((work / "out0" / "diagnostics.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     record = {
         "benchmark": "quantize_step", "name": args.name, "seconds": [round(t, 2) for t in times],
         "solver_loop_seconds": round(diag["seconds"], 2), "threads": args.threads, "cpus": os.cpu_count(),

@@ -6,7 +6,9 @@ Layout of `results/quantized/{name}/`:
   model.safetensors  unquantized tensors as they are; for each quantized layer its stored tensors under
                      `{layer}.{tensor}` (uniform: `qweight` packed int32, `scales`, `zeros`) instead of `.weight`
   tokenizer files, quant_spec.json (the spec), diagnostics.json (per-layer errors, timings, versions)
-Everything is checked for NaN/Inf before the directory is atomically renamed into place.
+Everything is checked for NaN/Inf before the directory is atomically renamed into place. The runner hands each
+layer's representation to a `CheckpointWriter`, which packs it (`to_tensors`); loading rebuilds each layer from its
+format (`quantlib.formats.load_representation`), whichever module defines it.
 """
 
 from __future__ import annotations
@@ -21,15 +23,35 @@ import torch
 from .errors import NumericalError
 from .io import atomic_dir, versions
 from .models import _TOKENIZER_FILES, load_model
-from .quantizer import FORMATS
+from .formats import load_representation
 
 QUANT_METHOD = "quantlib"
 
 
+class CheckpointWriter:
+    """Collects each quantized layer's stored tensors (packed as its format says) and writes the checkpoint."""
+
+    def __init__(self):
+        self.stored: dict[str, tuple[dict, dict]] = {}  # layer -> (meta, tensors on the CPU)
+
+    def add(self, layer: str, rep) -> None:
+        self.stored[layer] = (rep.meta(), {k: v.cpu() for k, v in rep.to_tensors().items()})
+
+    def save(self, model, spec, report, out_dir: str | Path, tokenizer_dir: str | Path, extra: dict | None = None):
+        _save(model, spec, report, self.stored, out_dir, tokenizer_dir, extra)
+
+
 def save_quantized(model, spec, report, out_dir: str | Path, tokenizer_dir: str | Path, extra: dict | None = None):
+    """Write `model` (quantized in place) with the representations the runner kept in `report.reps`."""
+    writer = CheckpointWriter()
+    for layer, rep in report.reps.items():
+        writer.add(layer, rep)
+    writer.save(model, spec, report, out_dir, tokenizer_dir, extra)
+
+
+def _save(model, spec, report, stored: dict, out_dir, tokenizer_dir, extra):
     from safetensors.torch import save_file
 
-    stored = report.stored
     state = {}
     for key, value in model.state_dict().items():
         layer, _, leaf = key.rpartition(".")
@@ -59,6 +81,8 @@ def save_quantized(model, spec, report, out_dir: str | Path, tokenizer_dir: str 
             {"short_name": spec.short_name(), **dataclasses.asdict(spec)}, indent=2))
         diagnostics = {"short_name": spec.short_name(), "seconds": report.seconds, "versions": versions(),
                        "avg_bits_per_weight": average_bits(report.layers), **(extra or {}), "layers": report.layers}
+        if report.blocks:
+            diagnostics["blocks"] = report.blocks
         (tmp / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
 
 
@@ -92,8 +116,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: s
         prefix = f"{layer}."
         tensors = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)
                                                            and k[len(prefix):] not in ("bias",)]}
-        rep = FORMATS[meta["format"]].from_tensors(meta, tensors)
-        state[f"{layer}.weight"] = rep.dequantize()
+        state[f"{layer}.weight"] = load_representation(meta, tensors).dequantize()
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):

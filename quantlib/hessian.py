@@ -1,4 +1,5 @@
-"""One Hessian capture and one damping policy, used by every Hessian-based method.
+"""One Hessian capture, one damping policy and one prepared form of a layer's Hessian, used by every
+Hessian-based preprocessor and solver.
 
 H = (1/N) sum_t x_t x_t^T over the N calibration tokens that reach a layer (NeUQI's normalisation; every solver
 here is invariant to a positive rescaling of H). Accumulated in float64 across chunks.
@@ -104,7 +105,60 @@ def add_damping(H: torch.Tensor, damp: float) -> torch.Tensor:
     return H + (damp * torch.diagonal(H).mean()) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
-def damped_diag(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """diag(H) after the same damping the solvers apply (the weights of diag-weighted inits)."""
-    d = torch.diagonal(H)
-    return d + damp * d.mean()
+class PreparedHessian:
+    """A layer's Hessian prepared once and handed to its preprocessors and solver.
+
+    Dead inputs (H_ii = 0) get H_ii = 1 (GPTQ's convention), columns are ordered by decreasing diag(H) under act
+    order, and `damp * mean(diag H)` is added to the diagonal. The first factorisation (`ldl`) raises the damping,
+    with a logged warning, until H is positive definite; everything handed out afterwards (`matrix`, `diag`) uses the
+    damping actually applied, so a preprocessor and the solver after it see one matrix. `raw` is the undamped mean
+    Hessian, which the runner's layer errors use.
+    """
+
+    def __init__(self, H: torch.Tensor, damp: float, act_order: bool, layer: str):
+        self.raw = H
+        self.H, self.dead = fix_dead_columns(H)
+        self.layer = layer
+        self.act_order = act_order
+        d_in = H.shape[0]
+        self.perm = (torch.argsort(torch.diagonal(self.H), descending=True, stable=True) if act_order
+                     else torch.arange(d_in))
+        self.damp = damp  # raised by `ldl` when the damped matrix is not positive definite
+        self._ldl = None
+
+    @property
+    def d_in(self) -> int:
+        return self.H.shape[0]
+
+    def ldl(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, D) with the damped, permuted H = U diag(D) U^T, U unit upper triangular: D_k is what a unit rounding
+        error of column k costs after error feedback (1 / [chol(H^-1)]_kk^2 in GPTQ's terms). Computed once."""
+        if self._ldl is None:
+            Hp = self.H[self.perm][:, self.perm]
+            _, C, self.damp = damp_until_pd(Hp, self.damp, self.layer, factor=_reversed_cholesky)
+            d = torch.diagonal(C)
+            self._ldl = (C / d, d * d)
+        return self._ldl
+
+    def ensure_positive_definite(self) -> None:
+        """Settle the damping (one factorisation, kept for the solver)."""
+        self.ldl()
+
+    def matrix(self) -> torch.Tensor:
+        """The damped H in the original column order."""
+        return add_damping(self.H, self.damp)
+
+    def permuted(self) -> torch.Tensor:
+        """The damped H in processing order."""
+        return self.matrix()[self.perm][:, self.perm]
+
+    def diag(self) -> torch.Tensor:
+        """diag(H) after damping, original order (the weights of diag-weighted inits)."""
+        d = torch.diagonal(self.H)
+        return d + self.damp * d.mean()
+
+
+def _reversed_cholesky(A: torch.Tensor):
+    """The upper factor C with A = C C^T (the Cholesky factor of the index-reversed matrix, reversed back)."""
+    L, info = torch.linalg.cholesky_ex(A.flip(0, 1))
+    return L.flip(0, 1), info

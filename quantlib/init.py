@@ -1,8 +1,8 @@
 """Quantization-parameter initialisation: how (scale, zero) of each (row, group) are chosen before solving.
 
 Every init has the signature `init(W, spec, hdiag) -> UniformGrid`, where `W` is (d_out, d_in) float32 and
-`hdiag` is diag(H) after damping (None for data-free runs). Solvers that use a uniform grid call
-`init_grid(W, spec, hdiag)`, so every init composes with every such solver.
+`hdiag` is diag(H) after damping (None for data-free runs). The runner resolves the spec's init once and hands it
+to the solver (`LayerTask.init_grid`), so every init composes with every solver that takes one.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from . import methods
-from .quantizer import UniformGrid, num_groups
+from .formats.uniform import UniformGrid, num_groups
 
 
 def init_grid(W: torch.Tensor, spec, hdiag: torch.Tensor | None) -> UniformGrid:
+    """The spec's init looked up and applied once (for scripts and tests; the runner resolves it once per run)."""
     return methods.component("init", spec.init).load()(W, spec, hdiag)
 
 
@@ -56,7 +57,7 @@ def minmax_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> Uni
 
 
 # ---------------------------------------------------------------------------------------------- NeUQI
-# NeUQI (algorithms.md 2.3): per (row, group) search the scale on a grid of fractions of the min-max step
+# NeUQI (Lin et al. 2025, "NeUQI: Near-Optimal Uniform Quantization Parameter Initialization"): per (row, group) search the scale on a grid of fractions of the min-max step
 # s0 = (max - min) / Qmax (the range here does not include 0), and for each candidate scale pick the zero point
 # that minimises the diag(H)-weighted rounding error  sum_i h_i (w_i - w_hat_i)^2  (h normalised per group).
 # `neuqi` takes the exact optimal real zero point and a coarse-to-fine scale grid; `neuqi_int` takes the best
@@ -252,21 +253,11 @@ def _chunks(d_out: int, per_row: int):
     return range(0, d_out, step), step
 
 
-def _neuqi_check(spec, name):
-    if spec.opt("sym"):
-        from .errors import ConfigError
-        raise ConfigError(f"the {name} init chooses the zero point; it has no symmetric variant (drop 'sym')")
-
-
 def neuqi_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> UniformGrid:
     """NeUQI (the reference's grid2_s_best_zp): coarse scales s0*t/Tm (t = 1..Tm), then a fine pass of
     +-half a coarse step in steps s0/T around the best, each with its optimal real zero point."""
-    _neuqi_check(spec, "neuqi")
     maxq = 2 ** spec.bits - 1
-    coarse, fine = spec.opt("grid_coarse"), spec.opt("grid")
-    if fine % coarse:
-        from .errors import ConfigError
-        raise ConfigError(f"neuqi: grid ({fine}) must be a multiple of grid_coarse ({coarse})")
+    coarse, fine = spec.opt("grid_coarse"), spec.opt("grid")  # fine % coarse == 0: checked by the catalog
     h = group_weights(hdiag, W.shape[1], spec.group_size, spec.opt("hdiag_weight"), W.dtype)
     G = grouped(W, spec.group_size)
     scales, zeros = [], []
@@ -294,7 +285,6 @@ def neuqi_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> Unif
 def neuqi_int_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> UniformGrid:
     """NeUQI_int (the reference's grid_s_zp): scales s0*t/T, t = 1..T, each with its best integer zero point in
     0..Qmax."""
-    _neuqi_check(spec, "neuqi_int")
     maxq = 2 ** spec.bits - 1
     steps = spec.opt("grid")
     h = group_weights(hdiag, W.shape[1], spec.group_size, spec.opt("hdiag_weight"), torch.float64)

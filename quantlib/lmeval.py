@@ -24,21 +24,11 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, DataError
+from .metrics import LOWER_IS_BETTER, is_lower_better  # noqa: F401 (part of this module's interface)
 
 log = logging.getLogger("quantlib")
-
-# Metrics where lower is better; every other lm-eval metric (acc, acc_norm, exact_match, ...) is a fraction where
-# higher is better.
-LOWER_IS_BETTER = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
 # `datasets` loader for a local file, by suffix.
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
-
-
-def is_lower_better(metric: str) -> bool:
-    """For a table metric: perplexity datasets and perplexity-like task metrics are lower-is-better."""
-    if "." not in metric:
-        return True
-    return metric.partition(".")[2].split("|")[0] in LOWER_IS_BETTER
 
 
 _SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")

@@ -1,39 +1,29 @@
-"""The catalog of methods: every solver, parameter init and preprocessing stage, with the options that can
-appear in a short name. Pure Python (no torch) so the Snakefile can validate names cheaply; the implementation
-of each entry is imported lazily from its `impl` path.
+"""The catalog: every solver, parameter init, preprocessing stage, statistic and storage format, with what each one
+needs and the options a short name can carry. Pure Python (no torch), so the Snakefile validates names cheaply and
+every refusal of a combination happens when a name is parsed, before any job. Implementations are imported lazily
+from their `impl` paths ("module:attribute").
 
-A new method is one entry here plus one module under `quantlib/solvers/` (or `init.py`, `preprocess`).
+A method declares (docs/adding-a-method.md walks through each case):
+- `needs`: what it reads. `calibration` (token windows), `hessian` (each layer's input Hessian, captured by the
+  runner), `fp_targets` (the unquantized block's outputs), or the name of a statistic of the FP model (an artifact
+  of `rules/stats.smk`, listed in STATISTICS).
+- `mode` (solvers): `data_free`, `layer` (one layer, or layers sharing an input, at a time) or `block` (a whole
+  decoder block trained at once).
+- `takes_init` (solvers): whether the parameter init (min-max, NeUQI, ...) chooses its grid.
+- `format` (solvers): how its result is stored, a key of FORMATS (or a function of the spec).
+- `check(spec)`: refusals of combinations of settings, each a ConfigError with a one-line message.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import ConfigError
-
-_NUM_RE = r"-?[0-9]+(?:p[0-9]+)?(?:e-?[0-9]+)?"
-
-
-def format_number(value: float | int) -> str:
-    """Render a number for a name token: no dots (names are dot-separated), so 0.01 -> '0p01', 1e-05 -> '1e-05'."""
-    if isinstance(value, bool):
-        raise TypeError("booleans are flags, not numbers")
-    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    text = format(float(value), ".10g")
-    return text.replace("e-0", "e-").replace("e+0", "e").replace("e+", "e").replace(".", "p")
-
-
-def parse_number(text: str, kind: type) -> float | int:
-    value = float(text.replace("p", "."))
-    if kind is int:
-        if not value.is_integer():
-            raise ValueError(text)
-        return int(value)
-    return value
+from .names import NUMBER_RE, format_number, parse_number  # noqa: F401  (re-exported for older imports)
 
 
 @dataclass(frozen=True)
@@ -42,6 +32,7 @@ class Option:
 
     Booleans write `token` when the value differs from the default; numbers write `token` + the number.
     `default` may be a callable of the spec when it depends on other settings (e.g. on the group size).
+    `adds_needs`: what the spec reads in addition when the option is not at its default.
     """
 
     key: str
@@ -50,6 +41,7 @@ class Option:
     token: str
     help: str = ""
     choices: tuple | None = None
+    adds_needs: tuple[str, ...] = ()
 
     def default_for(self, spec) -> Any:
         return self.default(spec) if callable(self.default) else self.default
@@ -59,10 +51,13 @@ class Option:
             return self.token
         return f"{self.token}{format_number(value)}"
 
+    def pattern(self) -> str:
+        return re.escape(self.token) + ("" if self.kind is bool else f"(?:{NUMBER_RE})")
+
     def match(self, tok: str, spec_default: Any) -> tuple[bool, Any]:
         if self.kind is bool:
             return (tok == self.token, not spec_default)
-        m = re.fullmatch(re.escape(self.token) + f"({_NUM_RE})", tok)
+        m = re.fullmatch(re.escape(self.token) + f"({NUMBER_RE})", tok)
         if not m:
             return (False, None)
         return (True, parse_number(m.group(1), self.kind))
@@ -82,6 +77,9 @@ class Option:
             raise ConfigError(f"option '{self.key}' must be one of {list(self.choices)}, got {value!r}")
         return value
 
+    def describe(self) -> str:
+        return self.token if self.kind is bool else f"{self.token}<number>"
+
 
 @dataclass(frozen=True)
 class Component:
@@ -89,35 +87,95 @@ class Component:
 
     name: str
     kind: str  # "solver" | "init" | "preprocess"
-    impl: str  # "module:function", imported on first use
+    impl: str  # "module:attribute", imported on first use
     label: str
-    needs_hessian: bool
+    needs: tuple[str, ...] = ()
     options: tuple[Option, ...] = ()
     help: str = ""
-    # Solvers that do not use a uniform grid (codebooks, binary codes) do not take a parameter init.
-    uses_uniform_grid: bool = True
+    mode: str = "layer"  # solvers: "data_free" | "layer" | "block"
+    takes_init: bool = True  # solvers: the init chooses the grid
+    format: str | Callable[[Any], str] = "uniform"  # solvers: a key of FORMATS
+    check: Callable[[Any], None] | None = None
 
     def load(self) -> Callable:
-        module, _, attr = self.impl.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return load_impl(self.impl)
+
+    def format_for(self, spec) -> str:
+        return self.format(spec) if callable(self.format) else self.format
 
 
-# Options shared by every quantized spec.
-COMMON_OPTIONS: tuple[Option, ...] = (
-    Option("sym", False, bool, "sym", "symmetric grid (zero point fixed at the middle of the range)"),
-    Option("damp", 0.01, float, "damp", "Hessian damping, as a fraction of the mean of diag(H)"),
-    Option("true_sequential", True, bool, "noseq",
-           "take each subgroup's Hessian after quantizing the earlier subgroups of its block (off: all layers of a "
-           "block from one pass of the unquantized block, as GPTQ's OPT/BLOOM scripts do)"),
-)
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic of the unquantized model, computed once per model and calibration by `rules/stats.smk` and shared
+    by every method that needs it. `impl` computes it (`compute(model, tokens, out_dir, ...)`), `reader` opens a saved
+    artifact for the runner."""
+
+    name: str
+    impl: str
+    reader: str
+    label: str
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Format:
+    """A stored representation of a quantized layer: `impl` names its class (`from_tensors`, `to_tensors`, `meta`,
+    `dequantize`, `bits_per_weight`)."""
+
+    name: str
+    impl: str
+    label: str
+    help: str = ""
+
+    def load(self):
+        return load_impl(self.impl)
+
+
+def load_impl(impl: str):
+    """The object an `impl` path ("module:attribute") names, imported on first use."""
+    module, _, attr = impl.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
 
 SOLVERS: dict[str, Component] = {}
 INITS: dict[str, Component] = {}
 PREPROCESSORS: dict[str, Component] = {}
+STATISTICS: dict[str, Statistic] = {}
+FORMATS: dict[str, Format] = {}
 _REGISTRIES = {"solver": SOLVERS, "init": INITS, "preprocess": PREPROCESSORS}
 
-# Names that cannot be solvers, inits or preprocessors because they mean something else in a short name.
-RESERVED = {"fp"}
+# What a component can need besides statistics.
+NEEDS = {
+    "calibration": "calibration token windows",
+    "hessian": "each layer's input Hessian, captured by the runner from the calibration windows",
+    "fp_targets": "the unquantized block's outputs on the calibration windows (block-wise reconstruction)",
+}
+MODES = ("data_free", "layer", "block")
+
+# Names that cannot be methods because they mean something else in a short name.
+RESERVED = {"fp", "kd"}
+
+# Every option token in the catalog -> its option: one token means one setting everywhere.
+_TOKENS: dict[str, Option] = {}
+
+
+def _register_option(o: Option, owner: str) -> None:
+    known = _TOKENS.get(o.token)
+    if known is not None and (known.key, known.kind) != (o.key, o.kind):
+        raise ValueError(f"{owner}: option token '{o.token}' already means '{known.key}'")
+    for other in _TOKENS.values():
+        if other.key == o.key and other.token != o.token:
+            raise ValueError(f"{owner}: option '{o.key}' already has the token '{other.token}'")
+        # A rendered value of one option must never read as another option (e.g. a token that is another's prefix
+        # followed by a number).
+        if other.token != o.token and (re.fullmatch(other.pattern(), o.render(_sample(o)))
+                                       or re.fullmatch(o.pattern(), other.render(_sample(other)))):
+            raise ValueError(f"{owner}: option tokens '{o.token}' and '{other.token}' can be confused")
+    _TOKENS[o.token] = o
+
+
+def _sample(o: Option):
+    return True if o.kind is bool else o.kind(1)
 
 
 def register(component: Component) -> Component:
@@ -126,8 +184,29 @@ def register(component: Component) -> Component:
         raise ValueError(f"method name '{component.name}' is already taken")
     if not re.fullmatch(r"[a-z][a-z0-9_]*", component.name):
         raise ValueError(f"method name '{component.name}' must be lower case letters, digits and '_'")
+    if component.mode not in MODES:
+        raise ValueError(f"{component.name}: mode must be one of {MODES}")
+    for need in component.needs:
+        if need not in NEEDS and need not in STATISTICS:
+            raise ValueError(f"{component.name}: unknown need '{need}' (known: {', '.join([*NEEDS, *STATISTICS])})")
+    for o in component.options:
+        _register_option(o, component.name)
     registry[component.name] = component
     return component
+
+
+def register_statistic(stat: Statistic) -> Statistic:
+    if stat.name in STATISTICS or stat.name in NEEDS or not re.fullmatch(r"[a-z][a-z0-9_]*", stat.name):
+        raise ValueError(f"statistic name '{stat.name}' is taken or not lower case letters, digits and '_'")
+    STATISTICS[stat.name] = stat
+    return stat
+
+
+def register_format(fmt: Format) -> Format:
+    if fmt.name in FORMATS:
+        raise ValueError(f"format '{fmt.name}' is already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt
 
 
 def component(kind: str, name: str) -> Component:
@@ -137,15 +216,102 @@ def component(kind: str, name: str) -> Component:
     return registry[name]
 
 
+def format_entry(name: str) -> Format:
+    if name not in FORMATS:
+        raise ConfigError(f"unknown storage format '{name}'; known: {', '.join(sorted(FORMATS))}")
+    return FORMATS[name]
+
+
+def known_option(key: str) -> Option | None:
+    """The catalog's option with this key, if any."""
+    return next((o for o in _TOKENS.values() if o.key == key), None)
+
+
+def option_for_token(tok: str) -> Option | None:
+    """The catalog's option whose token (with a number, for numeric options) this is."""
+    for o in _TOKENS.values():
+        if re.fullmatch(o.pattern(), tok):
+            return o
+    return None
+
+
+# ------------------------------------------------------------------------------------ options of the contract
+# Options that follow from what a spec needs rather than from one method: the runner applies them, and they exist
+# only on specs they affect (so no two names build the same model).
+
+DAMP = Option("damp", 0.01, float, "damp", "Hessian damping, as a fraction of the mean of diag(H)")
+TRUE_SEQUENTIAL = Option(
+    "true_sequential", True, bool, "noseq",
+    "take each subgroup's Hessian after quantizing the earlier subgroups of its block (off: all layers of a block "
+    "from one pass of the unquantized block, as GPTQ's OPT/BLOOM scripts do)")
+FP_INPUTS = Option(
+    "fp_inputs", False, bool, "fpin",
+    "take every layer's Hessian from the unquantized model's own inputs (GuidedQuant's convention), a statistic "
+    "computed once per model and calibration and shared by all methods (off: from the already quantized prefix)",
+    adds_needs=("fp_hessian",))
+SYM = Option("sym", False, bool, "sym", "symmetric grid (zero point fixed at the middle of the range)")
+for _o in (DAMP, TRUE_SEQUENTIAL, FP_INPUTS, SYM):
+    _register_option(_o, "the runner")
+
+
+
+
+def block_training(epochs: int, lr: float, batch: int = 1, qdrop: float = 0.5) -> tuple[Option, ...]:
+    """The training options of a block-wise solver (read by `quantlib.blockwise`), with the method's defaults."""
+    return (
+        Option("epochs", epochs, int, "ep", "passes over the calibration windows per block"),
+        Option("lr", lr, float, "lr", "Adam's learning rate, decayed to 0 by a cosine schedule"),
+        Option("batch", batch, int, "bs", "calibration windows per training step"),
+        Option("qdrop", qdrop, float, "qdrop",
+               "probability that an input element comes from the quantized model's stream rather than the FP "
+               "model's (QDrop); 1: quantized inputs only"),
+    )
+
+
+def check_block_training(spec) -> None:
+    """Refusals common to every block-wise solver."""
+    if spec.opt("epochs") < 1:
+        raise ConfigError(f"{spec.solver}: epochs must be >= 1, got {spec.opt('epochs')}")
+    if spec.opt("lr") <= 0:
+        raise ConfigError(f"{spec.solver}: lr must be > 0, got {spec.opt('lr')}")
+    if not 0 <= spec.opt("qdrop") <= 1:
+        raise ConfigError(f"{spec.solver}: qdrop is a probability in [0, 1], got {spec.opt('qdrop')}")
+    if spec.opt("batch") < 1:
+        raise ConfigError(f"{spec.solver}: batch must be >= 1, got {spec.opt('batch')}")
+    if spec.calib is not None and spec.opt("batch") > spec.calib.nsamples:
+        raise ConfigError(f"{spec.solver}: batch ({spec.opt('batch')}) is larger than the {spec.calib.nsamples} "
+                          "calibration windows")
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+register_statistic(Statistic(
+    "fp_hessian", "quantlib.stats:capture_fp_hessians", "quantlib.stats:FPHessians", "input Hessians of the FP model",
+    help="H = mean of x x^T over the calibration tokens, for every quantized layer, with the inputs propagated "
+         "through the unquantized model",
+))
+
+
+# ------------------------------------------------------------------------------------------------- formats
+
+register_format(Format("uniform", "quantlib.formats.uniform:UniformQuantized", "uniform grid",
+                       help="b-bit codes packed LSB-first in int32 words per row, a scale and zero per (row, group)"))
+register_format(Format("uniform_outliers", "quantlib.formats.outliers:OutlierQuantized", "uniform + outliers",
+                       help="uniform codes plus full-precision float16 outliers (CSR entries or whole columns)"))
+register_format(Format("spqr", "quantlib.formats.spqr:SpqrQuantized", "SpQR",
+                       help="uniform codes in small groups whose scales and zeros are themselves quantized (SpQR's "
+                            "second level), plus float16 outliers"))
+
+
 # ---------------------------------------------------------------------------------------------- the catalog
 
 register(Component(
-    "minmax", "init", "quantlib.init:minmax_init", "min-max", needs_hessian=False,
+    "minmax", "init", "quantlib.init:minmax_init", "min-max", options=(SYM,),
     help="scale and integer zero point from the range of each group, 0 always inside the range (GPTQ's quantizer)",
 ))
 
 register(Component(
-    "rtn", "solver", "quantlib.solvers.rtn:solve", "RTN", needs_hessian=False,
+    "rtn", "solver", "quantlib.solvers.rtn:solve", "RTN", mode="data_free",
     help="round to nearest on the initialised grid",
 ))
 
@@ -153,39 +319,62 @@ _ACT_ORDER = Option("act_order", True, bool, "noreorder",
                     "process columns by decreasing diag(H) (GPTQ's act order, NeUQI's H reorder); groups stay static")
 
 register(Component(
-    "ldlq", "solver", "quantlib.solvers.ldlq:solve", "LDLQ", needs_hessian=True,
+    "ldlq", "solver", "quantlib.solvers.ldlq:solve", "LDLQ", needs=("hessian",),
     options=(_ACT_ORDER,),
     help="GPTQ-equivalent error feedback through the LDL factorisation of H",
 ))
 
-# NeUQI's inits (algorithms.md 2.3). Both weight each group's error by diag(H) unless told not to, so they need the
-# Hessian even under RTN. Defaults are the reference's (grid_mid_tot_steps 64, grid_tot_steps 2048).
+
+# NeUQI's inits (NeUQI, Lin et al. 2025, section 3). Both weight each group's error by diag(H) unless told not to,
+# so they need the Hessian even under RTN. Defaults are the released code's (64 coarse, 2048 fine scale steps).
 _HDIAG_WEIGHT = Option("hdiag_weight", True, bool, "unweighted",
                        "weight each column's error by diag(H), normalised per group (the reference's "
                        "--enable_H_diag_weight); off: uniform weights")
 _GRID = Option("grid", 2048, int, "grid", "number of fine scale steps T: candidate scales are multiples of s0/T")
 
+
+def _check_neuqi(spec) -> None:
+    fine, coarse = spec.opt("grid"), spec.opt("grid_coarse")
+    if coarse < 1 or fine < 1:
+        raise ConfigError(f"neuqi: grid ({fine}) and grid_coarse ({coarse}) must be positive")
+    if fine % coarse:
+        raise ConfigError(f"neuqi: grid ({fine}) must be a multiple of grid_coarse ({coarse})")
+
+
+def _check_neuqi_int(spec) -> None:
+    if spec.opt("grid") < 1:
+        raise ConfigError(f"neuqi_int: grid must be positive, got {spec.opt('grid')}")
+
+
 register(Component(
-    "neuqi", "init", "quantlib.init:neuqi_init", "NeUQI", needs_hessian=True,
+    "neuqi", "init", "quantlib.init:neuqi_init", "NeUQI", needs=("hessian",),
     options=(_HDIAG_WEIGHT, _GRID,
              Option("grid_coarse", 64, int, "coarse", "coarse scale steps Tm of the coarse-to-fine search")),
+    check=_check_neuqi,
     help="coarse-to-fine scale search with the optimal real zero point per scale (reference: grid2_s_best_zp)",
 ))
 
 register(Component(
-    "neuqi_int", "init", "quantlib.init:neuqi_int_init", "NeUQI_int", needs_hessian=True,
-    options=(_HDIAG_WEIGHT, _GRID),
+    "neuqi_int", "init", "quantlib.init:neuqi_int_init", "NeUQI_int", needs=("hessian",),
+    options=(_HDIAG_WEIGHT, _GRID), check=_check_neuqi_int,
     help="scale search on T steps with the best integer zero point in 0..Qmax per scale (reference: grid_s_zp)",
 ))
 
+
+def _check_magr(spec) -> None:
+    if spec.opt("magr_alpha") <= 0 or spec.opt("magr_iters") < 1:
+        raise ConfigError("magr: magr_alpha must be > 0 and magr_iters >= 1")
+
+
 register(Component(
-    "magr", "preprocess", "quantlib.preprocess:magr", "MagR", needs_hessian=True,
+    "magr", "preprocess", "quantlib.preprocess:magr", "MagR", needs=("hessian",),
     options=(
         # The reference's enable_magr_only defaults: 1e-3 per channel, 1e-4 with groups.
-        Option("magr_alpha", lambda spec: 1e-3 if spec.group_size == -1 else 1e-4, float, "alpha",
-               "weight of the l-infinity penalty per (row, group)"),
-        Option("magr_iters", 150, int, "iters", "proximal gradient iterations"),
+        Option("magr_alpha", lambda spec: 1e-3 if spec.group_size == -1 else 1e-4, float, "malpha",
+               "weight of MagR's l-infinity penalty per (row, group)"),
+        Option("magr_iters", 150, int, "iters", "MagR's proximal gradient iterations"),
     ),
+    check=_check_magr,
     help="weight magnitude reduction: proximal gradient on the layer output error plus an l-infinity penalty",
 ))
 
@@ -196,28 +385,67 @@ _QUANTEASE_CORE = (
            "accelerated schedule (Algorithm 2): every third sweep before the last four is left unrounded"),
 )
 
+
+def _check_quantease(spec) -> None:
+    if spec.opt("iterations") < 1:
+        raise ConfigError(f"{spec.solver}: iterations must be >= 1, got {spec.opt('iterations')}")
+
+
+def _check_quantease_outliers(spec) -> None:
+    _check_quantease(spec)
+    frac = spec.opt("outliers")
+    if not 0 <= frac < 1:
+        raise ConfigError(f"quantease: outliers is a fraction of the weights in [0, 1), got {frac}")
+    if frac == 0:
+        for key in ("structured", "outlier_step"):
+            if key in dict(spec.options):
+                raise ConfigError(f"quantease: '{key}' applies only with outliers (set outliers > 0, e.g. "
+                                  f"outliers: 0.01), or drop it")
+    elif spec.opt("outlier_step") <= 0:
+        raise ConfigError(f"quantease: outlier_step must be > 0, got {spec.opt('outlier_step')}")
+
+
 register(Component(
-    "quantease", "solver", "quantlib.solvers.quantease:solve", "QuantEase", needs_hessian=True,
+    "quantease", "solver", "quantlib.solvers.quantease:solve", "QuantEase", needs=("hessian",),
+    format=lambda spec: "uniform_outliers" if spec.opt("outliers") > 0 else "uniform",
     options=_QUANTEASE_CORE + (
         Option("outliers", 0.0, float, "ol",
                "fraction of weights kept in full precision (Algorithm 3): unstructured entries, or whole input "
                "columns with `structured`"),
         Option("structured", False, bool, "cols", "outliers are whole input columns (needs outliers > 0)"),
-        Option("alpha", 1.0, float, "alpha", "step of the outliers' hard-thresholding step, times 1/(2 lambda_max(H))"),
+        Option("outlier_step", 1.0, float, "olstep",
+               "step of the outliers' hard-thresholding step, times 1/(2 lambda_max(H)) (the paper's alpha)"),
     ),
+    check=_check_quantease_outliers,
     help="cyclic coordinate descent on tr((W - W_hat) H (W - W_hat)^T) over the grid, from W_hat = W",
 ))
 
 register(Component(
-    "gptq_quantease", "solver", "quantlib.solvers.quantease:solve_gptq", "GPTQ+QuantEase", needs_hessian=True,
-    options=_QUANTEASE_CORE,
+    "gptq_quantease", "solver", "quantlib.solvers.quantease:solve_gptq", "GPTQ+QuantEase", needs=("hessian",),
+    options=_QUANTEASE_CORE, check=_check_quantease,
     help="QuantEase sweeps started from the LDLQ (= GPTQ) solution and grid",
 ))
 
+
+def _check_spqr(spec) -> None:
+    if spec.opt("stat_group") < 1:
+        raise ConfigError(f"spqr: stat_group must be a positive number of rows, got {spec.opt('stat_group')}")
+    threshold = spec.opt("outlier_threshold")
+    if spec.opt("keep_outliers") and not (0 < threshold < math.inf):
+        raise ConfigError(f"spqr: outlier_threshold must be a positive finite number, got {threshold}; for no "
+                          "outliers set keep_outliers: false")
+    if not spec.opt("keep_outliers"):
+        for key in ("outlier_threshold", "loo"):
+            if key in dict(spec.options):
+                raise ConfigError(f"spqr: '{key}' has no effect without outliers (keep_outliers: false); drop it")
+    if spec.group_size != -1 and spec.group_size < 2 and spec.opt("keep_outliers") and spec.opt("loo"):
+        raise ConfigError("spqr: the leave-one-out outlier rule needs groups of at least 2 columns")
+
+
 register(Component(
-    "spqr", "solver", "quantlib.solvers.spqr:solve", "SpQR", needs_hessian=True,
+    "spqr", "solver", "quantlib.solvers.spqr:solve", "SpQR", needs=("hessian",),
     # SpQR's own quantizer (tight range, real zero point) fitted per small group: no parameter init to choose.
-    uses_uniform_grid=False,
+    takes_init=False, format="spqr",
     options=(
         _ACT_ORDER,
         Option("stat_bits", 3, int, "qq", "bits of every per-row scale and zero of a group (SpQR's qq_scale_bits = "
@@ -232,5 +460,6 @@ register(Component(
                "fit each group's statistics without its likely outliers, found by the leave-one-out error reduction "
                "(off: SpQR's simplified_outliers, as the QuantEase code calls SpQR)"),
     ),
+    check=_check_spqr,
     help="GPTQ/LDLQ error feedback with small groups, quantized statistics and unstructured full-precision outliers",
 ))

@@ -48,28 +48,52 @@ def _compute(compute: dict):
         compute.get("attn_implementation", "auto"), device)
 
 
-def quantize(name: str, model_dir, calib_pt, out_dir, compute: dict, calib_json=None) -> None:
-    from .export import save_quantized
+def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None:
+    """Quantize the model named by `name`. `inputs` maps each artifact the spec reads (`QuantSpec.inputs()`: the
+    calibration windows and their manifest, statistics of the FP model) to its path."""
+    from .export import CheckpointWriter
     from .runner import quantize_model
+    from .stats import open_statistic
 
     spec = QuantSpec.parse(name)
     # Checks that need only config.json come before any weight or data is loaded.
     check_group_size_fits(read_config(model_dir), spec.group_size, spec.model)
-    torch.manual_seed(compute.get("seed", 0))
+    missing = sorted(set(spec.inputs()) - set(inputs))
+    if missing:
+        raise ValueError(f"{name} reads {missing}, which were not given")
+    seed = compute.get("seed", 0)
+    torch.manual_seed(seed)
     device, dtype, attn = _compute(compute)
     t0 = time.time()
+    statistics = {stat: open_statistic(stat, inputs[stat], spec) for stat in spec.statistics()}
     model = load_model(model_dir, dtype, attn)
-    tokens = torch.load(calib_pt) if spec.needs_hessian else None
-    report = quantize_model(model, spec, tokens, device=device,
-                            chunk_tokens=compute.get("calib_chunk_tokens", 65536))
+    tokens = torch.load(inputs["calib"]) if "calib" in inputs else None
+    writer = CheckpointWriter()
+    report = quantize_model(model, spec, tokens, device=device, chunk_tokens=compute.get("calib_chunk_tokens", 65536),
+                            statistics=statistics, on_layer=writer.add, seed=seed,
+                            streams=compute.get("block_streams", "memory"))
     extra = {"compute": {"device": device, "dtype": str(dtype), "attn": attn,
                          "threads": torch.get_num_threads()}, "total_seconds": None}
-    if calib_json:
+    if inputs.get("calib_json"):
         import json
-        extra["calibration"] = {k: v for k, v in json.loads(Path(calib_json).read_text()).items() if k != "draws"}
+        extra["calibration"] = {k: v for k, v in json.loads(Path(inputs["calib_json"]).read_text()).items()
+                                if k != "draws"}
     extra["total_seconds"] = round(time.time() - t0, 2)
-    save_quantized(model, spec, report, out_dir, model_dir, extra)
+    writer.save(model, spec, report, out_dir, model_dir, extra)
     log.info("%s quantized in %.1fs", name, time.time() - t0)
+
+
+def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute: dict) -> None:
+    """Compute statistic `stat` of the FP model on the calibration windows `calib_name` (an artifact shared by every
+    method that needs it)."""
+    from .stats import compute_statistic
+
+    model_key, _ = parse_calib_name(calib_name)
+    device, dtype, attn = _compute(compute)
+    model = load_model(model_dir, dtype, attn)
+    tokens = torch.load(calib_pt)
+    compute_statistic(stat, model, tokens, out_dir, calib_name, model_key, device=device,
+                      chunk_tokens=compute.get("calib_chunk_tokens", 65536))
 
 
 def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs: dict, compute: dict,

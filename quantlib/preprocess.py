@@ -1,14 +1,14 @@
 """Weight preprocessing run before the solver, on each subgroup of layers that shares a Hessian.
 
-Signature: `preprocess(W, H, spec, layer) -> W'` with W (d_out, d_in) float32 and H the undamped mean Hessian.
-The solver then quantizes W'; the runner still measures the layer error against the original W.
+Signature: `preprocess(W, task) -> W'` with W (d_out, d_in) float32 and `task` the layer's LayerTask (its prepared
+Hessian is the one the solver gets next). The solver then quantizes W'; the runner still measures the layer error
+against the original W.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .hessian import damp_until_pd, fix_dead_columns
 from .init import grouped
 
 
@@ -41,13 +41,13 @@ def prox_linf(v: torch.Tensor, alpha: float, top: int = 8) -> torch.Tensor:
     return torch.where(small, torch.zeros_like(v), v.clamp(-level, level))
 
 
-def magr(W: torch.Tensor, H: torch.Tensor, spec, layer: str) -> torch.Tensor:
-    """MagR (algorithms.md 2.5): minimise 1/2 tr((V - W) Hn (V - W)^T) + alpha * sum over (row, group) of
+def magr(W: torch.Tensor, task) -> torch.Tensor:
+    """MagR (Zhang et al. 2024, "MagR: Weight Magnitude Reduction for Enhancing Post-Training Quantization"): minimise 1/2 tr((V - W) Hn (V - W)^T) + alpha * sum over (row, group) of
     ||v||_inf by proximal gradient from V = W, with Hn = H_damped / lambda_max (so a unit step is safe).
     It lowers the largest magnitudes of each group while keeping the layer's output close."""
-    H, _ = fix_dead_columns(H)
-    Hd, _, _ = damp_until_pd(H, spec.opt("damp"), layer)
-    Hd = Hd.to(W.dtype)
+    spec, hess = task.spec, task.hessian
+    hess.ensure_positive_definite()  # settles the damping; the factor is kept for the solver
+    Hd = hess.matrix().to(W.dtype)
     Hn = Hd / torch.linalg.eigvalsh(Hd.double())[-1].to(W.dtype)
     alpha = spec.opt("magr_alpha")
     V = W.clone()

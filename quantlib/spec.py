@@ -7,21 +7,20 @@ Grammar (dot-separated; defaults are left out so names stay short and stable):
     calib = {dataset}.n{nsamples}.L{seqlen}[.s{seed}]
 
 e.g. `llama-2-7b.c4.n128.L2048.ldlq.neuqi.w3g128`, `smollm2-135m.rtn.w4g64` (RTN needs no calibration).
-The names are Snakemake wildcards: the file tree under results/ is the experiment table.
+The names are Snakemake wildcards: the file tree under results/ is the experiment table. Tokens and paths are
+rendered by `quantlib.names`; what each method needs and which options it takes come from `quantlib.methods`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from . import methods
+from . import methods, names
 from .errors import ConfigError
-
-MODEL_KEY_RE = r"[a-z0-9][a-z0-9_.-]*"
-DATASET_KEY_RE = r"[a-z0-9][a-z0-9_-]*"
-_BITS_RE = re.compile(r"w([0-9]+)(?:g([0-9]+))?")
+from .names import (DATASET_KEY_RE, MODEL_KEY_RE, TASK_KEY_RE, lmeval_protocol_name,  # noqa: F401  (re-exports)
+                    parse_lmeval_protocol, parse_ppl_protocol, ppl_protocol_name)
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,10 @@ class CalibSpec:
     def short_name(self) -> str:
         name = f"{self.dataset}.n{self.nsamples}.L{self.seqlen}"
         return name + (f".s{self.seed}" if self.seed else "")
+
+
+# What makes a spec read calibration windows (the data of the name's calibration part).
+_DATA_NEEDS = {"calibration", "hessian", "fp_targets"}
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,14 @@ class QuantSpec:
             if options:
                 raise ConfigError("the unquantized model ('fp') takes no options")
             return replace(spec, calib=None, bits=None, group_size=-1)
-        if not spec.needs_hessian:
+        spec._check_components()
+        if not spec.uses_calibration:
             spec = replace(spec, calib=None)
         known = spec.option_defs()
         clean = {}
         for key, value in (options or {}).items():
             if key not in known:
-                raise ConfigError(f"unknown option '{key}' for {spec.describe()}; allowed: {', '.join(sorted(known)) or 'none'}")
+                raise ConfigError(spec._not_applicable(methods.known_option(key), f"option '{key}'"))
             value = known[key].coerce(value)
             if value != known[key].default_for(spec):
                 clean[key] = value
@@ -84,23 +88,39 @@ class QuantSpec:
         spec.validate()
         return spec
 
+    def _check_components(self) -> None:
+        methods.component("solver", self.solver)
+        methods.component("init", self.init)
+        for p in self.preprocess:
+            methods.component("preprocess", p)
+
     def validate(self) -> None:
+        """Every refusal of a setting or a combination, with a one-line message (before any job runs)."""
         if not re.fullmatch(MODEL_KEY_RE, self.model):
             raise ConfigError(f"model key '{self.model}' must match {MODEL_KEY_RE}")
         if self.solver == "fp":
             return
+        self._check_components()
         solver = methods.component("solver", self.solver)
-        methods.component("init", self.init)
-        for p in self.preprocess:
-            methods.component("preprocess", p)
         if self.bits is None or not 2 <= self.bits <= 8:
             raise ConfigError(f"bits must be between 2 and 8, got {self.bits}")
         if self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"group_size must be -1 (per channel) or a positive integer, got {self.group_size}")
-        if not solver.uses_uniform_grid and self.init != "minmax":
-            raise ConfigError(f"solver '{self.solver}' does not use a uniform grid, so it takes no init (got '{self.init}')")
-        if self.needs_hessian and self.calib is None:
+        if not solver.takes_init and self.init != "minmax":
+            raise ConfigError(f"solver '{self.solver}' chooses its own grid, so it takes no init (got '{self.init}')")
+        if self.preprocess and self.mode == "block":
+            raise ConfigError(f"preprocessors ({', '.join(self.preprocess)}) run before a layer-wise solver; "
+                              f"'{self.solver}' is block-wise")
+        if self.uses_calibration and self.calib is None:
             raise ConfigError(f"{self.describe()} needs calibration data, and the spec has none")
+        if "fp_inputs" in self.option_defs() and self.opt("fp_inputs") and not self.opt("true_sequential"):
+            raise ConfigError("'noseq' has no effect with 'fpin' (every Hessian comes from the unquantized model); "
+                              "drop one of them")
+        if self.mode == "block":
+            methods.check_block_training(self)
+        for comp in self.components():
+            if comp.check:
+                comp.check(self)
 
     # ------------------------------------------------------------------ derived facts
     @property
@@ -108,20 +128,83 @@ class QuantSpec:
         return self.solver == "fp"
 
     def components(self) -> list[methods.Component]:
+        """Preprocessors, the solver and (when the solver takes one) the init."""
         if self.is_fp:
             return []
-        return ([methods.component("preprocess", p) for p in self.preprocess]
-                + [methods.component("solver", self.solver), methods.component("init", self.init)])
+        solver = methods.component("solver", self.solver)
+        out = [methods.component("preprocess", p) for p in self.preprocess] + [solver]
+        if solver.takes_init:
+            out.append(methods.component("init", self.init))
+        return out
+
+    def _component_needs(self) -> set[str]:
+        return {n for c in self.components() for n in c.needs}
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Everything the spec reads: the components' needs and those of options set away from their default."""
+        out = self._component_needs()
+        for key, _ in self.options:
+            out.update(self.option_defs()[key].adds_needs)
+        return frozenset(out)
 
     @property
     def needs_hessian(self) -> bool:
-        return any(c.needs_hessian for c in self.components())
+        return "hessian" in self._component_needs()
+
+    @property
+    def mode(self) -> str:
+        """How the runner walks the model: `block` (block-wise solver), `layer` (Hessian-based) or `data_free`."""
+        if self.is_fp:
+            return "data_free"
+        if methods.component("solver", self.solver).mode == "block":
+            return "block"
+        return "layer" if self.needs_hessian else "data_free"
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether the spec depends on calibration data (then its name carries the calibration)."""
+        needs = self._component_needs()
+        return bool(needs & _DATA_NEEDS) or any(n in methods.STATISTICS for n in needs)
+
+    def statistics(self) -> list[str]:
+        """Statistics artifacts of the FP model that the spec reads, in catalog order."""
+        return [s for s in methods.STATISTICS if s in self.needs]
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether the quantize job reads the calibration windows themselves (not only statistics made from them)."""
+        if self.mode == "block" or "calibration" in self.needs:
+            return True
+        return self.needs_hessian and not self.opt("fp_inputs")
+
+    @property
+    def format(self) -> str:
+        return methods.component("solver", self.solver).format_for(self)
+
+    def inputs(self) -> dict[str, str]:
+        """The artifacts the quantize job reads, {kind: path}; the model itself comes from the config."""
+        if self.calib is None:
+            return {}
+        calib = self.calib_name()
+        out = {"calib_json": names.calibration_manifest_path(calib)}
+        if self.needs_tokens:
+            out["calib"] = names.calibration_path(calib)
+        for stat in self.statistics():
+            out[stat] = names.stats_path(stat, calib)
+        return out
 
     def option_defs(self) -> dict[str, methods.Option]:
-        defs = {o.key: o for o in methods.COMMON_OPTIONS}
+        """The options this spec takes: its components' own, plus the runner's where they have an effect."""
+        defs = {}
         for comp in self.components():
             for o in comp.options:
                 defs[o.key] = o
+        if self.needs_hessian:
+            defs[methods.DAMP.key] = methods.DAMP
+            if self.mode == "layer":
+                defs[methods.TRUE_SEQUENTIAL.key] = methods.TRUE_SEQUENTIAL
+                defs[methods.FP_INPUTS.key] = methods.FP_INPUTS
         return defs
 
     def opt(self, key: str) -> Any:
@@ -131,10 +214,23 @@ class QuantSpec:
             raise KeyError(f"{self.describe()} has no option '{key}'")
         return dict(self.options).get(key, defs[key].default_for(self))
 
+    def opt_or(self, key: str, default: Any) -> Any:
+        """The value of an option, or `default` when the spec does not take it."""
+        return self.opt(key) if key in self.option_defs() else default
+
     def describe(self) -> str:
         if self.is_fp:
             return f"unquantized {self.model}"
-        return f"{'+'.join(self.preprocess + (self.solver,))} ({self.init} init)"
+        solver = methods.component("solver", self.solver)
+        init = f" ({self.init} init)" if solver.takes_init else ""
+        return f"{'+'.join(self.preprocess + (self.solver,))}{init}"
+
+    def _not_applicable(self, known: methods.Option | None, what: str) -> str:
+        takes = ", ".join(sorted(o.describe() for o in self.option_defs().values())) or "none"
+        if known is None:
+            return f"unknown {what} for {self.describe()}; it takes: {takes}"
+        short = re.split(r", | \(|: ", known.help)[0]
+        return f"{what} ({short}) does not apply to {self.describe()}; it takes: {takes}"
 
     # ------------------------------------------------------------------ names
     def short_name(self) -> str:
@@ -147,7 +243,7 @@ class QuantSpec:
         parts.append(self.solver)
         if self.init != "minmax":
             parts.append(self.init)
-        parts.append(f"w{self.bits}" + (f"g{self.group_size}" if self.group_size > 0 else ""))
+        parts.append(names.setting_token(self.bits, self.group_size))
         defs = self.option_defs()
         parts.extend(defs[key].render(value) for key, value in self.options)
         return ".".join(parts)
@@ -202,6 +298,7 @@ def _parse_quantized(name: str, tokens: list[str]) -> QuantSpec:
     def fail(why: str):
         raise ConfigError(f"cannot read short name '{name}': {why}")
 
+    known_solvers = ", ".join(sorted(methods.SOLVERS))
     found = _find_calib(tokens)
     if found is not None:
         start, pos, calib = found
@@ -211,7 +308,7 @@ def _parse_quantized(name: str, tokens: list[str]) -> QuantSpec:
         # Without calibration the model key ends where the first method name begins.
         pos = next((i for i, t in enumerate(tokens) if i > 0 and (t in methods.SOLVERS or t in methods.PREPROCESSORS)), None)
         if pos is None:
-            fail(f"no solver named; known solvers: {', '.join(sorted(methods.SOLVERS))}")
+            fail(f"no solver named; known solvers: {known_solvers}")
         model_tokens = tokens[:pos]
     if not model_tokens:
         fail("no model key before the method")
@@ -221,60 +318,42 @@ def _parse_quantized(name: str, tokens: list[str]) -> QuantSpec:
         pos += 1
     if pos >= len(tokens) or tokens[pos] not in methods.SOLVERS:
         got = tokens[pos] if pos < len(tokens) else "nothing"
-        fail(f"expected a solver at '{got}'; known solvers: {', '.join(sorted(methods.SOLVERS))}")
+        fail(f"expected a solver at '{got}'; known solvers: {known_solvers}")
     solver = tokens[pos]
     pos += 1
     init = "minmax"
     if pos < len(tokens) and tokens[pos] in methods.INITS:
         init = tokens[pos]
         pos += 1
-    if pos >= len(tokens) or not (m := _BITS_RE.fullmatch(tokens[pos])):
-        fail("expected bits and group as 'w{bits}' or 'w{bits}g{group}' after the method")
-    bits, group = int(m.group(1)), int(m.group(2)) if m.group(2) else -1
+    if pos >= len(tokens) or names.parse_setting(tokens[pos]) is None:
+        got = tokens[pos] if pos < len(tokens) else "nothing"
+        # A word in the init's place is most likely a misspelt init.
+        if pos < len(tokens) and re.fullmatch(r"[a-z][a-z_]*", got):
+            fail(f"'{got}' is not an init (known: {', '.join(sorted(methods.INITS))}) nor a setting "
+                 "'w{bits}' or 'w{bits}g{group}'")
+        fail(f"expected bits and group as 'w{{bits}}' or 'w{{bits}}g{{group}}' after the method, got '{got}'")
+    bits, group = names.parse_setting(tokens[pos])
     pos += 1
     base = QuantSpec(model=".".join(model_tokens), solver=solver, bits=bits, group_size=group, init=init,
                      preprocess=tuple(preprocess), calib=calib)
+    try:
+        base._check_components()
+    except ConfigError as exc:
+        fail(str(exc))
     defs = base.option_defs()
     options: dict[str, Any] = {}
     for tok in tokens[pos:]:
         hits = [(o.key, v) for o in defs.values() for ok, v in [o.match(tok, o.default_for(base))] if ok]
         if len(hits) != 1:
-            fail(f"unknown option token '{tok}'; this method takes: "
-                 + ", ".join(sorted(o.render(o.default_for(base)) if o.kind is bool else o.token + "<number>"
-                                    for o in defs.values())))
+            fail(base._not_applicable(methods.option_for_token(tok), f"option token '{tok}'"))
         key, value = hits[0]
         if key in options:
             fail(f"option '{key}' given twice")
         options[key] = value
-    if calib is not None and not base.needs_hessian:
+    if calib is not None and not base.uses_calibration:
         fail(f"{base.describe()} uses no calibration data; drop '.{calib.short_name()}'")
-    return QuantSpec.build(model=base.model, solver=solver, bits=bits, group_size=group, init=init,
-                           preprocess=preprocess, calib=calib, options=options)
-
-
-def ppl_protocol_name(dataset: str, seqlen: int, max_windows: int | None) -> str:
-    """Names the perplexity protocol in result paths, e.g. `wikitext2.L512.nw40`."""
-    return f"{dataset}.L{seqlen}" + (f".nw{max_windows}" if max_windows else "")
-
-
-def parse_ppl_protocol(name: str) -> tuple[str, int, int | None]:
-    m = re.fullmatch(rf"({DATASET_KEY_RE})\.L([0-9]+)(?:\.nw([0-9]+))?", name)
-    if not m:
-        raise ConfigError(f"'{name}' is not a perplexity protocol name ({{dataset}}.L{{seqlen}}[.nw{{windows}}])")
-    return m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None
-
-
-# lm-eval task and group names as lm-eval spells them (no dots: dots separate the parts of a protocol name).
-TASK_KEY_RE = r"[A-Za-z0-9][A-Za-z0-9_-]*"
-
-
-def lmeval_protocol_name(task: str, num_fewshot: int, limit: int | None) -> str:
-    """Names an lm-eval evaluation in result paths, e.g. `arc_easy.0shot.lim25`, `mmlu.5shot`."""
-    return f"{task}.{num_fewshot}shot" + (f".lim{limit}" if limit else "")
-
-
-def parse_lmeval_protocol(name: str) -> tuple[str, int, int | None]:
-    m = re.fullmatch(rf"({TASK_KEY_RE})\.([0-9]+)shot(?:\.lim([0-9]+))?", name)
-    if not m:
-        raise ConfigError(f"'{name}' is not an lm-eval protocol name ({{task}}.{{shots}}shot[.lim{{limit}}])")
-    return m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None
+    try:
+        return QuantSpec.build(model=base.model, solver=solver, bits=bits, group_size=group, init=init,
+                               preprocess=preprocess, calib=calib, options=options)
+    except ConfigError as exc:
+        fail(str(exc))

@@ -16,8 +16,8 @@ import pandas as pd
 
 from .errors import DataError
 from .io import atomic_file
-from .lmeval import LOWER_IS_BETTER as _LOWER_TASK_METRICS
-from .lmeval import is_lower_better  # noqa: F401 (part of this module's interface)
+from .metrics import LOWER_IS_BETTER as _LOWER_TASK_METRICS
+from .metrics import is_lower_better  # noqa: F401 (part of this module's interface)
 
 LOWER_IS_BETTER = {"ppl"}
 

@@ -1,4 +1,5 @@
-# Expansion of the config into short names and paths; every helper here is a thin call into quantlib.config.
+# Expansion of the config into short names and paths; every helper here is a thin call into quantlib (names and
+# path templates: quantlib.names; what a spec reads: QuantSpec.inputs(); the config: quantlib.config).
 
 import sys
 
@@ -6,7 +7,8 @@ from snakemake.exceptions import WorkflowError
 
 from quantlib.config import Experiment, check_sources
 from quantlib.errors import QuantlibError
-from quantlib.spec import MODEL_KEY_RE, DATASET_KEY_RE, QuantSpec, parse_calib_name, parse_ppl_protocol
+from quantlib.names import DATASET_KEY_RE, MODEL_KEY_RE, PATHS, STAT_RE, evaldata_path, parse_ppl_protocol
+from quantlib.spec import QuantSpec, parse_calib_name
 
 try:
     EXP = Experiment(config)
@@ -27,6 +29,7 @@ wildcard_constraints:
     model=MODEL_KEY_RE,
     dataset=DATASET_KEY_RE,
     seqlen=r"[0-9]+",
+    stat=STAT_RE,
     # A quantized model's short name (never the unquantized "{model}.fp").
     name=r"[a-z0-9][A-Za-z0-9_.-]*(?<!\.fp)",
     anyname=r"[a-z0-9][A-Za-z0-9_.-]*",
@@ -37,8 +40,16 @@ wildcard_constraints:
 TABLE_FORMATS = ["md", "csv", "tex", "png"]
 
 
+def spec_of(name):
+    """The spec of a short name from a target or wildcard; a bad name stops the DAG with its one-line reason."""
+    try:
+        return QuantSpec.parse(name)
+    except QuantlibError as exc:
+        sys.exit(f"Error: {exc}")
+
+
 def all_tables():
-    return expand("results/tables/{table}.{ext}", table=EXP.default_tables(), ext=TABLE_FORMATS)
+    return expand(PATHS.tables, table=EXP.default_tables(), ext=TABLE_FORMATS)
 
 
 def model_params_b(model):
@@ -68,46 +79,51 @@ def calib_dataset_cfg(wildcards):
 
 
 def quantize_inputs(wildcards):
-    spec = QuantSpec.parse(wildcards.name)
-    inputs = {"model": EXP.model_path(spec.model)}
-    if spec.needs_hessian:
-        inputs["calib"] = f"results/calibration/{spec.calib_name()}.pt"
-        inputs["calib_json"] = f"results/calibration/{spec.calib_name()}.json"
-    return inputs
+    """The model and whatever the spec's catalog entries say it reads (calibration, statistics artifacts)."""
+    spec = spec_of(wildcards.name)
+    return {"model": EXP.model_path(spec.model), **spec.inputs()}
 
 
 def quantize_mem(wildcards):
-    return mem_mb_for(QuantSpec.parse(wildcards.name).model, 3)
+    return mem_mb_for(spec_of(wildcards.name).model, 3)
 
 
 def quantize_runtime(wildcards):
-    return runtime_for(QuantSpec.parse(wildcards.name).model, 10, 60)
+    return runtime_for(spec_of(wildcards.name).model, 10, 60)
+
+
+def stats_model(wildcards):
+    return EXP.model_path(parse_calib_name(wildcards.calib)[0])
+
+
+def stats_mem(wildcards):
+    return mem_mb_for(parse_calib_name(wildcards.calib)[0], 3)
 
 
 def ppl_runtime(wildcards):
-    return runtime_for(QuantSpec.parse(wildcards.anyname).model, 5, 30)
+    return runtime_for(spec_of(wildcards.anyname).model, 5, 30)
 
 
 def lmeval_runtime(wildcards):
     # Every task of the config in one job: on a 2-core CPU ~10 min for 6 tasks x 25 documents of a 135M model.
-    return runtime_for(QuantSpec.parse(wildcards.anyname).model, 20, 60)
+    return runtime_for(spec_of(wildcards.anyname).model, 20, 60)
 
 
 def ppl_inputs(wildcards):
-    spec = QuantSpec.parse(wildcards.anyname)
+    spec = spec_of(wildcards.anyname)
     model = model_input(wildcards)
     windows = {}
     for protocol in EXP.ppl_protocols():
         dataset, seqlen, _ = parse_ppl_protocol(protocol)
-        windows[protocol] = f"results/evaldata/{spec.model}/{dataset}.L{seqlen}.pt"
+        windows[protocol] = evaldata_path(spec.model, dataset, seqlen)
     return {"model": model, **windows}
 
 
 def ppl_mem(wildcards):
-    return mem_mb_for(QuantSpec.parse(wildcards.anyname).model, 3)
+    return mem_mb_for(spec_of(wildcards.anyname).model, 3)
 
 
 def model_input(wildcards):
     """The model a {anyname} evaluation reads: the resources checkpoint ({model}.fp) or a quantized directory."""
-    spec = QuantSpec.parse(wildcards.anyname)
-    return EXP.model_path(spec.model) if spec.is_fp else f"results/quantized/{spec.short_name()}"
+    spec = spec_of(wildcards.anyname)
+    return EXP.model_path(spec.model) if spec.is_fp else EXP.quantized_path(spec)

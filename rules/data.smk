@@ -8,13 +8,13 @@ localrules:
 
 rule fetch_model:
     output:
-        directory(f"{RES}/models/{{model}}"),
+        directory(PATHS.models.format(resources=RES, model="{model}")),
     params:
         cfg=lambda wc: EXP.model_cfg(wc.model),
     log:
-        "results/logs/fetch_model/{model}.log",
+        PATHS.log("fetch_model", "{model}"),
     benchmark:
-        "results/benchmarks/fetch_model/{model}.tsv"
+        PATHS.benchmark("fetch_model", "{model}")
     threads: TORCH_THREADS
     resources:
         mem_mb=lambda wc: mem_mb_for(wc.model, 2),
@@ -28,13 +28,13 @@ rule fetch_model:
 
 rule fetch_dataset:
     output:
-        f"{RES}/datasets/{{dataset}}.parquet",
+        PATHS.datasets.format(resources=RES, dataset="{dataset}"),
     params:
         cfg=lambda wc: EXP.dataset_cfg(wc.dataset),
     log:
-        "results/logs/fetch_dataset/{dataset}.log",
+        PATHS.log("fetch_dataset", "{dataset}"),
     benchmark:
-        "results/benchmarks/fetch_dataset/{dataset}.tsv"
+        PATHS.benchmark("fetch_dataset", "{dataset}")
     threads: 1
     resources:
         mem_mb=4000,
@@ -50,14 +50,14 @@ rule calibration:
     input:
         unpack(calib_inputs),
     output:
-        tokens="results/calibration/{calib}.pt",
-        manifest="results/calibration/{calib}.json",
+        tokens=PATHS.calibration,
+        manifest=PATHS.calibration_manifest,
     params:
         dataset_cfg=calib_dataset_cfg,
     log:
-        "results/logs/calibration/{calib}.log",
+        PATHS.log("calibration", "{calib}"),
     benchmark:
-        "results/benchmarks/calibration/{calib}.tsv"
+        PATHS.benchmark("calibration", "{calib}")
     threads: 1
     resources:
         mem_mb=4000,
@@ -70,16 +70,16 @@ rule calibration:
 
 rule eval_windows:
     input:
-        model=f"{RES}/models/{{model}}",
-        dataset=f"{RES}/datasets/{{dataset}}.parquet",
+        model=PATHS.models.format(resources=RES, model="{model}"),
+        dataset=PATHS.datasets.format(resources=RES, dataset="{dataset}"),
     output:
-        "results/evaldata/{model}/{dataset}.L{seqlen}.pt",
+        PATHS.evaldata,
     params:
         dataset_cfg=lambda wc: EXP.dataset_cfg(wc.dataset),
     log:
-        "results/logs/eval_windows/{model}/{dataset}.L{seqlen}.log",
+        PATHS.log("eval_windows", "{model}/{dataset}.L{seqlen}"),
     benchmark:
-        "results/benchmarks/eval_windows/{model}/{dataset}.L{seqlen}.tsv"
+        PATHS.benchmark("eval_windows", "{model}/{dataset}.L{seqlen}")
     threads: 1
     resources:
         mem_mb=4000,

@@ -9,16 +9,16 @@ rule perplexity:
     input:
         unpack(ppl_inputs),
     output:
-        [f"results/ppl/{protocol}/{{anyname}}.json" for protocol in EXP.ppl_protocols()],
+        [PATHS.ppl.format(protocol=protocol, anyname="{anyname}") for protocol in EXP.ppl_protocols()],
     params:
         protocols=EXP.ppl_protocols(),
-        dataset_cfgs=EXP.cfg["datasets"],
-        compute=EXP.cfg["compute"],
+        dataset_cfgs=EXP.ppl_dataset_cfgs(),
+        compute=EXP.compute_params("evaluate"),
         batch_size=EXP.cfg["perplexity"]["batch_size"],
     log:
-        "results/logs/perplexity/{anyname}.log",
+        PATHS.log("perplexity", "{anyname}"),
     benchmark:
-        "results/benchmarks/perplexity/{anyname}.tsv"
+        PATHS.benchmark("perplexity", "{anyname}")
     threads: TORCH_THREADS
     resources:
         mem_mb=ppl_mem,
@@ -38,15 +38,15 @@ if EXP.lmeval_protocols():
         input:
             model=model_input,
         output:
-            [f"results/lmeval/{protocol}/{{anyname}}.json" for protocol in EXP.lmeval_protocols()],
+            [PATHS.lmeval.format(protocol=protocol, anyname="{anyname}") for protocol in EXP.lmeval_protocols()],
         params:
             protocols=EXP.lmeval_protocols(),
             lmeval=EXP.lmeval_params(),
-            compute=EXP.cfg["compute"],
+            compute=EXP.compute_params("evaluate"),
         log:
-            "results/logs/lmeval/{anyname}.log",
+            PATHS.log("lmeval", "{anyname}"),
         benchmark:
-            "results/benchmarks/lmeval/{anyname}.tsv"
+            PATHS.benchmark("lmeval", "{anyname}")
         threads: TORCH_THREADS
         resources:
             mem_mb=ppl_mem,

@@ -7,22 +7,22 @@ rule table:
         lambda wc: EXP.table_inputs(wc.table),
     output:
         md=report(
-            "results/tables/{table}.md",
+            PATHS.tables.format(table="{table}", ext="md"),
             caption="../report/table.rst",
             category="Paper tables",
             subcategory="{table}",
             labels={"table": "{table}", "file": "Markdown"},
         ),
         csv=report(
-            "results/tables/{table}.csv",
+            PATHS.tables.format(table="{table}", ext="csv"),
             caption="../report/table.rst",
             category="Paper tables",
             subcategory="{table}",
             labels={"table": "{table}", "file": "CSV (long format)"},
         ),
-        tex="results/tables/{table}.tex",
+        tex=PATHS.tables.format(table="{table}", ext="tex"),
         png=report(
-            "results/tables/{table}.png",
+            PATHS.tables.format(table="{table}", ext="png"),
             caption="../report/plot.rst",
             category="Paper tables",
             subcategory="{table}",
@@ -31,9 +31,9 @@ rule table:
     params:
         table=lambda wc: EXP.table_params(wc.table),
     log:
-        "results/logs/table/{table}.log",
+        PATHS.log("table", "{table}"),
     benchmark:
-        "results/benchmarks/table/{table}.tsv"
+        PATHS.benchmark("table", "{table}")
     threads: 1
     resources:
         mem_mb=2000,
@@ -51,19 +51,19 @@ rule benchmark_summary:
         all_tables(),
     output:
         csv=report(
-            "results/benchmarks/summary.csv",
+            PATHS.benchmark_summary.format(ext="csv"),
             caption="../report/benchmarks.rst",
             category="Benchmarks",
             labels={"file": "per-job CSV"},
         ),
         png=report(
-            "results/benchmarks/summary.png",
+            PATHS.benchmark_summary.format(ext="png"),
             caption="../report/benchmarks.rst",
             category="Benchmarks",
             labels={"file": "per-rule plot"},
         ),
     log:
-        "results/logs/benchmark_summary.log",
+        PATHS.log("benchmark_summary", "summary"),
     threads: 1
     resources:
         mem_mb=2000,

@@ -119,7 +119,7 @@ def test_env_pins_agree_with_pyproject_and_the_tested_versions(env_file):
 
 
 # Rules that hold a model on a GPU under profiles/slurm; lmeval exists on another branch (it is ready when it lands).
-GPU_RULES = {"quantize", "perplexity", "lmeval"}
+GPU_RULES = {"quantize", "stats", "perplexity", "lmeval"}
 
 
 def test_slurm_profiles_cover_every_torch_rule():

@@ -9,6 +9,7 @@ from conftest import requires_assets
 from quantlib.errors import ConfigError
 from quantlib.init import _IntZeroSearch, _loss, group_weights, init_grid, optimal_zero, weighted_error
 from quantlib.preprocess import magr, prox_linf
+from quantlib.solvers import LayerSolver
 from quantlib.spec import CalibSpec, QuantSpec
 
 CAL = CalibSpec("c4", 8, 16)
@@ -114,8 +115,9 @@ def test_diag_weighting_changes_the_objective():
 
 def test_neuqi_rejects_symmetric_grids():
     W, hdiag = layer(4, 64, seed=0)
-    with pytest.raises(ConfigError, match="no symmetric variant"):
-        init_grid(W, spec("neuqi", 3, 32, sym=True), hdiag)
+    for init in ("neuqi", "neuqi_int"):  # they choose the zero point: 'sym' is refused when the name is built
+        with pytest.raises(ConfigError, match=f"'sym' .*does not apply to ldlq .{init} init."):
+            spec(init, 3, 32, sym=True)
 
 
 @pytest.mark.parametrize("alpha", [1e-3, 0.3, 3.0, 100.0])  # few, many (full sort), most and all entries clipped
@@ -147,7 +149,7 @@ def test_magr_reduces_max_magnitude_and_keeps_the_output(gs):
     W = torch.randn(32, d_in, generator=g) * 0.02
     W[:, 3] *= 8  # outliers, what MagR is for
     s = QuantSpec.build("m", "ldlq", 3, gs, preprocess=["magr"], calib=CAL, options={"magr_alpha": 1e-2})
-    V = magr(W, H, s, "test")
+    V = magr(W, LayerSolver(s).task(H, "test"))
     def gmax(M):
         return M.reshape(32, -1, d_in if gs == -1 else gs).abs().amax(-1)
     assert (gmax(V) < gmax(W)).all() and gmax(V).mean() < 0.9 * gmax(W).mean()
@@ -175,7 +177,7 @@ def test_runner_measures_error_against_original_weights(monkeypatch):
     "m.c4.n8.L16.ldlq.neuqi_int.w2.grid256",
     "m.c4.n8.L16.ldlq.neuqi.w2g128.grid1024.coarse32.unweighted",
     "m.c4.n8.L16.magr.ldlq.w3g64",
-    "m.c4.n8.L16.magr.ldlq.neuqi.w3.alpha0p01.iters50",
+    "m.c4.n8.L16.magr.ldlq.neuqi.w3.malpha0p01.iters50",
     "m.c4.n8.L16.rtn.neuqi.w4g64",
 ])
 def test_new_short_names_round_trip(name):
@@ -187,7 +189,7 @@ def test_short_name_defaults():
     s = QuantSpec.build("m", "ldlq", 3, 64, preprocess=["magr"], calib=CAL, options={"magr_alpha": 1e-4})
     assert s.short_name() == "m.c4.n8.L16.magr.ldlq.w3g64"  # 1e-4 is the grouped default
     s = QuantSpec.build("m", "ldlq", 3, -1, preprocess=["magr"], calib=CAL, options={"magr_alpha": 1e-4})
-    assert s.short_name() == "m.c4.n8.L16.magr.ldlq.w3.alpha0p0001"  # per channel the default is 1e-3
+    assert s.short_name() == "m.c4.n8.L16.magr.ldlq.w3.malpha0p0001"  # per channel the default is 1e-3
     # the diag-weighted init needs the Hessian even with RTN
     assert QuantSpec.build("m", "rtn", 4, 64, "neuqi", calib=CAL).calib == CAL
 

@@ -6,10 +6,12 @@ import torch
 
 from conftest import build_tokenizer, calib_tokens, quantize_save_reload, requires_assets, tiny_model
 from test_solvers import correlated_problem
+from quantlib.errors import ConfigError
 from quantlib.hessian import add_damping, fix_dead_columns, layer_error
-from quantlib.quantizer import FORMATS, ColumnOutliers, OutlierQuantized, SparseOutliers
+from quantlib.formats.outliers import ColumnOutliers, OutlierQuantized, SparseOutliers
+from quantlib.methods import FORMATS
 from quantlib.runner import quantize_model
-from quantlib.solvers import ldlq, quantease
+from quantlib.solvers import solve_layer
 from quantlib.spec import CalibSpec, QuantSpec
 
 CAL = CalibSpec("c4", 8, 16)
@@ -33,14 +35,14 @@ def quantized_steps(result):
 def test_objective_never_increases_between_quantized_sweeps(gs, act_order):
     W, H = correlated_problem(d_out=24, d_in=96)
     s = spec(gs=gs, act_order=act_order, relax=False, iterations=8)
-    result = quantease.solve(W, H, s, "layer")
+    result = solve_layer(W, H, s, "layer")
     trace = result.stats["cd_objective"]
     assert all(b <= a * (1 + 1e-12) for a, b in zip(trace, trace[1:])), trace
     assert trace[-1] < trace[0]  # the sweeps do something
     # the per-step bookkeeping agrees with the objective of the returned weight
     assert layer_error(W, result.weight, damped(H, s)) == pytest.approx(result.stats["cd_final"], rel=1e-9)
     # the accelerated schedule: relaxed sweeps at 1, 4, ... and every quantized-after-quantized step is monotone
-    accel = quantease.solve(W, H, spec(gs=gs, act_order=act_order, iterations=30), "layer")
+    accel = solve_layer(W, H, spec(gs=gs, act_order=act_order, iterations=30), "layer")
     assert accel.stats["cd_relaxed"] == [1, 4, 7, 10, 13, 16, 19, 22, 25]
     assert all(b <= a * (1 + 1e-12) for a, b in quantized_steps(accel))
 
@@ -50,7 +52,7 @@ def test_result_is_coordinate_wise_optimal():
     nearest grid point to each coordinate's unconstrained minimiser is the weight itself."""
     W, H = correlated_problem(d_out=16, d_in=48, seed=3)
     s = spec(bits=2, gs=16, relax=False, iterations=60)
-    result = quantease.solve(W, H, s, "layer")
+    result = solve_layer(W, H, s, "layer")
     Hd = damped(H, s)
     u = result.weight + ((W - result.weight) @ Hd) / torch.diagonal(Hd)
     grid = result.rep.grid
@@ -62,8 +64,8 @@ def test_result_is_coordinate_wise_optimal():
 def test_gptq_quantease_starts_at_ldlq_and_ends_below(gs, act_order):
     W, H = correlated_problem(d_out=32, d_in=128, seed=gs + 7)
     s = spec("gptq_quantease", gs=gs, act_order=act_order, iterations=10)
-    start = ldlq.solve(W, H, spec("ldlq", gs=gs, act_order=act_order), "layer")
-    result = quantease.solve_gptq(W, H, s, "layer")
+    start = solve_layer(W, H, spec("ldlq", gs=gs, act_order=act_order), "layer")
+    result = solve_layer(W, H, s, "layer")
     Hd = damped(H, s)
     f_ldlq = layer_error(W, start.weight, Hd)
     assert result.stats["cd_start"] == pytest.approx(f_ldlq, rel=1e-9)
@@ -76,9 +78,9 @@ def test_gptq_quantease_starts_at_ldlq_and_ends_below(gs, act_order):
 def test_outliers_lower_the_objective_and_are_counted(structured):
     W, H = correlated_problem(d_out=32, d_in=200, seed=1)
     W[3, 17] = 25.0  # a real outlier that stretches the row's range
-    plain = quantease.solve(W, H, spec(iterations=10), "layer")
+    plain = solve_layer(W, H, spec(iterations=10), "layer")
     s = spec(iterations=10, outliers=0.01, structured=structured)
-    result = quantease.solve(W, H, s, "layer")
+    result = solve_layer(W, H, s, "layer")
     Hd = damped(H, s)
     assert layer_error(W, result.weight, Hd) < 0.9 * layer_error(W, plain.weight, Hd)
     rep = result.rep
@@ -90,7 +92,7 @@ def test_outliers_lower_the_objective_and_are_counted(structured):
     assert rep.bits_per_weight > plain.rep.bits_per_weight + (0.32 if not structured else 0.16)
     assert torch.equal(result.weight, rep.dequantize())
     # the hard-thresholding step keeps quantized-after-quantized sweeps monotone too
-    mono = quantease.solve(W, H, spec(iterations=6, outliers=0.01, structured=structured, relax=False), "layer")
+    mono = solve_layer(W, H, spec(iterations=6, outliers=0.01, structured=structured, relax=False), "layer")
     trace = mono.stats["cd_objective"]
     assert all(b <= a * (1 + 1e-9) for a, b in zip(trace, trace[1:])), trace
 
@@ -120,10 +122,10 @@ def test_outlier_representations_select_rows():
 
 
 @pytest.mark.parametrize("options", [{}, {"iterations": 10}, {"outliers": 0.01}, {"outliers": 0.005, "structured": True},
-                                     {"relax": False, "act_order": False}, {"alpha": 0.5, "outliers": 0.02}])
+                                     {"relax": False, "act_order": False}, {"outlier_step": 0.5, "outliers": 0.02}])
 @pytest.mark.parametrize("solver", ["quantease", "gptq_quantease"])
 def test_short_names_round_trip(solver, options):
-    if solver == "gptq_quantease" and ({"outliers", "alpha", "structured"} & set(options)):
+    if solver == "gptq_quantease" and ({"outliers", "outlier_step", "structured"} & set(options)):
         pytest.skip("outliers are a QuantEase option")
     s = spec(solver, gs=64, **options)
     assert QuantSpec.parse(s.short_name()) == s
@@ -131,10 +133,12 @@ def test_short_names_round_trip(solver, options):
     assert ".it" not in spec(solver).short_name()  # the default 30 iterations is not written
 
 
-def test_structured_needs_a_fraction():
-    W, H = correlated_problem(d_out=8, d_in=32)
-    with pytest.raises(ValueError, match="outliers > 0"):
-        quantease.solve(W, H, spec(structured=True), "layer")
+def test_outlier_settings_need_a_fraction():
+    for options in ({"structured": True}, {"outlier_step": 0.5}):
+        with pytest.raises(ConfigError, match="applies only with outliers"):
+            spec(**options)
+    with pytest.raises(ConfigError, match=r"fraction of the weights in \[0, 1\)"):
+        spec(outliers=1.5)
 
 
 @pytest.mark.parametrize("family", ["bloom", "falcon"])
@@ -201,10 +205,10 @@ def test_gptq_quantease_not_worse_than_ldlq_on_real_layers():
         for gs in (-1, 64):
             s = spec("gptq_quantease", gs=gs)
             Hd = damped(H, s)
-            f_ldlq = layer_error(W, ldlq.solve(W, H, spec("ldlq", gs=gs), name).weight, Hd)
-            result = quantease.solve_gptq(W, H, s, name)
+            f_ldlq = layer_error(W, solve_layer(W, H, spec("ldlq", gs=gs), name).weight, Hd)
+            result = solve_layer(W, H, s, name)
             assert result.stats["cd_start"] == pytest.approx(f_ldlq, rel=1e-4)
             assert layer_error(W, result.weight, Hd) <= f_ldlq * (1 + 1e-6)
-            plain = layer_error(W, quantease.solve(W, H, spec(gs=gs), name).weight, Hd)
-            outl = layer_error(W, quantease.solve(W, H, spec(gs=gs, outliers=0.01), name).weight, Hd)
+            plain = layer_error(W, solve_layer(W, H, spec(gs=gs), name).weight, Hd)
+            outl = layer_error(W, solve_layer(W, H, spec(gs=gs, outliers=0.01), name).weight, Hd)
             assert outl < plain

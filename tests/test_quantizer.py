@@ -5,7 +5,7 @@ import torch
 
 from quantlib.errors import ConfigError
 from quantlib.init import minmax_params
-from quantlib.quantizer import UniformGrid, UniformQuantized, check_group_size, pack_codes, unpack_codes
+from quantlib.formats.uniform import UniformGrid, UniformQuantized, check_group_size, pack_codes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

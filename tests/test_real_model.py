@@ -10,7 +10,7 @@ from quantlib.data import calibration_windows, eval_windows, fetch_dataset, read
 from quantlib.evaluate import perplexity
 from quantlib.hessian import HessianAccumulator, layer_error
 from quantlib.models import fetch_model, load_model, load_tokenizer
-from quantlib.solvers import ldlq, rtn
+from quantlib.solvers import solve_layer
 from quantlib.spec import CalibSpec, QuantSpec
 
 pytestmark = [pytest.mark.slow, requires_assets]
@@ -52,6 +52,6 @@ def test_ldlq_beats_rtn_on_real_layers(smol, tmp_path):
     for key, lin in layers.items():
         W, H = lin.weight.detach().float(), accs[key].result()
         for bits, gs in ((3, -1), (3, 64), (4, 64)):
-            e_ldlq = layer_error(W, ldlq.solve(W, H, QuantSpec.build("m", "ldlq", bits, gs, calib=cal), key).weight, H)
-            e_rtn = layer_error(W, rtn.solve(W, None, QuantSpec.build("m", "rtn", bits, gs), key).weight, H)
+            e_ldlq = layer_error(W, solve_layer(W, H, QuantSpec.build("m", "ldlq", bits, gs, calib=cal), key).weight, H)
+            e_rtn = layer_error(W, solve_layer(W, None, QuantSpec.build("m", "rtn", bits, gs), key).weight, H)
             assert e_ldlq < 0.9 * e_rtn, (key, bits, gs, e_ldlq, e_rtn)

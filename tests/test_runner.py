@@ -26,12 +26,12 @@ def test_every_linear_is_quantized_onto_its_grid(family):
     report = quantize_model(model, spec, calib_tokens(), progress=False)
     adapter = adapter_for(model)
     n_linears = sum(len(g) for g in adapter.subgroups) * len(adapter.block_list(model))
-    assert len(report.layers) == len(report.stored) == n_linears
+    assert len(report.layers) == len(report.reps) == n_linears
     state = model.state_dict()
-    from quantlib.quantizer import FORMATS
-    for layer, (meta, tensors) in report.stored.items():
-        rep = FORMATS[meta["format"]].from_tensors(meta, tensors)
-        assert torch.equal(rep.dequantize(), state[f"{layer}.weight"]), layer
+    from quantlib.formats import load_representation
+    for layer, rep in report.reps.items():
+        stored = load_representation(rep.meta(), rep.to_tensors())  # the packed form decodes to the same weights
+        assert torch.equal(stored.dequantize(), state[f"{layer}.weight"]), layer
         assert report.layers[layer]["rel_error"] < 0.2
     with torch.no_grad():
         assert torch.isfinite(model(calib_tokens(2)).logits).all()
@@ -54,7 +54,7 @@ def test_one_pass_and_chunked_passes_agree(family):
 def _o_proj_from_fp_inputs(spec):
     """Block 0's o_proj quantized from the inputs of the *unquantized* block."""
     from quantlib.hessian import HessianAccumulator
-    from quantlib.solvers import ldlq
+    from quantlib.solvers import solve_layer
 
     ref = tiny_model("llama")
     o_proj = ref.model.layers[0].self_attn.o_proj
@@ -65,7 +65,7 @@ def _o_proj_from_fp_inputs(spec):
     h.remove()
     acc = HessianAccumulator(64)
     acc.add(captured["x"])
-    return ldlq.solve(o_proj.weight.detach().float(), acc.result(), spec, "o").weight
+    return solve_layer(o_proj.weight.detach().float(), acc.result(), spec, "o").weight
 
 
 @pytest.mark.parametrize("chunk_tokens", [10_000, 64])

@@ -8,7 +8,7 @@ import torch
 
 from quantlib.errors import NumericalError
 from quantlib.hessian import HessianAccumulator, damp_until_pd, gram, layer_error
-from quantlib.solvers import ldlq, rtn
+from quantlib.solvers import solve_layer
 from quantlib.spec import CalibSpec, QuantSpec
 
 CAL = CalibSpec("c4", 8, 16)
@@ -50,7 +50,7 @@ def gptq_reference(W, H, grid, act_order, damp=0.01):
 def test_ldlq_equals_gptq(bits, gs, act_order):
     W, H = correlated_problem(seed=bits + gs)
     spec = QuantSpec.build("m", "ldlq", bits, gs, calib=CAL, options={"act_order": act_order})
-    result = ldlq.solve(W, H, spec, "layer")
+    result = solve_layer(W, H, spec, "layer")
     ref = gptq_reference(W, H, result.rep.grid, act_order)
     # float64: exact up to rare ties in rounding
     mismatch = (result.weight - ref).abs() > 1e-9
@@ -61,15 +61,15 @@ def test_ldlq_equals_gptq(bits, gs, act_order):
 @pytest.mark.parametrize("bits,gs", [(2, -1), (3, -1), (3, 32), (4, 64)])
 def test_ldlq_objective_below_rtn_on_correlated_inputs(bits, gs):
     W, H = correlated_problem(seed=bits)
-    e_ldlq = layer_error(W, ldlq.solve(W, H, QuantSpec.build("m", "ldlq", bits, gs, calib=CAL), "l").weight, H)
-    e_rtn = layer_error(W, rtn.solve(W, None, QuantSpec.build("m", "rtn", bits, gs), "l").weight, H)
+    e_ldlq = layer_error(W, solve_layer(W, H, QuantSpec.build("m", "ldlq", bits, gs, calib=CAL), "l").weight, H)
+    e_rtn = layer_error(W, solve_layer(W, None, QuantSpec.build("m", "rtn", bits, gs), "l").weight, H)
     assert e_ldlq < 0.8 * e_rtn
 
 
 def test_act_order_keeps_static_groups():
     """With H reorder the codes of each column still use the grid of the column's original group."""
     W, H = correlated_problem(d_in=64)
-    res = ldlq.solve(W, H, QuantSpec.build("m", "ldlq", 3, 16, calib=CAL), "l")
+    res = solve_layer(W, H, QuantSpec.build("m", "ldlq", 3, 16, calib=CAL), "l")
     assert torch.allclose(res.rep.dequantize(), res.weight)
     assert res.rep.grid.scale.shape == (W.shape[0], 4)
 
@@ -79,7 +79,7 @@ def test_non_pd_hessian_is_recovered_with_a_warning(caplog):
     H = H - 0.02 * torch.diagonal(H).mean() * torch.eye(64, dtype=H.dtype)  # and indefinite
     spec = QuantSpec.build("m", "ldlq", 4, -1, calib=CAL)
     with caplog.at_level(logging.WARNING, logger="quantlib"):
-        res = ldlq.solve(W, H, spec, "model.layers.0.mlp.down_proj")
+        res = solve_layer(W, H, spec, "model.layers.0.mlp.down_proj")
     assert torch.isfinite(res.weight).all()
     assert res.stats["damp"] > 0.01
     assert "model.layers.0.mlp.down_proj" in caplog.text and "not positive definite" in caplog.text
@@ -98,7 +98,7 @@ def test_dead_inputs_are_rounded_not_nan():
     W, H = correlated_problem(d_in=64)
     H[5, :] = 0
     H[:, 5] = 0
-    res = ldlq.solve(W, H, QuantSpec.build("m", "ldlq", 4, -1, calib=CAL), "l")
+    res = solve_layer(W, H, QuantSpec.build("m", "ldlq", 4, -1, calib=CAL), "l")
     assert res.stats["dead_columns"] == 1 and torch.isfinite(res.weight).all()
 
 

@@ -12,8 +12,11 @@ from test_solvers import correlated_problem
 from quantlib.errors import ConfigError
 from quantlib.hessian import add_damping, fix_dead_columns, layer_error
 from quantlib.init import minmax_params
-from quantlib.quantizer import OutlierQuantized, UniformGrid, UniformQuantized, group_index
-from quantlib.solvers import ldlq, rtn, spqr
+from quantlib.formats.spqr import SpqrQuantized
+from quantlib.formats.uniform import UniformGrid, group_index
+from quantlib.hessian import PreparedHessian
+from quantlib.loops import ErrorFeedback
+from quantlib.solvers import solve_layer, spqr
 from quantlib.spec import CalibSpec, QuantSpec
 
 CAL = CalibSpec("c4", 8, 16)
@@ -30,20 +33,20 @@ def damped(H, s):
 def test_below_rtn_and_outliers_grow_as_the_threshold_falls():
     W, H = correlated_problem(d_out=48, d_in=128, seed=2)
     Hd = damped(H, spec())
-    e_rtn = layer_error(W, rtn.solve(W, None, spec("rtn"), "l").weight, Hd)
-    plain = spqr.solve(W, H, spec(keep_outliers=False), "l")
+    e_rtn = layer_error(W, solve_layer(W, None, spec("rtn"), "l").weight, Hd)
+    plain = solve_layer(W, H, spec(keep_outliers=False), "l")
     assert layer_error(W, plain.weight, Hd) < 0.8 * e_rtn
     counts, errors = [], []
     for threshold in (0.5, 0.2, 0.1, 0.05):
-        result = spqr.solve(W, H, spec(outlier_threshold=threshold), "l")
-        assert isinstance(result.rep, OutlierQuantized)
+        result = solve_layer(W, H, spec(outlier_threshold=threshold), "l")
+        assert isinstance(result.rep, SpqrQuantized) and result.rep.outliers is not None
         assert torch.equal(result.weight, result.rep.dequantize())
         counts.append(result.rep.outliers.count)
         errors.append(layer_error(W, result.weight, Hd))
     assert counts == sorted(counts) and counts[0] < counts[-1] and counts[0] > 0, counts
     assert errors == sorted(errors, reverse=True), errors
     assert errors[1] < 0.9 * layer_error(W, plain.weight, Hd)  # the default 0.2 keeps outliers that matter
-    assert spqr.solve(W, H, spec(), "l").rep.outliers.count == counts[1]  # 0.2 is the default
+    assert solve_layer(W, H, spec(), "l").rep.outliers.count == counts[1]  # 0.2 is the default
 
 
 def gptq_dynamic_groups(W, H, bits, gs, act_order, damp=0.01):
@@ -70,8 +73,9 @@ def gptq_dynamic_groups(W, H, bits, gs, act_order, damp=0.01):
 @pytest.mark.parametrize("gs,act_order", [(16, False), (32, False), (16, True)])
 def test_without_outliers_and_quantized_stats_it_is_gptq_with_dynamic_groups(gs, act_order):
     W, H = correlated_problem(d_out=32, d_in=96, seed=gs)
-    result = spqr.solve(W, H, spec(gs=gs, keep_outliers=False, stat_bits=16, act_order=act_order), "l")
-    assert isinstance(result.rep, UniformQuantized) and result.rep.bits_per_weight == 3 + 32 / gs
+    result = solve_layer(W, H, spec(gs=gs, keep_outliers=False, stat_bits=16, act_order=act_order), "l")
+    assert isinstance(result.rep, SpqrQuantized) and result.rep.outliers is None
+    assert result.rep.bits_per_weight == 3 + 32 / gs
     ref = gptq_dynamic_groups(W, H, 3, gs, act_order)
     assert ((result.weight - ref).abs() > 1e-9).float().mean() < 1e-3  # float64: exact up to rare rounding ties
     assert layer_error(W, result.weight, H) == pytest.approx(layer_error(W, ref, H), rel=1e-6)
@@ -84,11 +88,13 @@ def test_per_channel_without_outliers_is_ldlq_on_spqrs_grid(act_order):
     group up front on W while SpQR fits each on the error-fed values when the loop reaches it.)"""
     W, H = correlated_problem(d_out=24, d_in=64, seed=5)
     s = spec(gs=-1, keep_outliers=False, stat_bits=16, act_order=act_order)
-    result = spqr.solve(W, H, s, "l")
+    result = solve_layer(W, H, s, "l")
     grid = UniformGrid(*minmax_params(W, 3, -1, False, tight=True), 3, -1)
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(64)
-    U, _ = ldlq.unit_upper_factor(H[perm][:, perm], s.opt("damp"), "l")
-    assert torch.equal(result.rep.codes, ldlq.ldlq_codes(W, U, grid, perm))
+    hess = PreparedHessian(H, s.opt("damp"), act_order, "l")
+    U, _ = hess.ldl()
+    project = grid.projection(hess.perm)
+    ErrorFeedback(W, U, hess.perm).run(project)
+    assert torch.equal(result.rep.codes, project.codes())
     assert torch.allclose(result.rep.grid.scale, grid.scale)
 
 
@@ -113,16 +119,16 @@ def test_leave_one_out_reduction_equals_brute_force():
 
 def test_statistics_are_on_a_3_bit_grid_and_counted():
     W, H = correlated_problem(d_out=48, d_in=64, seed=4)
-    result = spqr.solve(W, H, spec(keep_outliers=False), "l")
+    result = solve_layer(W, H, spec(keep_outliers=False), "l")
     grid = result.rep.grid
     for stat in (grid.scale, grid.zero):
         for rows in stat.split(16):  # beta2 = 16 rows, every group of columns
             assert all(len(torch.unique(col)) <= 8 for col in rows.T)
     # SpQR's count: 3 + (3 + 3) / 16 + 2 (16 + 16) / (16 * 16)
     assert result.rep.bits_per_weight == pytest.approx(3.625)
-    fine = spqr.solve(W, H, spec(keep_outliers=False, stat_bits=16), "l")
+    fine = solve_layer(W, H, spec(keep_outliers=False, stat_bits=16), "l")
     assert layer_error(W, fine.weight, H) < layer_error(W, result.weight, H)  # quantizing statistics costs something
-    with_outliers = spqr.solve(W, H, spec(), "l").rep
+    with_outliers = solve_layer(W, H, spec(), "l").rep
     d_out, d_in = W.shape
     assert with_outliers.bits_per_weight == pytest.approx(
         3.625 + (32 * with_outliers.outliers.count + 32 * (d_out + 1)) / (d_out * d_in))
@@ -130,10 +136,12 @@ def test_statistics_are_on_a_3_bit_grid_and_counted():
 
 def test_bad_settings_are_refused():
     W, H = correlated_problem(d_out=16, d_in=32)
-    with pytest.raises(ConfigError, match="sym"):
-        spqr.solve(W, H, spec(sym=True), "l")
+    with pytest.raises(ConfigError, match="'sym' .*does not apply to spqr"):
+        spec(sym=True)
     with pytest.raises(ConfigError, match="keep_outliers"):
-        spqr.solve(W, H, spec(outlier_threshold=math.inf), "l")
+        spec(outlier_threshold=math.inf)
+    with pytest.raises(ConfigError, match="no effect without outliers"):
+        spec(keep_outliers=False, outlier_threshold=0.1)
     with pytest.raises(ConfigError, match="one of"):
         spec(stat_bits=12)
     with pytest.raises(ConfigError, match="init"):
@@ -146,7 +154,7 @@ def test_round_trip_gives_identical_logits(tmp_path):
     model = tiny_model("llama")
     s = QuantSpec.build("m", "spqr", 3, 16, calib=CalibSpec("c4", 8, 32))
     _, layers, diag = quantize_save_reload(model, s, tok_dir, tmp_path / "q")
-    assert all(m["format"] == "uniform_outliers" and m["stat_bits"] == 3 and m["stat_group"] == 16
+    assert all(m["format"] == "spqr" and m["stat_bits"] == 3 and m["stat_group"] == 16 and m["outliers"]
                for m in layers.values())
     assert all(d["bits_per_weight"] > 3.625 for d in diag["layers"].values())
     assert any(d["outlier_fraction"] > 0 for d in diag["layers"].values())

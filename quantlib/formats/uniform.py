@@ -1,8 +1,9 @@
-"""The uniform quantizer grid, shared by every uniform method, and its stored representation.
+"""The uniform grid, shared by every uniform method, its stored representation (format `uniform`) and its
+projection for the solving loops.
 
-Canonical affine form (algorithms.md 1.5):  q = clamp(round(w / s + z), 0, 2^b - 1),  w_hat = s * (q - z),
-with one (s, z) per (output row, group of `group_size` consecutive input columns); group_size = -1 is one group
-per row ("per channel"). z may be real (NeUQI) or integer (min-max, NeUQI_int).
+Canonical affine form:  q = clamp(round(w / s + z), 0, 2^b - 1),  w_hat = s * (q - z), with one (s, z) per
+(output row, group of `group_size` consecutive input columns); group_size = -1 is one group per row ("per
+channel"). z may be real (NeUQI) or integer (min-max, NeUQI_int). docs/formats.md describes the stored layout.
 """
 
 from __future__ import annotations
@@ -11,16 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
-
-# Registry of stored representations, by the `format` string written into the checkpoint.
-FORMATS: dict[str, type] = {}
-
-
-def register_format(cls):
-    FORMATS[cls.format] = cls
-    return cls
-
+from ..errors import ConfigError
 
 def num_groups(d_in: int, group_size: int) -> int:
     return 1 if group_size == -1 else d_in // group_size
@@ -47,11 +39,6 @@ class UniformGrid:
     zero: torch.Tensor  # (d_out, n_groups)
     bits: int
     group_size: int
-    # How the statistics are stored: `stat_bits` per scale and per zero (16: half precision, the papers' count);
-    # below 16 they are themselves quantized, min-max, in groups of `stat_group` rows, each such group with a 16-bit
-    # scale and zero for either statistic (SpQR's second level). The tensors hold the dequantized values.
-    stat_bits: int = 16
-    stat_group: int = 0
 
     @property
     def maxq(self) -> int:
@@ -80,15 +67,59 @@ class UniformGrid:
         return self.dequantize(self.quantize(w))
 
     def select_rows(self, rows: slice) -> "UniformGrid":
-        return UniformGrid(self.scale[rows], self.zero[rows], self.bits, self.group_size, self.stat_bits,
-                           self.stat_group)
+        return UniformGrid(self.scale[rows], self.zero[rows], self.bits, self.group_size)
 
-    def stat_meta(self) -> dict:
-        """The statistics' storage, for a checkpoint's metadata (absent when they are plain 16-bit values)."""
-        return {} if self.stat_bits == 16 else {"stat_bits": self.stat_bits, "stat_group": self.stat_group}
+    def projection(self, perm: torch.Tensor, dtype=torch.float32) -> "UniformProjection":
+        """The nearest grid point of each column, for the solving loops that process columns in the order `perm`."""
+        d_in = perm.numel()
+        group_of = group_index(d_in, self.group_size)[perm].tolist()
+        return UniformProjection(self.scale.T.to(dtype).contiguous(), self.zero.T.to(dtype).contiguous(), group_of,
+                                 self.maxq, perm)
 
 
-@register_format
+class UniformProjection:
+    """Rounds one column at a time to the grid, for the shared solving loops (error feedback, coordinate descent).
+
+    `scale_rows`, `zero_rows`: (n_groups, d_out), one row per group (a solver may fill a group's row lazily, before
+    the loop reaches it, as SpQR does); `group_of[k]`: the group of the k-th column in processing order. Calling
+    `project(k, values)` returns the nearest representable values of column k (a buffer reused by the next call) and
+    records their codes; `codes()` gives them in the original column order.
+    """
+
+    def __init__(self, scale_rows: torch.Tensor, zero_rows: torch.Tensor, group_of: list[int], maxq: int,
+                 perm: torch.Tensor):
+        self.scale_rows, self.zero_rows = scale_rows, zero_rows
+        self.maxq, self.perm, self.group_of = maxq, perm, group_of
+        d_out = scale_rows.shape[1]
+        self.buffer = torch.empty(len(group_of), d_out, dtype=scale_rows.dtype)
+        # Row views made once: this runs once per column, so indexing and allocation dominate its cost.
+        self._scale, self._zero = scale_rows.unbind(0), zero_rows.unbind(0)
+        self._codes = self.buffer.unbind(0)
+        self._out = torch.empty(d_out, dtype=scale_rows.dtype)
+
+    def __call__(self, k: int, values: torch.Tensor) -> torch.Tensor:
+        g = self.group_of[k]
+        q, s, z = self._codes[k], self._scale[g], self._zero[g]
+        torch.div(values, s, out=q)
+        q.add_(z).round_().clamp_(0, self.maxq)
+        torch.sub(q, z, out=self._out)
+        return self._out.mul_(s)
+
+    def save(self) -> torch.Tensor:
+        """A copy of the codes recorded so far (e.g. of the best iterate)."""
+        return self.buffer.clone()
+
+    def restore(self, saved: torch.Tensor) -> None:
+        self.buffer.copy_(saved)
+
+    def codes(self) -> torch.Tensor:
+        """(d_out, d_in) uint8 codes in the original column order."""
+        d_in, d_out = self.buffer.shape
+        out = torch.empty(d_out, d_in, dtype=torch.uint8)
+        out[:, self.perm] = self.buffer.T.to(torch.uint8)
+        return out
+
+
 @dataclass
 class UniformQuantized:
     """Integer codes on a uniform grid. Stored packed: codes as an LSB-first bit stream per row in int32 words,
@@ -104,15 +135,10 @@ class UniformQuantized:
 
     @property
     def bits_per_weight(self) -> float:
-        """Average storage bits per weight: the codes, plus a scale and a zero per (row, group) at `stat_bits` each
-        (16 as the papers count them), plus with quantized statistics a 16-bit scale and zero of each statistic per
-        `stat_group` rows of a group (SpQR's count: wbits + 2 qq_bits / beta1 + 64 / (beta1 beta2))."""
-        d_out, d_in = self.codes.shape
-        grid, n_groups = self.grid, self.grid.scale.shape[1]
-        bits = grid.bits + 2 * grid.stat_bits * n_groups / d_in
-        if grid.stat_bits < 16:
-            bits += 2 * 32 * n_groups * -(-d_out // grid.stat_group) / (d_out * d_in)
-        return bits
+        """Average storage bits per weight: the codes plus a 16-bit scale and zero per (row, group), as the papers
+        count them."""
+        d_in = self.codes.shape[1]
+        return self.grid.bits + 2 * 16 * self.grid.scale.shape[1] / d_in
 
     def dequantize(self) -> torch.Tensor:
         return self.grid.dequantize(self.codes)
@@ -129,15 +155,13 @@ class UniformQuantized:
 
     def meta(self) -> dict:
         return {"format": self.format, "bits": self.grid.bits, "group_size": self.grid.group_size,
-                "shape": list(self.codes.shape), **self.grid.stat_meta()}
+                "shape": list(self.codes.shape)}
 
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "UniformQuantized":
         d_out, d_in = meta["shape"]
         codes = unpack_codes(tensors["qweight"], meta["bits"], d_in)
-        grid = UniformGrid(tensors["scales"], tensors["zeros"], meta["bits"], meta["group_size"],
-                           meta.get("stat_bits", 16), meta.get("stat_group", 0))
-        return cls(codes, grid)
+        return cls(codes, UniformGrid(tensors["scales"], tensors["zeros"], meta["bits"], meta["group_size"]))
 
 
 def pack_codes(codes: torch.Tensor, bits: int, rows_per_chunk: int = 256) -> torch.Tensor:
@@ -168,140 +192,3 @@ def unpack_codes(packed: torch.Tensor, bits: int, d_in: int, rows_per_chunk: int
     return out
 
 
-# ------------------------------------------------------------------------------------------------ outliers
-# Full-precision corrections added to a quantized matrix (QuantEase's outlier-aware variant). Values are kept
-# in float16, as the papers count them, so the model that is evaluated is exactly the one that is stored.
-
-INDEX_BITS = 16  # a column index (16-bit value + 16-bit index per outlier, as SpQR counts them)
-
-
-@dataclass
-class SparseOutliers:
-    """Unstructured outliers in CSR form: any entries of a (d_out, d_in) matrix."""
-
-    kind = "csr"
-    shape: tuple[int, int]
-    crow: torch.Tensor  # (d_out + 1,) int64 row pointers
-    col: torch.Tensor  # (nnz,) int32 column of each value, sorted within a row
-    val: torch.Tensor  # (nnz,) float16
-
-    @classmethod
-    def from_dense(cls, S: torch.Tensor) -> "SparseOutliers":
-        """The nonzero entries of S (rounded to float16; entries that round to 0 are dropped)."""
-        S = S.to(torch.float16)
-        rows, cols = torch.nonzero(S, as_tuple=True)  # row-major order, so columns are sorted within a row
-        counts = torch.bincount(rows, minlength=S.shape[0])
-        crow = torch.zeros(S.shape[0] + 1, dtype=torch.int64)
-        crow[1:] = torch.cumsum(counts, 0)
-        return cls(tuple(S.shape), crow, cols.to(torch.int32), S[rows, cols])
-
-    @property
-    def count(self) -> int:
-        return int(self.val.numel())
-
-    @property
-    def storage_bits(self) -> int:
-        return self.count * (16 + INDEX_BITS) + 32 * (self.shape[0] + 1)
-
-    def dense(self) -> torch.Tensor:
-        d_out, d_in = self.shape
-        out = torch.zeros(d_out, d_in)
-        rows = torch.repeat_interleave(torch.arange(d_out), self.crow[1:] - self.crow[:-1])
-        out[rows, self.col.long()] = self.val.float()
-        return out
-
-    def select_rows(self, rows: slice) -> "SparseOutliers":
-        r0, r1, _ = rows.indices(self.shape[0])
-        a, b = int(self.crow[r0]), int(self.crow[r1])
-        return SparseOutliers((r1 - r0, self.shape[1]), self.crow[r0:r1 + 1] - a, self.col[a:b], self.val[a:b])
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"outlier_crow": self.crow, "outlier_col": self.col, "outlier_val": self.val}
-
-    @classmethod
-    def from_tensors(cls, shape, tensors) -> "SparseOutliers":
-        return cls(tuple(shape), tensors["outlier_crow"], tensors["outlier_col"], tensors["outlier_val"])
-
-
-@dataclass
-class ColumnOutliers:
-    """Structured outliers: whole input columns kept in full precision (QuantEase's structured variant)."""
-
-    kind = "columns"
-    shape: tuple[int, int]
-    columns: torch.Tensor  # (k,) int64, sorted
-    values: torch.Tensor  # (d_out, k) float16
-
-    @classmethod
-    def from_dense(cls, S: torch.Tensor, columns: torch.Tensor) -> "ColumnOutliers":
-        columns = torch.sort(columns.long()).values
-        return cls(tuple(S.shape), columns, S[:, columns].to(torch.float16).contiguous())
-
-    @property
-    def count(self) -> int:
-        return int(self.values.numel())
-
-    @property
-    def storage_bits(self) -> int:
-        return self.count * 16 + self.columns.numel() * INDEX_BITS
-
-    def dense(self) -> torch.Tensor:
-        out = torch.zeros(self.shape)
-        out[:, self.columns] = self.values.float()
-        return out
-
-    def select_rows(self, rows: slice) -> "ColumnOutliers":
-        r0, r1, _ = rows.indices(self.shape[0])
-        # every row block gets its own copy of the shared column list (a checkpoint may not alias tensors)
-        return ColumnOutliers((r1 - r0, self.shape[1]), self.columns.clone(), self.values[r0:r1])
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"outlier_columns": self.columns, "outlier_values": self.values}
-
-    @classmethod
-    def from_tensors(cls, shape, tensors) -> "ColumnOutliers":
-        return cls(tuple(shape), tensors["outlier_columns"], tensors["outlier_values"])
-
-
-OUTLIER_KINDS = {cls.kind: cls for cls in (SparseOutliers, ColumnOutliers)}
-
-
-@register_format
-@dataclass
-class OutlierQuantized:
-    """Codes on a uniform grid plus full-precision outliers: w_hat = dequantize(codes) + S."""
-
-    format = "uniform_outliers"
-    base: UniformQuantized
-    outliers: SparseOutliers | ColumnOutliers
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.base.shape
-
-    @property
-    def outlier_fraction(self) -> float:
-        d_out, d_in = self.shape
-        return self.outliers.count / (d_out * d_in)
-
-    @property
-    def bits_per_weight(self) -> float:
-        d_out, d_in = self.shape
-        return self.base.bits_per_weight + self.outliers.storage_bits / (d_out * d_in)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.base.dequantize() + self.outliers.dense()
-
-    def select_rows(self, rows: slice) -> "OutlierQuantized":
-        return OutlierQuantized(self.base.select_rows(rows), self.outliers.select_rows(rows))
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.base.to_tensors(), **self.outliers.to_tensors()}
-
-    def meta(self) -> dict:
-        return {**self.base.meta(), "format": self.format, "outliers": self.outliers.kind}
-
-    @classmethod
-    def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "OutlierQuantized":
-        base = UniformQuantized.from_tensors(meta, tensors)
-        return cls(base, OUTLIER_KINDS[meta["outliers"]].from_tensors(meta["shape"], tensors))

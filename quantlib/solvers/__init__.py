@@ -1,22 +1,78 @@
-"""Solvers: one module each, listed in `quantlib.methods`. A solver maps a layer's weight (and its Hessian when it
-needs one) to a stored representation plus the dequantized weight:
+"""Solvers: one module each, listed in `quantlib.methods`. A layer-wise solver maps a layer's weight to a stored
+representation plus the dequantized weight:
 
-    solve(W: (d_out, d_in) float32, H: (d_in, d_in) float32 | None, spec: QuantSpec, layer: str) -> SolveResult
+    solve(W: (d_out, d_in) float32, task: LayerTask) -> SolveResult
 
-H is the undamped mean Hessian; each solver applies `spec.opt("damp")` through `quantlib.hessian`. Rows are
-independent given H, so the runner may stack layers that share an input (q/k/v) into one call.
+`task.hessian` is the layer's PreparedHessian (dead columns, act-order permutation and damping settled once, factors
+on demand; None for data-free specs) and `task.init_grid(W)` the spec's parameter init, resolved once by the runner.
+Rows are independent given H, so the runner may stack layers that share an input (q/k/v) into one call.
+Preprocessors take the same task: `preprocess(W, task) -> W'`. Block-wise solvers have their own contract
+(`quantlib.blockwise`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from .. import methods
+from ..hessian import PreparedHessian
 
 
 @dataclass
 class SolveResult:
-    rep: Any  # the stored representation (e.g. quantlib.quantizer.UniformQuantized)
+    rep: Any  # the stored representation (e.g. quantlib.formats.uniform.UniformQuantized)
     weight: torch.Tensor  # dequantized weight, (d_out, d_in) float32
     stats: dict = field(default_factory=dict)  # solver diagnostics for the per-layer report
+
+
+@dataclass
+class LayerTask:
+    """What a preprocessor or solver gets besides the weight: the spec, the layer's name, its prepared Hessian and
+    the resolved init."""
+
+    name: str
+    spec: Any
+    hessian: PreparedHessian | None = None
+    init: Callable | None = None  # init(W, hdiag) -> grid, bound to the spec
+
+    def init_grid(self, W: torch.Tensor):
+        """The spec's parameter init for W, weighted by the damped diag(H) where there is a Hessian."""
+        if self.init is None:
+            raise ValueError(f"{self.spec.describe()} takes no parameter init")
+        return self.init(W, None if self.hessian is None else self.hessian.diag())
+
+
+class LayerSolver:
+    """A spec's preprocessors, solver and init, resolved once and applied to one layer (or stacked layers sharing an
+    input) at a time: the one path from a weight and its Hessian to a representation."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        solver = methods.component("solver", spec.solver)
+        self.solve = solver.load()
+        self.preprocessors = [methods.component("preprocess", p).load() for p in spec.preprocess]
+        self.init = None
+        if solver.takes_init:
+            init = methods.component("init", spec.init).load()
+            self.init = lambda W, hdiag: init(W, spec, hdiag)
+        self.damp = spec.opt_or("damp", None)
+        self.act_order = spec.opt_or("act_order", False)
+
+    def task(self, H: torch.Tensor | None, name: str) -> LayerTask:
+        hessian = None if H is None else PreparedHessian(H, self.damp, self.act_order, name)
+        return LayerTask(name, self.spec, hessian, self.init)
+
+    def __call__(self, W: torch.Tensor, H: torch.Tensor | None, name: str) -> SolveResult:
+        task = self.task(H, name)
+        # Preprocessing (e.g. MagR) changes what the solver quantizes; callers still compare with the original W.
+        for pre in self.preprocessors:
+            W = pre(W, task)
+        return self.solve(W, task)
+
+
+def solve_layer(W: torch.Tensor, H: torch.Tensor | None, spec, name: str = "layer") -> SolveResult:
+    """Quantize one weight matrix with its undamped mean Hessian H (None for data-free specs) as `spec` says."""
+    return LayerSolver(spec)(W, H, name)

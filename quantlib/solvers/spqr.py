@@ -4,7 +4,8 @@ as the QuantEase paper uses it as a baseline: GPTQ's column-by-column error feed
 
 1. Small groups (beta1 = the spec's group size, 16 in SpQR) whose per-row statistics are fitted when the loop reaches
    the group, on the current (error-fed) values of its columns, with SpQR's quantizer: the range [min, max] of each
-   row of the group and a real zero point (`minmax_params(tight=True)`).
+   row of the group and a real zero point (`minmax_params(tight=True)`). The columns are then rounded by the uniform
+   grid's projection, whose rows of statistics are filled in as the groups are fitted.
 2. The statistics are themselves quantized (`stat_bits`, 3 in SpQR): each group's vector of d_out scales, and its
    vector of zeros, in groups of beta2 = `stat_group` rows, min-max with a real zero point, and dequantized; the
    second-level scale and zero are rounded to float16 (they are counted as 16-bit values).
@@ -12,7 +13,7 @@ as the QuantEase paper uses it as a baseline: GPTQ's column-by-column error feed
    of column k, D_k the cost of a unit rounding error of column k after feedback: D = diag of H = U D U^T, i.e.
    1 / [chol(H^-1)]_kk^2 in GPTQ's terms), times `outlier_threshold` (0.2). Weight (i, k) is an outlier when its
    rounding error costs more than that, (target_ik - w_hat_ik)^2 D_k > tau; it then keeps its target value (a
-   float16 correction on top of its code, in the shared `uniform_outliers` format), and the feedback spreads the
+   float16 correction on top of its code, stored in the `spqr` format), and the feedback spreads the
    (nearly zero) remaining error. Before fitting a group's statistics, SpQR excludes its likely outliers: a weight
    whose leave-one-out reduction of the group row's error, sum_j D_j (rounding error_j)^2 with the statistics
    refitted without it, exceeds tau is replaced by the mean of the row's other weights in the fit (`loo`; off:
@@ -30,14 +31,12 @@ import math
 
 import torch
 
-from ..errors import ConfigError
-from ..hessian import fix_dead_columns
+from ..formats.outliers import SparseOutliers
+from ..formats.spqr import QuantizedStatistic, SpqrQuantized
+from ..formats.uniform import UniformGrid, UniformProjection, group_index, num_groups
 from ..init import minmax_params
-from ..quantizer import OutlierQuantized, SparseOutliers, UniformGrid, UniformQuantized, group_index, num_groups
-from . import SolveResult
-from .ldlq import ErrorFeedback, ldl_factor
-
-STAT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16: the statistics are not quantized
+from ..loops import ErrorFeedback
+from . import LayerTask, SolveResult
 
 
 def _row_errors(X: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, dk: torch.Tensor) -> torch.Tensor:
@@ -67,10 +66,12 @@ def leave_one_out_reduction(X: torch.Tensor, dk: torch.Tensor, bits: int) -> tor
     return reduction
 
 
-def quantize_statistic(v: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """SpQR's second level: a (d_out,) statistic quantized min-max (tight range, real zero point) in groups of
-    `rows` consecutive rows (the last group may be shorter), dequantized."""
+def quantize_statistic(v: torch.Tensor, bits: int, rows: int) -> tuple[torch.Tensor, QuantizedStatistic]:
+    """SpQR's second level: a (d_out,) statistic quantized min-max (tight range, real zero point) in blocks of
+    `rows` consecutive rows (the last block may be shorter). Returns the dequantized values and their storage."""
     out = torch.empty_like(v)
+    codes = torch.empty(v.shape[0], dtype=torch.uint8)
+    params = []
     n, full = v.shape[0], v.shape[0] // rows * rows
     for r0, r1, size in [(0, full, rows), (full, n, n - full)]:
         if r1 == r0:
@@ -78,37 +79,24 @@ def quantize_statistic(v: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
         part = v[r0:r1].reshape(-1, size)
         scale, zero = minmax_params(part, bits, -1, False, tight=True)
         # the second-level statistics are counted as 16-bit values, so they are used as such
-        grid = UniformGrid(scale.half().to(v.dtype), zero.half().to(v.dtype), bits, -1)
-        out[r0:r1] = grid.round(part).reshape(-1)
-    return out
+        scale, zero = scale.half(), zero.half()
+        grid = UniformGrid(scale.to(v.dtype), zero.to(v.dtype), bits, -1)
+        q = grid.quantize(part)
+        out[r0:r1] = grid.dequantize(q).reshape(-1)
+        codes[r0:r1] = q.reshape(-1).to(torch.uint8)
+        params.append(torch.cat([scale, zero], 1))
+    return out, QuantizedStatistic(codes.unsqueeze(0), torch.cat(params).unsqueeze(0), rows)
 
 
-def _check(spec, layer: str):
-    if spec.opt("sym"):
-        raise ConfigError(f"layer {layer}: spqr fits asymmetric statistics (SpQR's default); drop the 'sym' option")
-    if spec.opt("stat_bits") not in STAT_BITS:
-        raise ConfigError(f"layer {layer}: stat_bits must be one of {list(STAT_BITS)} (16: unquantized statistics), "
-                          f"got {spec.opt('stat_bits')}")
-    if spec.opt("stat_group") < 1:
-        raise ConfigError(f"layer {layer}: stat_group must be a positive number of rows, got {spec.opt('stat_group')}")
-    threshold = spec.opt("outlier_threshold")
-    if spec.opt("keep_outliers") and not (0 < threshold < math.inf):
-        raise ConfigError(f"layer {layer}: outlier_threshold must be a positive finite number, got {threshold}; "
-                          "for no outliers set keep_outliers: false")
-
-
-def solve(W: torch.Tensor, H: torch.Tensor, spec, layer: str) -> SolveResult:
-    _check(spec, layer)
+def solve(W: torch.Tensor, task: LayerTask) -> SolveResult:
+    spec, hess = task.spec, task.hessian
     d_out, d_in = W.shape
     bits, group_size = spec.bits, spec.group_size
     stat_bits, stat_group = spec.opt("stat_bits"), spec.opt("stat_group")
     keep_outliers, loo = spec.opt("keep_outliers"), spec.opt("loo")
-    maxq = 2 ** bits - 1
 
-    H, dead = fix_dead_columns(H)
-    act_order = spec.opt("act_order")
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(d_in)
-    U, D, used = ldl_factor(H[perm][:, perm], spec.opt("damp"), layer)
+    U, D = hess.ldl()
+    perm = hess.perm
     D = D.to(W.dtype)
     tau = math.inf
     if keep_outliers:
@@ -116,15 +104,14 @@ def solve(W: torch.Tensor, H: torch.Tensor, spec, layer: str) -> SolveResult:
 
     # Groups in original column order; each is fitted when its first column in processing order comes up.
     n_groups = num_groups(d_in, group_size)
-    group_of_position = group_index(d_in, group_size)[perm]
     position = torch.argsort(perm)
     members = [position[group_index(d_in, group_size) == g] for g in range(n_groups)]
     fit_at = {int(m.min()): g for g, m in enumerate(members)}
-    group_of = group_of_position.tolist()
     Dk = D.tolist()
     scale = torch.empty(n_groups, d_out, dtype=W.dtype)  # transposed: one contiguous row per group
     zero = torch.empty_like(scale)
-    codes = torch.empty(d_in, d_out, dtype=W.dtype)
+    stored = {"scale": [None] * n_groups, "zero": [None] * n_groups}  # quantized statistics, stat_bits < 16
+    project = UniformProjection(scale, zero, group_index(d_in, group_size)[perm].tolist(), 2 ** bits - 1, perm)
     corrections = torch.zeros(d_in, d_out, dtype=W.dtype)  # outliers' float16 corrections, processing order
     feedback = ErrorFeedback(W, U, perm)
 
@@ -138,16 +125,14 @@ def solve(W: torch.Tensor, H: torch.Tensor, spec, layer: str) -> SolveResult:
                 X = torch.where(likely, mean, X)
         s, z = (t[:, 0] for t in minmax_params(X, bits, -1, False, tight=True))
         if stat_bits < 16:
-            s, z = quantize_statistic(s, stat_bits, stat_group), quantize_statistic(z, stat_bits, stat_group)
+            s, stored["scale"][g] = quantize_statistic(s, stat_bits, stat_group)
+            z, stored["zero"][g] = quantize_statistic(z, stat_bits, stat_group)
         scale[g], zero[g] = s, z
 
     def round_column(k: int, target: torch.Tensor) -> torch.Tensor:
         if k in fit_at:
             fit(fit_at[k])
-        s, z = scale[group_of[k]], zero[group_of[k]]
-        q = torch.clamp(torch.round(target / s + z), 0, maxq)
-        codes[k] = q
-        w_hat = s * (q - z)
+        w_hat = project(k, target)
         if keep_outliers:
             delta = target - w_hat
             is_outlier = delta.square() * Dk[k] > tau
@@ -158,16 +143,19 @@ def solve(W: torch.Tensor, H: torch.Tensor, spec, layer: str) -> SolveResult:
 
     feedback.run(round_column)
 
-    def original_order(t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(d_out, d_in, dtype=t.dtype)
-        out[:, perm] = t.T
-        return out
-
-    grid = UniformGrid(scale.T.contiguous(), zero.T.contiguous(), bits, group_size,
-                       stat_bits, stat_group if stat_bits < 16 else 0)
-    rep = UniformQuantized(original_order(codes).to(torch.uint8), grid)
-    stats = {"damp": used, "dead_columns": dead, "act_order": act_order}
+    if stat_bits < 16:
+        scales, zeros = (QuantizedStatistic(torch.cat([q.codes for q in stored[n]]),
+                                            torch.cat([q.params for q in stored[n]]), stat_group)
+                         for n in ("scale", "zero"))
+    else:
+        scales, zeros = scale.T.contiguous(), zero.T.contiguous()
+    outliers = None
     if keep_outliers:
-        rep = OutlierQuantized(rep, SparseOutliers.from_dense(original_order(corrections)))
+        dense = torch.empty(d_out, d_in, dtype=W.dtype)
+        dense[:, perm] = corrections.T
+        outliers = SparseOutliers.from_dense(dense)
+    rep = SpqrQuantized(project.codes(), bits, group_size, stat_bits, stat_group, scales, zeros, outliers)
+    stats = {"damp": hess.damp, "dead_columns": hess.dead, "act_order": hess.act_order}
+    if keep_outliers:
         stats.update(outlier_tau=tau, outlier_fraction=rep.outlier_fraction)
     return SolveResult(rep, rep.dequantize().to(W.dtype), stats)

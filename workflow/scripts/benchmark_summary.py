@@ -1,10 +1,12 @@
 """Every job's benchmark TSV in one CSV and a per-rule plot, for the report."""
+from pathlib import Path
+
 from quantlib.report import summarize_benchmarks
 from quantlib.workflow import run_script
 
 
 def main(smk):
-    summarize_benchmarks("results/benchmarks", smk.output.csv, smk.output.png)
+    summarize_benchmarks(Path(smk.output.csv).parent, smk.output.csv, smk.output.png)
 
 
 run_script(snakemake, main)  # noqa: F821

@@ -1,11 +1,13 @@
-"""Quantize the model named by the {name} wildcard (every setting is in the short name)."""
+"""Quantize the model named by the {name} wildcard (every setting is in the short name; the inputs are what the
+spec reads, `QuantSpec.inputs()`, plus the model)."""
 from quantlib.pipeline import quantize
 from quantlib.workflow import run_script
 
 
 def main(smk):
-    quantize(smk.wildcards.name, smk.input.model, smk.input.get("calib"), smk.output[0], smk.params.compute,
-             calib_json=smk.input.get("calib_json"))
+    inputs = {key: smk.input[key] for key in smk.input.keys() if key != "model"}
+    quantize(smk.wildcards.name, smk.input.model, inputs, smk.output[0], {**smk.config.get("compute", {}),
+                                                                         **smk.params.compute})
 
 
 run_script(snakemake, main)  # noqa: F821

@@ -1,0 +1,246 @@
+"""Block-wise reconstruction: the runner's third mode, for methods that train a whole decoder block at once
+(BRECQ, Li et al. 2021; FlexRound, Lee et al. 2023; UniQuanF).
+
+Per block, two streams of activations: the FP model's own block inputs `x_fp` and the quantized model's block inputs
+`x_q` (equal at block 0). The FP block's outputs `y_fp = B(x_fp)` are the targets. The block's linears are swapped
+for the method's trainable fake-quant modules (`FakeQuantLinear`), which train with gradients on against
+mean((B_q(x) - y_fp)^2), where x mixes the two streams elementwise (`qdrop`: the probability of taking the
+quantized stream's value; QDrop, Wei et al. 2022). Then each module is frozen to its stored representation, the
+block's weights become the dequantized ones, and `x_q <- B_q(x_q)`, `x_fp <- y_fp` go on to the next block.
+
+A block-wise method is a module whose catalog entry has `mode="block"` and points at a function
+`wrap(linear, task) -> FakeQuantLinear`; its training settings are the options of `methods.block_training`.
+Everything else (streams, the swap, the optimiser, the schedule, diagnostics) is here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import capture
+from .errors import NumericalError
+from .solvers import LayerSolver, SolveResult
+
+log = logging.getLogger("quantlib")
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, the identity in the backward pass (straight-through estimator)."""
+    return (torch.round(x) - x).detach() + x
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """A trainable stand-in for a linear layer during block-wise reconstruction. Subclasses hold their quantizer's
+    parameters as `torch.nn.Parameter`s and define `weight_hat()` (differentiable), `param_groups(spec)` (for the
+    optimiser: [{"params": [...], "lr": ...}]) and `freeze() -> SolveResult` (the stored representation and its
+    dequantized weight). The original weight is a buffer (`weight_fp`, float32) and the bias stays frozen."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_fp", linear.weight.detach().float().clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def weight_hat(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def param_groups(self, spec) -> list[dict]:
+        raise NotImplementedError
+
+    def freeze(self) -> SolveResult:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_hat().to(x.dtype), self.bias)
+
+
+class Stream:
+    """Per-window activations of one stream, in memory or (`disk`) in files of a temporary folder, so that two
+    streams of n windows do not have to fit in memory."""
+
+    def __init__(self, where: str, folder: Path | None = None, device="cpu"):
+        if where not in ("memory", "disk"):
+            raise ValueError(f"block streams are kept in 'memory' or on 'disk', not '{where}'")
+        self.where, self.device = where, device
+        self.items: list = []
+        self.folder = folder
+        self._count = 0
+
+    def append(self, t: torch.Tensor) -> None:
+        if self.where == "memory":
+            self.items.append(t)
+        else:
+            path = self.folder / f"{id(self)}-{self._count}.pt"
+            torch.save(t.detach().cpu(), path)
+            self.items.append(path)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.items[i]
+        return item if self.where == "memory" else torch.load(item).to(self.device)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def drop(self) -> None:
+        if self.where == "disk":
+            for p in self.items:
+                p.unlink(missing_ok=True)
+        self.items = []
+
+
+def _swap(block, name: str, module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, child, module)
+
+
+def quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress: bool, seed: int,
+                    streams: str = "memory") -> None:
+    """The block-wise mode of `quantlib.runner.quantize_model` (see the module's docstring)."""
+    layer_solver = LayerSolver(spec)  # resolves the init (and the wrap function, as `solve`)
+    wrap = layer_solver.solve
+    blocks = adapter.block_list(model)
+    folder = Path(tempfile.mkdtemp(prefix="quantlib-streams-")) if streams == "disk" else None
+    try:
+        with torch.no_grad():
+            # One window per entry: training steps take `batch` windows at a time.
+            states = capture.block_inputs(model, blocks, tokens, 1, device)
+        kwargs = [kw for _, kw in states]
+        x_q, x_fp = Stream(streams, folder, device), Stream(streams, folder, device)
+        for h, _ in states:
+            x_q.append(h)
+            x_fp.append(h)
+        del states
+        for i, block in enumerate(tqdm(blocks, desc="reconstruct", disable=not progress, mininterval=5)):
+            x_q, x_fp = _reconstruct_block(i, adapter, block, spec, layer_solver, wrap, x_q, x_fp, kwargs, device,
+                                           report, sink, seed, streams, folder)
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _reconstruct_block(i, adapter, block, spec, layer_solver, wrap, x_q, x_fp, kwargs, device, report, sink, seed,
+                       streams, folder):
+    from .runner import weight_errors
+
+    t0 = time.time()
+    block.to(device)
+    for p in block.parameters():
+        p.requires_grad_(False)  # norms and everything else stay as they are; only the quantizers train
+    with torch.no_grad():
+        y_fp = Stream(streams, folder, device)
+        for x, kw in zip(x_fp, kwargs):
+            y_fp.append(capture.block_output(block, x, kw))
+        hessians = {}
+        if spec.needs_hessian:  # an init weighted by diag(H): from the quantized stream through the FP block
+            found = capture.hessians(block, adapter.subgroups, list(zip(x_q, kwargs)), device, stop=False)
+            hessians = {name: H for group, H in zip(adapter.subgroups, found) for name in group}
+    originals = dict(adapter.linears(block))
+    modules = {}
+    for name, linear in originals.items():
+        task = layer_solver.task(hessians.get(name), f"{adapter.blocks}.{i}.{name}")
+        modules[name] = wrap(linear, task).to(device)
+        _swap(block, name, modules[name])
+    before = _block_error(block, x_q, y_fp, kwargs)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
+    losses = _train(block, modules, x_q, x_fp, y_fp, kwargs, spec, generator, i)
+    for name, module in modules.items():
+        result = module.freeze()
+        linear = originals[name]
+        W_hat = result.weight
+        if not torch.isfinite(W_hat).all():
+            raise NumericalError(f"quantized weight of layer '{adapter.blocks}.{i}.{name}' contains NaN or Inf")
+        full = f"{adapter.blocks}.{i}.{name}"
+        report.layers[full] = {"shape": [linear.out_features, linear.in_features],
+                               "bits_per_weight": result.rep.bits_per_weight, **result.stats,
+                               **weight_errors(module.weight_fp, W_hat, hessians.get(name))}
+        linear.weight.data.copy_(W_hat.to(linear.weight.dtype))
+        _swap(block, name, linear)
+        sink(full, result.rep)
+    with torch.no_grad():
+        new_q = Stream(streams, folder, device)
+        num = den = 0.0
+        for x, y, kw in zip(x_q, y_fp, kwargs):
+            out = capture.block_output(block, x, kw)
+            new_q.append(out)
+            num += float((out - y).double().square().sum())
+            den += float(y.double().square().sum())
+    after = num / den
+    x_q.drop()
+    x_fp.drop()
+    if device != "cpu":
+        block.to("cpu")
+    took = time.time() - t0
+    report.blocks.append({"block": i, "error_before": before, "error_after": after, "steps": len(losses),
+                          "loss": _every_tenth(losses), "seconds": round(took, 2)})
+    log.info("block %d reconstructed in %.1fs: output error %.4g -> %.4g (relative, calibration windows)",
+             i + 1, took, before, after)
+    return new_q, y_fp
+
+
+def _block_error(block, x_q, y_fp, kwargs) -> float:
+    """sum (B(x_q) - y_fp)^2 / sum y_fp^2 over the windows, with the block as it is now."""
+    num = den = 0.0
+    with torch.no_grad():
+        for x, y, kw in zip(x_q, y_fp, kwargs):
+            out = capture.block_output(block, x, kw)
+            num += float((out - y).double().square().sum())
+            den += float(y.double().square().sum())
+    return num / den
+
+
+def _every_tenth(losses: list[float]) -> list[list]:
+    """[step, loss] at the first step and at every 10 % of the steps."""
+    if not losses:
+        return []
+    marks = sorted({0, *(max(0, math.ceil(len(losses) * k / 10) - 1) for k in range(1, 11))})
+    return [[m + 1, round(losses[m], 8)] for m in marks]
+
+
+def _train(block, modules, x_q, x_fp, y_fp, kwargs, spec, generator, block_idx) -> list[float]:
+    """Adam on the modules' parameter groups, cosine schedule to 0, `epochs` passes over the windows in a seeded
+    order, `batch` windows per step. Returns the loss of every step."""
+    epochs, batch, qdrop = spec.opt("epochs"), spec.opt("batch"), spec.opt("qdrop")
+    groups = [g for m in modules.values() for g in m.param_groups(spec)]
+    n = len(x_q)
+    total = epochs * math.ceil(n / batch)
+    if total == 0 or not groups:
+        return []
+    optimiser = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    losses = []
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator).tolist()
+            for b0 in range(0, n, batch):
+                idx = order[b0:b0 + batch]
+                xq = torch.cat([x_q[j] for j in idx])
+                y = torch.cat([y_fp[j] for j in idx])
+                if qdrop >= 1:
+                    x = xq
+                else:
+                    xf = torch.cat([x_fp[j] for j in idx])
+                    keep_q = torch.rand(xq.shape, generator=generator).to(xq.device) < qdrop
+                    x = torch.where(keep_q, xq, xf)
+                loss = F.mse_loss(capture.block_output(block, x, kwargs[idx[0]]), y)
+                if not torch.isfinite(loss):
+                    raise NumericalError(f"block {block_idx}: the reconstruction loss is {float(loss)} at step "
+                                         f"{len(losses) + 1}; lower the learning rate (option lr)")
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                losses.append(float(loss))
+    return losses

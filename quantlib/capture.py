@@ -1,0 +1,95 @@
+"""Activation capture, shared by the runner's modes and the statistics of the FP model: the inputs of decoder
+block 0, a block's outputs, and the input Hessians of a block's linears."""
+
+from __future__ import annotations
+
+import torch
+
+from .hessian import HessianAccumulator
+
+
+class Stop(Exception):
+    """Raised inside a forward pass once the wanted input has been captured."""
+
+
+def place_outside_blocks(model, blocks, device) -> None:
+    """Embeddings, rotary tables and norms go to the compute device; blocks move one at a time."""
+    in_blocks = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and id(p) not in in_blocks:
+                p.data = p.data.to(device)
+        for key, b in list(module._buffers.items()):
+            if b is not None and id(b) not in in_blocks:
+                module._buffers[key] = b.to(device)
+
+
+def block_inputs(model, blocks, tokens: torch.Tensor, chunk: int, device) -> list[tuple[torch.Tensor, dict]]:
+    """Inputs (hidden states and keyword arguments) of block 0 for each chunk of `chunk` calibration windows.
+    Keyword arguments are kept per chunk: some families pass batch-shaped masks or ALiBi tensors."""
+    if device != "cpu":
+        place_outside_blocks(model, blocks, device)
+        blocks[0].to(device)
+    captured = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        for k in ("past_key_values", "past_key_value", "layer_past", "use_cache"):
+            kwargs.pop(k, None)
+        captured.append((hidden, kwargs))
+        raise Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for s in range(0, len(tokens), chunk):
+                try:
+                    model(tokens[s:s + chunk].to(device), use_cache=False)
+                except Stop:
+                    pass
+    finally:
+        handle.remove()
+    if device != "cpu":
+        blocks[0].to("cpu")
+    return captured
+
+
+def block_output(block, hidden, kwargs):
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def hessians(block, groups, states, device, stop: bool) -> list[torch.Tensor]:
+    """Input Hessians of `groups` (tuples of layer names sharing an input) over all chunks of `states`. With `stop`,
+    each forward ends at the (single) group's input; without it, the whole block runs once per chunk and every
+    group's input is captured."""
+    accs = []
+    handles = []
+    for group in groups:
+        acc = HessianAccumulator(block.get_submodule(group[0]).in_features, device=device)
+        accs.append(acc)
+        seen = set()  # layers of a group share one input: count it once per forward
+
+        def hook(module, args, acc=acc, seen=seen, size=len(group)):
+            if not seen:
+                acc.add(args[0])
+            seen.add(id(module))
+            if len(seen) == size:
+                seen.clear()
+            if stop:
+                seen.clear()
+                raise Stop
+
+        handles += [block.get_submodule(name).register_forward_pre_hook(hook) for name in group]
+    try:
+        with torch.no_grad():
+            for hidden, kwargs in states:
+                try:
+                    block(hidden, **kwargs)
+                except Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return [acc.result() for acc in accs]

@@ -1,0 +1,316 @@
+"""The validated configuration expanded: which specs exist, which artifacts each table reads. Pure Python (the
+Snakefile imports it at parse time)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .. import methods, names
+from ..errors import ConfigError
+from ..metrics import is_lower_better
+from ..names import DATASET_KEY_RE, MODEL_KEY_RE, TASK_KEY_RE, lmeval_protocol_name, ppl_protocol_name
+from ..spec import CalibSpec, QuantSpec
+from .schema import validate
+
+
+@dataclass
+class MethodEntry:
+    id: str
+    label: str
+    cfg: dict
+
+    def settings(self) -> list[tuple[int, int]]:
+        """(bits, group_size) of every setting this method runs: an explicit `settings` list, or the product
+        bits x group_size."""
+        m = self.cfg
+        if "settings" in m:
+            if "bits" in m or "group_size" in m:
+                raise ConfigError(f"methods entry '{self.id}': give either `settings` or `bits`/`group_size`, "
+                                  "not both")
+            try:
+                return list(dict.fromkeys(names.require_setting(s) for s in m["settings"]))
+            except ConfigError as exc:
+                raise ConfigError(f"methods entry '{self.id}': {exc}") from None
+        if "bits" not in m:
+            raise ConfigError(f"methods entry '{self.id}' needs `bits` (with an optional `group_size`) or "
+                              "`settings` (e.g. [w3g64, w2g64, w3])")
+        return [(b, g) for b in m["bits"] for g in m.get("group_size", [-1])]
+
+
+@dataclass
+class TableDef:
+    key: str
+    title: str
+    models: list[str]
+    rows: list[str]
+    settings: list[str]
+    metrics: list[str]
+    paper: dict
+    paper_source: str | None
+    averages: dict[str, dict] = None
+    layout: str = "long"
+    default_target: bool = True
+
+    @property
+    def columns(self) -> list[str]:
+        """Displayed columns: the metrics in order, then the averages not named among them."""
+        return self.metrics + [a for a in (self.averages or {}) if a not in self.metrics]
+
+    def result_metrics(self) -> list[str]:
+        """Every metric read from result files: the displayed ones and the parts of the averages."""
+        avg = self.averages or {}
+        return list(dict.fromkeys([m for m in self.metrics if m not in avg] + [p for a in avg.values()
+                                                                                 for p in a["of"]]))
+
+
+class Experiment:
+    """The validated config, expanded: which specs exist, which files each table reads."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = validate(cfg)
+        c = self.cfg
+        self.resources = c["resources"]
+        for key in c["models"]:
+            if not _fullmatch(MODEL_KEY_RE, key) or key.split(".")[-1] == "fp":
+                raise ConfigError(f"model key '{key}' must match {MODEL_KEY_RE} and not end in '.fp'")
+            if any(t in methods.SOLVERS or t in methods.PREPROCESSORS for t in key.split(".")):
+                raise ConfigError(f"model key '{key}' contains a method name; rename it")
+        for key in c["datasets"]:
+            if not _fullmatch(DATASET_KEY_RE, key):
+                raise ConfigError(f"dataset key '{key}' must match {DATASET_KEY_RE} (no dots)")
+        for m in c["run_models"]:
+            self._need_model(m, "run_models")
+        self.calibration = self._calib(c.get("calibration"), "calibration") if c.get("calibration") else None
+        self.methods: dict[str, MethodEntry] = {}
+        for i, m in enumerate(c["methods"]):
+            if m["id"] in self.methods or m["id"] == "fp":
+                raise ConfigError(f"methods[{i}]: id '{m['id']}' is used twice (or is the reserved 'fp')")
+            self.methods[m["id"]] = MethodEntry(m["id"], m.get("label", m["id"]), m)
+            for model in c["run_models"]:
+                for bits, gs in self.methods[m["id"]].settings():
+                    self.spec(model, m["id"], bits, gs)  # validates solver, bits, options, calibration
+        ppl = c["perplexity"]
+        for key in ppl["datasets"]:
+            self._need_dataset(key, "perplexity.datasets")
+        self.lmeval_tasks: dict[str, dict] = {}
+        for task, opts in c["lm_eval"]["tasks"].items():
+            if not _fullmatch(TASK_KEY_RE, task):
+                raise ConfigError(f"lm_eval.tasks: '{task}' must match {TASK_KEY_RE} (no dots)")
+            self.lmeval_tasks[task] = {"num_fewshot": 0, "limit": None, **(opts or {})}
+        self.tables = {key: self._table(key, t) for key, t in c["tables"].items()}
+
+    # ------------------------------------------------------------------ lookups
+    def _need_model(self, key: str, where: str) -> dict:
+        if key not in self.cfg["models"]:
+            raise ConfigError(f"{where}: unknown model '{key}'; models in the config: {', '.join(self.cfg['models'])}")
+        return self.cfg["models"][key]
+
+    def _need_dataset(self, key: str, where: str) -> dict:
+        if key not in self.cfg["datasets"]:
+            raise ConfigError(f"{where}: unknown dataset '{key}'; datasets in the config: "
+                              f"{', '.join(self.cfg['datasets']) or 'none'}")
+        return self.cfg["datasets"][key]
+
+    def _calib(self, cal: dict, where: str) -> CalibSpec:
+        self._need_dataset(cal["dataset"], f"{where}.dataset")
+        return CalibSpec(cal["dataset"], cal["nsamples"], cal["seqlen"], cal.get("seed", 0))
+
+    def model_cfg(self, key: str) -> dict:
+        return self._need_model(key, "model")
+
+    def dataset_cfg(self, key: str) -> dict:
+        return self._need_dataset(key, "dataset")
+
+    def model_label(self, key: str) -> str:
+        return self.cfg["models"][key].get("label", key)
+
+    # ------------------------------------------------------------------ specs and paths
+    def spec(self, model: str, method_id: str, bits: int | None = None, group_size: int = -1) -> QuantSpec:
+        if method_id == "fp":
+            return QuantSpec.build(model)
+        entry = self.methods[method_id]
+        m = entry.cfg
+        calib = self._calib(m["calibration"], f"methods.{method_id}.calibration") if m.get("calibration") \
+            else self.calibration
+        try:
+            spec = QuantSpec.build(model, m["solver"], bits, group_size, m.get("init", "minmax"),
+                                   m.get("preprocess", []), calib, m.get("options", {}))
+        except ConfigError as exc:
+            raise ConfigError(f"methods entry '{method_id}': {exc}") from None
+        if spec.uses_calibration and calib is None:
+            raise ConfigError(f"methods entry '{method_id}' needs calibration data: add a top-level "
+                              "`calibration:` or one in the entry")
+        return spec
+
+    def all_specs(self) -> list[QuantSpec]:
+        out = []
+        for model in self.cfg["run_models"]:
+            out.append(self.spec(model, "fp"))
+            for mid, entry in self.methods.items():
+                out.extend(self.spec(model, mid, b, g) for b, g in entry.settings())
+        return list(dict.fromkeys(out))
+
+    def ppl_protocols(self) -> list[str]:
+        ppl = self.cfg["perplexity"]
+        return [ppl_protocol_name(key, ppl["seqlen"], (opts or {}).get("max_windows"))
+                for key, opts in ppl["datasets"].items()]
+
+    def ppl_protocol(self, dataset: str) -> str:
+        ppl = self.cfg["perplexity"]
+        if dataset not in ppl["datasets"]:
+            raise ConfigError(f"metric '{dataset}' is not a perplexity dataset of this config "
+                              f"(perplexity.datasets: {', '.join(ppl['datasets'])})")
+        return ppl_protocol_name(dataset, ppl["seqlen"], (ppl["datasets"][dataset] or {}).get("max_windows"))
+
+    def used_tasks(self) -> list[str]:
+        """The tasks of lm_eval.tasks that some table reads, in config order. Only these are evaluated: a task that
+        an overlay only gives a local source for (tests/offline.yaml) costs nothing unless a table names it."""
+        used = {m.partition(".")[0] for t in self.tables.values() for m in t.result_metrics() if "." in m}
+        return [task for task in self.lmeval_tasks if task in used]
+
+    def lmeval_protocols(self) -> list[str]:
+        return [self.lmeval_protocol(task) for task in self.used_tasks()]
+
+    def lmeval_protocol(self, task: str) -> str:
+        if task not in self.lmeval_tasks:
+            raise ConfigError(f"'{task}' is not a task of lm_eval.tasks ({', '.join(self.lmeval_tasks) or 'none'})")
+        opts = self.lmeval_tasks[task]
+        return lmeval_protocol_name(task, opts["num_fewshot"], opts["limit"])
+
+    def lmeval_params(self) -> dict:
+        """What the lm-eval rule needs: {task: {num_fewshot, limit, source}} and the harness settings."""
+        cfg = self.cfg["lm_eval"]
+        return {"tasks": {t: {k: v for k, v in self.lmeval_tasks[t].items() if k != "label"} for t in self.used_tasks()},
+                "batch_size": cfg["batch_size"], "bootstrap_iters": cfg["bootstrap_iters"]}
+
+    def result_path(self, spec: QuantSpec, metric: str) -> str:
+        """A perplexity dataset's result, or an lm-eval task's for a metric `{task}.{field}`."""
+        if "." in metric:
+            return names.lmeval_path(self.lmeval_protocol(metric.partition('.')[0]), spec.short_name())
+        return names.ppl_path(self.ppl_protocol(metric), spec.short_name())
+
+    def metric_label(self, metric: str) -> str:
+        if "." in metric:
+            task, _, field = metric.partition(".")
+            return f"{self.lmeval_tasks[task].get('label', task)} {field.replace('|', ' or ')}"
+        return self.cfg["datasets"][metric].get("label", metric)
+
+    # Settings that make a job's result what it is; the rest of `compute` (chunk sizes, where streams are kept) only
+    # changes how it runs, so editing them reruns nothing (rules pass these as params, rerun triggers).
+    _RESULT_COMPUTE = {"quantize": ("device", "dtype", "attn_implementation", "seed"),
+                       "stats": ("device", "dtype", "attn_implementation"),
+                       "evaluate": ("device", "dtype", "attn_implementation")}
+
+    def compute_params(self, job: str) -> dict:
+        """The `compute` settings that a job of this kind (quantize, stats, evaluate) depends on."""
+        return {k: self.cfg["compute"][k] for k in self._RESULT_COMPUTE[job]}
+
+    def ppl_dataset_cfgs(self) -> dict:
+        """The configs of the perplexity datasets only: a calibration-only dataset is no input of perplexity."""
+        return {key: self.cfg["datasets"][key] for key in self.cfg["perplexity"]["datasets"]}
+
+    def quantized_path(self, spec: QuantSpec) -> str:
+        return names.quantized_path(spec.short_name())
+
+    def model_path(self, model: str) -> str:
+        return names.model_path(self.resources, model)
+
+    def dataset_path(self, dataset: str) -> str:
+        return names.dataset_path(self.resources, dataset)
+
+    # ------------------------------------------------------------------ tables
+    def _table(self, key: str, t: dict) -> TableDef:
+        models = t.get("models") or list(self.cfg["run_models"])
+        for m in models:
+            if m not in self.cfg["run_models"]:
+                raise ConfigError(f"tables.{key}.models: '{m}' is not in run_models")
+        rows = t.get("rows") or ["fp", *self.methods]
+        for r in rows:
+            if r != "fp" and r not in self.methods:
+                raise ConfigError(f"tables.{key}.rows: unknown method id '{r}'; ids: fp, {', '.join(self.methods)}")
+        all_settings = list(dict.fromkeys(names.setting_token(b, g) for r in rows if r != "fp"
+                                          for b, g in self.methods[r].settings()))
+        settings = t.get("settings") or all_settings
+        for s in settings:
+            if s not in all_settings:
+                raise ConfigError(f"tables.{key}.settings: '{s}' is not produced by any row; produced: "
+                                  f"{', '.join(all_settings)}")
+        averages = {a: {"of": v} if isinstance(v, list) else v for a, v in (t.get("averages") or {}).items()}
+        metrics = t.get("metrics") or list(self.cfg["perplexity"]["datasets"])
+        for avg, spec in averages.items():
+            if avg in self.cfg["perplexity"]["datasets"] or "." in avg:
+                raise ConfigError(f"tables.{key}.averages: '{avg}' must differ from the perplexity datasets and "
+                                  "contain no dot")
+            for part in spec["of"]:
+                if "." not in part:
+                    raise ConfigError(f"tables.{key}.averages.{avg}: '{part}' is not a task metric "
+                                      "`{task}.{metric}`; averages are over lm-eval task metrics")
+                self._check_metric(key, part)
+            if len({is_lower_better(p) for p in spec["of"]}) > 1:
+                raise ConfigError(f"tables.{key}.averages.{avg} mixes accuracies with perplexities")
+        for metric in metrics:
+            if metric not in averages:
+                self._check_metric(key, metric)
+        return TableDef(key, t.get("title", key), models, rows, settings, metrics, t.get("paper", {}),
+                        t.get("paper_source"), averages, t.get("layout", "long"), t.get("default_target", True))
+
+    def _check_metric(self, table: str, metric: str) -> None:
+        if "." in metric:
+            task, _, field = metric.partition(".")
+            if task not in self.lmeval_tasks or not field or "." in field:
+                raise ConfigError(
+                    f"tables.{table}.metrics: '{metric}' names no task of lm_eval.tasks "
+                    f"({', '.join(self.lmeval_tasks) or 'none'}); a task metric is `{{task}}.{{metric}}`, e.g. "
+                    "arc_easy.acc_norm")
+        elif metric not in self.cfg["perplexity"]["datasets"]:
+            raise ConfigError(
+                f"tables.{table}.metrics: '{metric}' is neither a perplexity dataset (perplexity.datasets: "
+                f"{', '.join(self.cfg['perplexity']['datasets']) or 'none'}), a task metric `{{task}}.{{metric}}` of "
+                "lm_eval.tasks, nor a key of the table's averages")
+
+    def default_tables(self) -> list[str]:
+        """Keys of the tables a plain `snakemake` run builds: all but those marked `default_target: false`."""
+        return [key for key, t in self.tables.items() if t.default_target]
+
+    def table_cells(self, key: str) -> list[dict]:
+        """One entry per table cell: model, row, setting, metric, spec name and result path (None if the row does
+        not produce that setting)."""
+        t = self.tables[key]
+        cells = []
+        for model in t.models:
+            for row in t.rows:
+                settings = [None] if row == "fp" else [
+                    s for s in t.settings if s in {names.setting_token(b, g) for b, g in self.methods[row].settings()}]
+                for s in settings:
+                    bits, gs = names.require_setting(s) if s else (None, -1)
+                    spec = self.spec(model, row, bits, gs)
+                    for metric in t.result_metrics():
+                        cells.append({"model": model, "row": row, "setting": s, "metric": metric,
+                                      "name": spec.short_name(), "path": self.result_path(spec, metric)})
+        return cells
+
+    def table_inputs(self, key: str) -> list[str]:
+        return sorted({c["path"] for c in self.table_cells(key)})
+
+    def table_params(self, key: str) -> dict:
+        """Everything the table script needs, as plain data."""
+        t = self.tables[key]
+        ppl = self.cfg["perplexity"]
+        return {
+            "key": key, "title": t.title, "cells": self.table_cells(key),
+            "row_labels": {"fp": "FP (unquantized)", **{m: e.label for m, e in self.methods.items()}},
+            "model_labels": {m: self.model_label(m) for m in t.models},
+            "metric_labels": {**{m: self.metric_label(m) for m in t.result_metrics()},
+                              **{a: v.get("label", a) for a, v in t.averages.items()}},
+            "task_labels": {task: o.get("label", task) for task, o in self.lmeval_tasks.items()},
+            "columns": t.columns, "averages": {a: v["of"] for a, v in t.averages.items()}, "layout": t.layout,
+            "rows": t.rows, "settings": t.settings, "paper": t.paper, "paper_source": t.paper_source,
+            "seqlen": ppl["seqlen"],
+        }
+
+
+def _fullmatch(pattern: str, text: str) -> bool:
+    return re.fullmatch(pattern, text) is not None
+
+

@@ -1,0 +1,105 @@
+"""Statistics of the unquantized model: computed once per model and calibration (rule `stats`, artifacts under
+`results/stats/{stat}/{model}.{calibration}/`) and shared by every method that needs them. Each statistic is a
+catalog entry (`quantlib.methods.STATISTICS`) naming a compute function and a reader.
+
+An artifact is a folder with `manifest.json` (the statistic, model, calibration, what else it holds) and one
+safetensors file per decoder block, so a reader holds one block at a time.
+
+`fp_hessian`: the input Hessian of every quantized layer, H = mean of x x^T over the calibration tokens, with the
+inputs propagated through the *unquantized* model (GuidedQuant's convention; the runner's default instead takes
+them from the already quantized prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import capture, methods
+from .errors import DataError
+from .io import atomic_dir, versions
+from .models import adapter_for
+
+log = logging.getLogger("quantlib")
+
+
+def _block_file(i: int) -> str:
+    return f"block{i:04d}.safetensors"
+
+
+def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, device: str = "cpu",
+                        chunk_tokens: int = 65536, progress: bool = True) -> None:
+    """Write the `fp_hessian` artifact: per block, the Hessian of each subgroup's input (keyed by the subgroup's
+    first layer), the block's outputs from its unquantized weights going on to the next block."""
+    from safetensors.torch import save_file
+
+    adapter = adapter_for(model)
+    blocks = adapter.block_list(model)
+    chunk = max(1, min(len(tokens), chunk_tokens // tokens.shape[1]))
+    t0 = time.time()
+    with atomic_dir(out_dir) as tmp, torch.no_grad():
+        states = capture.block_inputs(model, blocks, tokens, chunk, device)
+        for i, block in enumerate(tqdm(blocks, desc="fp hessians", disable=not progress, mininterval=5)):
+            block.to(device)
+            found = capture.hessians(block, adapter.subgroups, states, device, stop=False)
+            save_file({group[0]: H.cpu().contiguous() for group, H in zip(adapter.subgroups, found)},
+                      str(tmp / _block_file(i)))
+            states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
+            if device != "cpu":
+                block.to("cpu")
+        manifest = {"stat": "fp_hessian", **meta, "blocks": len(blocks), "tokens": int(tokens.numel()),
+                    "subgroups": [list(g) for g in adapter.subgroups], "block_path": adapter.blocks,
+                    "seconds": round(time.time() - t0, 2), "versions": versions()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    log.info("fp_hessian: %d blocks in %.1fs", len(blocks), time.time() - t0)
+
+
+class FPHessians:
+    """Reads an `fp_hessian` artifact one block at a time."""
+
+    def __init__(self, path, expect: dict):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, "fp_hessian", expect)
+        self._block, self._tensors = None, None
+
+    def hessian(self, block: int, group: tuple[str, ...]) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        if block != self._block:
+            self._tensors, self._block = load_file(str(self.path / _block_file(block))), block
+        if group[0] not in self._tensors:
+            raise DataError(f"{self.path}: no Hessian for layers {'+'.join(group)} of block {block}; the artifact "
+                            f"holds {sorted(self._tensors)} (a model of another family?)")
+        return self._tensors[group[0]]
+
+
+def read_manifest(path: Path, stat: str, expect: dict) -> dict:
+    """The manifest of a statistics artifact, checked against what the spec asks for (statistic, model,
+    calibration): a mismatch names the artifact and the remedy."""
+    file = Path(path) / "manifest.json"
+    if not file.exists():
+        raise DataError(f"{path} is not a statistics artifact (no manifest.json); delete it and rerun to rebuild it")
+    manifest = json.loads(file.read_text())
+    for key, want in {"stat": stat, **expect}.items():
+        if manifest.get(key) != want:
+            raise DataError(f"statistics artifact {path} was made for {key} '{manifest.get(key)}', not '{want}'; "
+                            "delete it and rerun to rebuild it")
+    return manifest
+
+
+def open_statistic(stat: str, path, spec):
+    """Open the artifact of statistic `stat` for `spec` (checked against the spec's model and calibration)."""
+    reader = methods.load_impl(methods.STATISTICS[stat].reader)
+    return reader(path, {"model": spec.model, "calib": spec.calib_name()})
+
+
+def compute_statistic(stat: str, model, tokens: torch.Tensor, out_dir, calib_name: str, model_key: str,
+                      device: str = "cpu", chunk_tokens: int = 65536, progress: bool = True) -> None:
+    compute = methods.load_impl(methods.STATISTICS[stat].impl)
+    compute(model, tokens, out_dir, {"model": model_key, "calib": calib_name}, device=device,
+            chunk_tokens=chunk_tokens, progress=progress)

@@ -1,0 +1,11 @@
+"""A statistic of the FP model ({stat}) on the calibration windows {calib}, shared by every method that needs it."""
+from quantlib.pipeline import statistic
+from quantlib.workflow import run_script
+
+
+def main(smk):
+    statistic(smk.wildcards.stat, smk.wildcards.calib, smk.input.model, smk.input.tokens, smk.output[0],
+              {**smk.config.get("compute", {}), **smk.params.compute})
+
+
+run_script(snakemake, main)  # noqa: F821
