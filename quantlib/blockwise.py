@@ -242,5 +242,5 @@ def _train(block, modules, x_q, x_fp, y_fp, kwargs, spec, generator, block_idx) 
                 loss.backward()
                 optimiser.step()
                 schedule.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
     return losses
