@@ -463,3 +463,10 @@ register(Component(
     check=_check_spqr,
     help="GPTQ/LDLQ error feedback with small groups, quantized statistics and unstructured full-precision outliers",
 ))
+
+register(Component(
+    "lsq", "solver", "quantlib.solvers.lsq:wrap", "LSQ (block-wise)", needs=("calibration", "fp_targets"),
+    mode="block", options=block_training(epochs=2, lr=1e-2),
+    help="a log-scale per (row, group) learned by Adam on the block's output error, zero point fixed, "
+         "straight-through rounding (LSQ, Esser et al. 2020, trained block by block as in BRECQ)",
+))
