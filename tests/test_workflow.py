@@ -160,12 +160,75 @@ def test_rerun_is_a_no_op(tiny_run):
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def test_settings_that_make_no_result_rerun_nothing(tiny_run, tmp_path, text_files):
+    """The rules pass each job only what makes its result: the chunk size of calibration forwards, or a dataset
+    used only for calibration, is no input of any finished quantize or perplexity job."""
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["compute"] = {"calib_chunk_tokens": 64, "block_streams": "disk"}
+    cfg["datasets"]["toycalib"] = {"path": "json", "data_files": str(text_files["train"]), "label": "calib only"}
+    cfg["methods"].append({"id": "ldlq_other", "solver": "ldlq", "bits": [4], "group_size": [32],
+                           "calibration": {"dataset": "toycalib", "nsamples": 8, "seqlen": 32}})
+    cfg["tables"]["main"]["rows"] = ["fp", "rtn", "ldlq"]  # what the table had by default: no new row
+    write_config(work, cfg)
+    proc = snakemake(work, "-n", "--cores", "2", "results/tables/main.md", "results/tables/zeroshot.md")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    # ... while a setting that does make results reruns what it makes
+    cfg["compute"]["seed"] = 1
+    write_config(work, cfg)
+    proc = snakemake(work, "-n", "--cores", "2", "results/tables/main.md")
+    assert "quantize" in proc.stdout and "perplexity" not in proc.stdout.split("Job stats")[0].split("rule quantize")[0]
+
+
+def test_fp_statistics_and_block_wise_methods_run_end_to_end(tiny_run, tmp_path):
+    """A spec that reads a statistic of the FP model (`fpin`) gets a `stats` job, shared by every such spec, and a
+    block-wise method runs through the same quantize rule; both evaluate like any other model."""
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    names = ["tiny.toytrain.n8.L32.ldlq.w3g32.fpin", "tiny.toytrain.n8.L32.rtn.neuqi_int.w3g32.fpin",
+             "tiny.toytrain.n8.L32.lsq.w3g32"]
+    targets = [f"results/ppl/toytest.L32.nw8/{n}.json" for n in names]
+    proc = snakemake(work, "-n", "--cores", "2", *targets)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.count("rule stats:") == 1 and "results/stats/fp_hessian/tiny.toytrain.n8.L32" in out
+    assert out.count("rule quantize:") == 3 and "rule calibration:" not in out  # the windows exist already
+    proc = snakemake(work, "--cores", "2", *targets)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    manifest = json.loads((work / "results/stats/fp_hessian/tiny.toytrain.n8.L32/manifest.json").read_text())
+    assert manifest["model"] == "tiny" and manifest["calib"] == "tiny.toytrain.n8.L32" and manifest["blocks"] == 2
+    for name in names:
+        record = json.loads((work / f"results/ppl/toytest.L32.nw8/{name}.json").read_text())
+        assert record["value"] > 1
+    diag = json.loads((work / "results/quantized/tiny.toytrain.n8.L32.lsq.w3g32/diagnostics.json").read_text())
+    assert all(b["error_after"] < b["error_before"] for b in diag["blocks"])
+
+
+@pytest.mark.parametrize("target,message", [
+    ("results/quantized/tiny.toytrain.n8.L32.spqr.w3g16.sym", "'sym' (symmetric grid) does not apply to spqr"),
+    ("results/ppl/toytest.L32.nw8/tiny.rtn.w4g32.damp0p1.json", "'damp0p1' (Hessian damping) does not apply to rtn"),
+    ("results/quantized/tiny.toytrain.n8.L32.ldlq.neuqii.w4g32", "'neuqii' is not an init"),
+    ("results/quantized/tiny.toytrain.n8.L32.lsq.w3g32.bs16", "batch (16) is larger than the 8 calibration windows"),
+])
+def test_refused_names_stop_the_dag_in_one_line(tiny_run, target, message):
+    proc = snakemake(tiny_run, "-n", "--cores", "2", target)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out[-2000:]
+    line = next(line for line in out.splitlines() if message in line)
+    assert line.startswith("Error: cannot read short name") and "Traceback" not in out
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.update(calibraton={}), "unknown config key 'calibraton'"),
     (lambda c: c["methods"][0].update(solver="awq"), "unknown solver 'awq'"),
     (lambda c: c["methods"][0].update(bits=[1]), "bits must be between 2 and 8"),
     (lambda c: c["methods"][1].update(group_size=[48]),
      "group size 48 does not divide the input dimension 64 of layer 'self_attn.q_proj'"),
+    (lambda c: c["methods"][0].update(options={"damp": 0.1}), "option 'damp' (Hessian damping) does not apply to rtn"),
+    (lambda c: c["methods"].append({"id": "spqr", "solver": "spqr", "bits": [3], "group_size": [16],
+                                    "options": {"sym": True}}), "option 'sym' (symmetric grid) does not apply to spqr"),
     (lambda c: c["datasets"].update(toytest={"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1"}),
      "dataset 'toytest': 'Salesforce/wikitext' is a hub id, the hub is offline"),
 ])

@@ -299,11 +299,12 @@ class Experiment:
         ppl = self.cfg["perplexity"]
         return {
             "key": key, "title": t.title, "cells": self.table_cells(key),
-            "row_labels": {"fp": "FP (unquantized)", **{m: e.label for m, e in self.methods.items()}},
+            "row_labels": {r: "FP (unquantized)" if r == "fp" else self.methods[r].label for r in t.rows},
             "model_labels": {m: self.model_label(m) for m in t.models},
             "metric_labels": {**{m: self.metric_label(m) for m in t.result_metrics()},
                               **{a: v.get("label", a) for a, v in t.averages.items()}},
-            "task_labels": {task: o.get("label", task) for task, o in self.lmeval_tasks.items()},
+            "task_labels": {task: o.get("label", task) for task, o in self.lmeval_tasks.items()
+                            if any(m.partition(".")[0] == task for m in t.result_metrics())},
             "columns": t.columns, "averages": {a: v["of"] for a, v in t.averages.items()}, "layout": t.layout,
             "rows": t.rows, "settings": t.settings, "paper": t.paper, "paper_source": t.paper_source,
             "seqlen": ppl["seqlen"],
