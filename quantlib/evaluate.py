@@ -1,4 +1,5 @@
-"""Perplexity with the protocol of GPTQ and the four seed papers (algorithms.md 1.8).
+"""Perplexity with the protocol of GPTQ (Frantar et al. 2023), which NeUQI, GuidedQuant, QuantEase and UniQuanF
+all use.
 
 Each window of `seqlen` tokens is scored independently (no BOS added per window); the loss predicts tokens 2..L
 of each window; ppl = exp(sum of NLL / (n_windows * (seqlen - 1))). The protocol is written into every result.

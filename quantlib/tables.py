@@ -18,6 +18,7 @@ from .errors import DataError
 from .io import atomic_file
 from .metrics import LOWER_IS_BETTER as _LOWER_TASK_METRICS
 from .metrics import is_lower_better  # noqa: F401 (part of this module's interface)
+from .names import require_setting
 
 LOWER_IS_BETTER = {"ppl"}
 
@@ -65,8 +66,8 @@ def _paper_value(paper: dict, model: str, row: str, setting: str | None, metric:
 def _setting_parts(setting: str | None) -> tuple[str, str]:
     if setting is None:
         return "FP", "-"
-    bits, _, group = setting[1:].partition("g")
-    return bits, group or "per-channel"
+    bits, group = require_setting(setting)
+    return str(bits), str(group) if group > 0 else "per-channel"
 
 
 def collect(params: dict) -> pd.DataFrame:

@@ -113,3 +113,14 @@ def test_method_settings_errors(cfg, entry, message):
     cfg["methods"].append({"id": "x", "solver": "ldlq", **entry})
     with pytest.raises(ConfigError, match=message):
         Experiment(cfg)
+
+
+def test_the_config_and_catalog_import_neither_torch_nor_lm_eval():
+    """The Snakefile imports them at parse time: they stay pure Python."""
+    import subprocess
+    import sys
+
+    code = ("import sys, quantlib.config, quantlib.methods, quantlib.spec, quantlib.names\n"
+            "print(sorted(m for m in sys.modules if m in ('torch', 'lm_eval') or m.startswith('quantlib.lmeval')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

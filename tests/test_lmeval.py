@@ -18,7 +18,7 @@ from quantlib.errors import ConfigError, DataError
 from quantlib.lmeval import TaskSet, evaluate_tasks, summarize
 from quantlib.spec import lmeval_protocol_name, parse_lmeval_protocol
 
-# Task YAMLs written by hand after the stock lm-eval 0.4.13 templates (../shared/assets/MANIFEST.md, 3.3): the
+# Task YAMLs written by hand after the stock lm-eval 0.4.13 templates (as the staged task copies document): the
 # reference our local tasks, built by including lm-eval's own YAML, must agree with.
 _MC = {"output_type": "multiple_choice",
        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
@@ -192,7 +192,7 @@ def test_matches_the_lm_eval_command_line(tmp_path):
     the overlay and the same limit.
 
     The CLI cannot reach the hub here, so both sides read the same staged files. The CLI gets them through
-    `--include_path` with task YAMLs written by hand after lm-eval's stock templates (MANIFEST 3.3), not the YAMLs
+    `--include_path` with task YAMLs written by hand after lm-eval's stock templates, not the YAMLs
     our code generates: so the comparison checks both that HFLM on our loaded model gives the CLI's `--model hf`
     figures and that our local-source override (lm-eval's own task YAML with only the data location replaced) keeps
     lm-eval's prompts, targets and metrics. Pre-filling the datasets cache instead would let the CLI run the built-in

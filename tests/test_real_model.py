@@ -27,7 +27,7 @@ def smol(tmp_path_factory):
 
 
 def test_fp_perplexity_matches_the_manifest(smol, tmp_path):
-    """MANIFEST.md: WikiText-2 test joined by "\\n\\n", first 40 windows of 512 tokens, float32 -> 29.19."""
+    """The staged assets' documented figure: WikiText-2 test joined by "\\n\\n", first 40 windows of 512 tokens, float32 -> 29.19."""
     fetch_dataset({"path": "json", "data_files": str(WIKI)}, tmp_path / "wiki.parquet", "wikitext2")
     windows, info = eval_windows(read_texts(tmp_path / "wiki.parquet"), load_tokenizer(smol), {"join": "\n\n"}, 512)
     assert info["text_tokens"] == 304_986  # the manifest's token count for this tokenizer
