@@ -20,8 +20,9 @@ class Adapter:
     # Linear layers of one block, in execution order; the layers of one subgroup read the same input, so they share
     # one Hessian and are quantized together before the next subgroup's input is captured (true sequential).
     subgroups: tuple[tuple[str, ...], ...]
-    # Input sizes of the quantized layers, read from config.json (for checks before any weight is loaded).
+    # Input and output sizes of the quantized layers, read from config.json (for checks before any weight is loaded).
     input_dims: Callable[[dict], dict[str, int]]
+    output_dims: Callable[[dict], dict[str, int]]
 
     def block_list(self, model) -> torch.nn.ModuleList:
         obj = model
@@ -38,6 +39,43 @@ def _llama_dims(c: dict) -> dict[str, int]:
     return {"self_attn.q_proj": h, "self_attn.k_proj": h, "self_attn.v_proj": h,
             "self_attn.o_proj": c["num_attention_heads"] * c.get("head_dim", h // c["num_attention_heads"]),
             "mlp.gate_proj": h, "mlp.up_proj": h, "mlp.down_proj": c["intermediate_size"]}
+
+
+def _llama_out(c: dict) -> dict[str, int]:
+    h, heads = c["hidden_size"], c["num_attention_heads"]
+    head_dim = c.get("head_dim") or h // heads
+    kv = c.get("num_key_value_heads") or heads
+    return {"self_attn.q_proj": heads * head_dim, "self_attn.k_proj": kv * head_dim,
+            "self_attn.v_proj": kv * head_dim, "self_attn.o_proj": h, "mlp.gate_proj": c["intermediate_size"],
+            "mlp.up_proj": c["intermediate_size"], "mlp.down_proj": h}
+
+
+def _opt_out(c: dict) -> dict[str, int]:
+    h = c["hidden_size"]
+    return {"self_attn.k_proj": h, "self_attn.v_proj": h, "self_attn.q_proj": h, "self_attn.out_proj": h,
+            "fc1": c["ffn_dim"], "fc2": h}
+
+
+def _neox_out(c: dict) -> dict[str, int]:
+    h = c["hidden_size"]
+    return {"attention.query_key_value": 3 * h, "attention.dense": h, "mlp.dense_h_to_4h": c["intermediate_size"],
+            "mlp.dense_4h_to_h": h}
+
+
+def _bloom_falcon_out(c: dict) -> dict[str, int]:
+    h = c["hidden_size"]
+    heads = c.get("num_attention_heads") or c.get("n_head")
+    head_dim = h // heads
+    if c.get("new_decoder_architecture"):
+        kv = c.get("num_kv_heads") or heads
+        qkv = (heads + 2 * kv) * head_dim
+    elif c.get("multi_query"):
+        qkv = h + 2 * head_dim
+    else:
+        qkv = 3 * h
+    ffn = c.get("ffn_hidden_size") or 4 * h
+    return {"self_attention.query_key_value": qkv, "self_attention.dense": h, "mlp.dense_h_to_4h": ffn,
+            "mlp.dense_4h_to_h": h}
 
 
 def _opt_dims(c: dict) -> dict[str, int]:
@@ -63,17 +101,17 @@ _LLAMA = Adapter(
     "llama", "model.layers",
     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-    _llama_dims,
+    _llama_dims, _llama_out,
 )
 _OPT = Adapter(
     "opt", "model.decoder.layers",
     (("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
-    _opt_dims,
+    _opt_dims, _opt_out,
 )
 _NEOX = Adapter(
     "gpt_neox", "gpt_neox.layers",
     (("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
-    _neox_dims,
+    _neox_dims, _neox_out,
 )
 
 # BLOOM and Falcon share module names. Falcon's attention and MLP read the same normalised input (parallel
@@ -81,9 +119,9 @@ _NEOX = Adapter(
 _BLOOM = Adapter(
     "bloom", "transformer.h",
     (("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
-    _bloom_falcon_dims,
+    _bloom_falcon_dims, _bloom_falcon_out,
 )
-_FALCON = Adapter("falcon", _BLOOM.blocks, _BLOOM.subgroups, _bloom_falcon_dims)
+_FALCON = Adapter("falcon", _BLOOM.blocks, _BLOOM.subgroups, _bloom_falcon_dims, _bloom_falcon_out)
 
 # config.json `model_type` -> adapter. SmolLM2 is a Llama.
 ADAPTERS: dict[str, Adapter] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
@@ -119,3 +157,14 @@ def check_group_size_fits(cfg: dict, group_size: int, model: str) -> None:
             raise ConfigError(
                 f"group size {group_size} does not divide the input dimension {d_in} of layer '{layer}' of model "
                 f"'{model}'; packed formats need whole groups: use a divisor of {d_in} or -1 (per channel)")
+
+
+def check_row_groups_fit(cfg: dict, groups: int, model: str, what: str) -> None:
+    """Refuse a count of row blocks (GuidedQuant's g) that does not divide some quantized layer's output size."""
+    if groups <= 1:
+        return
+    adapter = get_adapter(cfg.get("model_type", "?"))
+    for layer, d_out in adapter.output_dims(cfg).items():
+        if d_out % groups:
+            raise ConfigError(f"{what} {groups} does not divide the output size {d_out} of layer '{layer}' of model "
+                              f"'{model}'; use a divisor of {d_out}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .hessian import HessianAccumulator
+from .hessian import GuidedHessian, HessianAccumulator, WeightedHessianAccumulator
 
 
 class Stop(Exception):
@@ -60,20 +60,51 @@ def block_output(block, hidden, kwargs):
     return out[0] if isinstance(out, tuple) else out
 
 
-def hessians(block, groups, states, device, stop: bool) -> list[torch.Tensor]:
+class _GroupAccumulator:
+    """A subgroup's Hessian from its shared input; with `weights` ({layer: (windows, tokens, g)}), also each layer's
+    g weighted Hessians (GuidedQuant), the weights of a chunk taken at its first window."""
+
+    def __init__(self, block, group, device, weights: dict | None):
+        d_in = block.get_submodule(group[0]).in_features
+        self.plain = HessianAccumulator(d_in, device=device)
+        self.weighted = {} if weights is None else {
+            name: (WeightedHessianAccumulator(d_in, weights[name].shape[-1], device=device), weights[name])
+            for name in group}
+
+    def add(self, x: torch.Tensor, first_window: int) -> None:
+        self.plain.add(x)
+        for acc, w in self.weighted.values():
+            acc.add(x, w[first_window:first_window + x.shape[0]])
+
+    def result(self):
+        if not self.weighted:
+            return self.plain.result()
+        return GuidedHessian(self.plain.result(), {name: acc.result() for name, (acc, _) in self.weighted.items()})
+
+
+def group_hessian(block, group, x: torch.Tensor, device, weights: dict | None = None, first_window: int = 0):
+    """The Hessian (or GuidedHessian, with weights) of one batch of a subgroup's input."""
+    acc = _GroupAccumulator(block, group, device, weights)
+    acc.add(x, first_window)
+    return acc.result()
+
+
+def hessians(block, groups, states, device, stop: bool, weights: dict | None = None, chunk: int | None = None) -> list:
     """Input Hessians of `groups` (tuples of layer names sharing an input) over all chunks of `states`. With `stop`,
     each forward ends at the (single) group's input; without it, the whole block runs once per chunk and every
-    group's input is captured."""
+    group's input is captured. With `weights` (saliency per layer, see _GroupAccumulator), each group's result is a
+    GuidedHessian; `chunk` is then the number of windows per state."""
     accs = []
     handles = []
+    position = {"window": 0}
     for group in groups:
-        acc = HessianAccumulator(block.get_submodule(group[0]).in_features, device=device)
+        acc = _GroupAccumulator(block, group, device, weights)
         accs.append(acc)
         seen = set()  # layers of a group share one input: count it once per forward
 
         def hook(module, args, acc=acc, seen=seen, size=len(group)):
             if not seen:
-                acc.add(args[0])
+                acc.add(args[0], position["window"])
             seen.add(id(module))
             if len(seen) == size:
                 seen.clear()
@@ -84,7 +115,8 @@ def hessians(block, groups, states, device, stop: bool) -> list[torch.Tensor]:
         handles += [block.get_submodule(name).register_forward_pre_hook(hook) for name in group]
     try:
         with torch.no_grad():
-            for hidden, kwargs in states:
+            for index, (hidden, kwargs) in enumerate(states):
+                position["window"] = index * (chunk or 0)
                 try:
                     block(hidden, **kwargs)
                 except Stop:

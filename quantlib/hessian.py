@@ -8,6 +8,7 @@ here is invariant to a positive rescaling of H). Accumulated in float64 across c
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,6 +27,36 @@ class HessianAccumulator:
         x = x.reshape(-1, x.shape[-1]).float()
         # fp32 product per chunk (fast on CPU), fp64 across chunks.
         self.sum += gram(x)
+        self.tokens += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise NumericalError("no calibration tokens reached this layer")
+        return (self.sum / self.tokens).float()
+
+
+@dataclass
+class GuidedHessian:
+    """A subgroup's Hessians for GuidedQuant's objective: the plain one, and per linear (g, d_in, d_in), one per
+    contiguous block of its output rows."""
+
+    plain: torch.Tensor
+    per_linear: dict
+
+
+class WeightedHessianAccumulator:
+    """g Hessians of the same inputs, token t weighted by w_tk in the k-th: H_k = (1/N) sum_t w_tk x_t x_t^T
+    (GuidedQuant's saliency-weighted Hessians). Weights are non-negative."""
+
+    def __init__(self, d_in: int, groups: int, device=None):
+        self.sum = torch.zeros(groups, d_in, d_in, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, weights: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        w = weights.reshape(x.shape[0], -1).to(device=x.device, dtype=x.dtype)
+        for k in range(self.sum.shape[0]):
+            self.sum[k] += gram(x * w[:, k:k + 1].sqrt())  # (sqrt(w) x)^T (sqrt(w) x) = x^T diag(w) x
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
@@ -62,9 +93,11 @@ def fix_dead_columns(H: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def damp_until_pd(H: torch.Tensor, damp: float, layer: str, max_tries: int = 10,
-                  factor: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
-    """Add `damp * mean(diag H)` to the diagonal; if the factorisation fails, double the damping (at least 1%)
-    with a logged warning, up to `max_tries` times.
+                  factor: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ladder: str = "gptq"):
+    """Add `damp * mean(diag H)` to the diagonal; if the factorisation fails, raise the damping with a logged
+    warning: `gptq` doubles it (at least 1 %), up to `max_tries` times; `lnq` (GuidedQuant's LNQ) tries 1e-5, then
+    ten times more each time, up to 1.
 
     `factor(A)` returns (factor, info) like `torch.linalg.cholesky_ex`; info != 0 means not positive definite.
     Returns (damped H, factor of it, damping fraction used).
@@ -83,15 +116,23 @@ def damp_until_pd(H: torch.Tensor, damp: float, layer: str, max_tries: int = 10,
         fac, info = factor(Hd)
         if int(info) == 0 and torch.isfinite(fac).all():
             return Hd, fac, current
-        if attempt < max_tries:
-            nxt = max(2 * current, 0.01)
-            log.warning("layer %s: Hessian not positive definite with damping %.3g; retrying with %.3g",
-                        layer, current, nxt)
-            current = nxt
+        nxt = _next_damping(current, ladder)
+        if nxt is None or attempt == max_tries:
+            break
+        log.warning("layer %s: Hessian not positive definite with damping %.3g; retrying with %.3g",
+                    layer, current, nxt)
+        current = nxt
     raise NumericalError(
         f"the Hessian of layer '{layer}' is not positive definite even with damping {current:.3g} "
-        f"({max_tries} retries). More calibration tokens (nsamples x seqlen well above the layer's input size "
+        f"({attempt} retries). More calibration tokens (nsamples x seqlen well above the layer's input size "
         f"{H.shape[0]}) or a larger `damp` option usually fix this.")
+
+
+def _next_damping(current: float, ladder: str) -> float | None:
+    if ladder == "lnq":
+        nxt = max(10 * current, 1e-5)
+        return nxt if nxt <= 1 else None
+    return max(2 * current, 0.01)
 
 
 def layer_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -115,8 +156,9 @@ class PreparedHessian:
     Hessian, which the runner's layer errors use.
     """
 
-    def __init__(self, H: torch.Tensor, damp: float, act_order: bool, layer: str):
+    def __init__(self, H: torch.Tensor, damp: float, act_order: bool, layer: str, ladder: str = "gptq"):
         self.raw = H
+        self.ladder = ladder
         self.H, self.dead = fix_dead_columns(H)
         self.layer = layer
         self.act_order = act_order
@@ -135,7 +177,7 @@ class PreparedHessian:
         error of column k costs after error feedback (1 / [chol(H^-1)]_kk^2 in GPTQ's terms). Computed once."""
         if self._ldl is None:
             Hp = self.H[self.perm][:, self.perm]
-            _, C, self.damp = damp_until_pd(Hp, self.damp, self.layer, factor=_reversed_cholesky)
+            _, C, self.damp = damp_until_pd(Hp, self.damp, self.layer, factor=_reversed_cholesky, ladder=self.ladder)
             d = torch.diagonal(C)
             self._ldl = (C / d, d * d)
         return self._ldl

@@ -30,9 +30,10 @@ from .names import NUMBER_RE, format_number, parse_number  # noqa: F401  (re-exp
 class Option:
     """One setting that a short name can carry.
 
-    Booleans write `token` when the value differs from the default; numbers write `token` + the number.
+    Booleans write `token` when the value differs from the default; numbers write `token` + the number. A boolean
+    whose default differs between methods has two tokens: `token` for true, `false_token` for false.
     `default` may be a callable of the spec when it depends on other settings (e.g. on the group size).
-    `adds_needs`: what the spec reads in addition when the option is not at its default.
+    `removes_needs`: what the spec no longer reads when the option is not at its default.
     """
 
     key: str
@@ -41,21 +42,29 @@ class Option:
     token: str
     help: str = ""
     choices: tuple | None = None
-    adds_needs: tuple[str, ...] = ()
+    false_token: str | None = None
+    removes_needs: tuple[str, ...] = ()
 
     def default_for(self, spec) -> Any:
         return self.default(spec) if callable(self.default) else self.default
 
     def render(self, value: Any) -> str:
         if self.kind is bool:
-            return self.token
+            return self.token if value or self.false_token is None else self.false_token
         return f"{self.token}{format_number(value)}"
 
+    def tokens(self) -> tuple[str, ...]:
+        return (self.token,) if self.false_token is None else (self.token, self.false_token)
+
     def pattern(self) -> str:
-        return re.escape(self.token) + ("" if self.kind is bool else f"(?:{NUMBER_RE})")
+        if self.kind is bool:
+            return "|".join(re.escape(t) for t in self.tokens())
+        return re.escape(self.token) + f"(?:{NUMBER_RE})"
 
     def match(self, tok: str, spec_default: Any) -> tuple[bool, Any]:
         if self.kind is bool:
+            if self.false_token is not None:
+                return (tok in self.tokens(), tok == self.token)
             return (tok == self.token, not spec_default)
         m = re.fullmatch(re.escape(self.token) + f"({NUMBER_RE})", tok)
         if not m:
@@ -78,7 +87,7 @@ class Option:
         return value
 
     def describe(self) -> str:
-        return self.token if self.kind is bool else f"{self.token}<number>"
+        return "/".join(self.tokens()) if self.kind is bool else f"{self.token}<number>"
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,12 @@ class Component:
     takes_init: bool = True  # solvers: the init chooses the grid
     format: str | Callable[[Any], str] = "uniform"  # solvers: a key of FORMATS
     check: Callable[[Any], None] | None = None
+    # Solvers: defaults of the runner's options that differ for this method (e.g. {"fp_inputs": True}), whether the
+    # guided objective (`gq`) applies, and how a Hessian that is not positive definite is damped ("gptq": at least
+    # 1 %, doubled; "lnq": 1e-5, x10, up to 1).
+    defaults: tuple[tuple[str, Any], ...] = ()
+    takes_guided: bool = False
+    damp_ladder: str = "gptq"
 
     def load(self) -> Callable:
         return load_impl(self.impl)
@@ -107,14 +122,17 @@ class Component:
 @dataclass(frozen=True)
 class Statistic:
     """A statistic of the unquantized model, computed once per model and calibration by `rules/stats.smk` and shared
-    by every method that needs it. `impl` computes it (`compute(model, tokens, out_dir, ...)`), `reader` opens a saved
-    artifact for the runner."""
+    by every method that needs it. `impl` computes it (`compute(model, tokens, out_dir, meta, params, inputs, ...)`),
+    `reader` opens a saved artifact for the runner. `params`: integer parameters written into the artifact's name
+    as `.{param}{value}` tokens (`guided_hessian.g4`); `needs`: other statistics it is computed from."""
 
     name: str
     impl: str
     reader: str
     label: str
     help: str = ""
+    params: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,22 +178,24 @@ _TOKENS: dict[str, Option] = {}
 
 
 def _register_option(o: Option, owner: str) -> None:
-    known = _TOKENS.get(o.token)
-    if known is not None and (known.key, known.kind) != (o.key, o.kind):
-        raise ValueError(f"{owner}: option token '{o.token}' already means '{known.key}'")
+    for tok in o.tokens():
+        known = _TOKENS.get(tok)
+        if known is not None and (known.key, known.kind, known.tokens()) != (o.key, o.kind, o.tokens()):
+            raise ValueError(f"{owner}: option token '{tok}' already means '{known.key}'")
     for other in _TOKENS.values():
-        if other.key == o.key and other.token != o.token:
+        if other.key == o.key and other.tokens() != o.tokens():
             raise ValueError(f"{owner}: option '{o.key}' already has the token '{other.token}'")
         # A rendered value of one option must never read as another option (e.g. a token that is another's prefix
         # followed by a number).
-        if other.token != o.token and (re.fullmatch(other.pattern(), o.render(_sample(o)))
-                                       or re.fullmatch(o.pattern(), other.render(_sample(other)))):
+        if other.key != o.key and (any(re.fullmatch(other.pattern(), t) for t in _samples(o))
+                                   or any(re.fullmatch(o.pattern(), t) for t in _samples(other))):
             raise ValueError(f"{owner}: option tokens '{o.token}' and '{other.token}' can be confused")
-    _TOKENS[o.token] = o
+    for tok in o.tokens():
+        _TOKENS[tok] = o
 
 
-def _sample(o: Option):
-    return True if o.kind is bool else o.kind(1)
+def _samples(o: Option) -> list[str]:
+    return list(o.tokens()) if o.kind is bool else [o.render(o.kind(1))]
 
 
 def register(component: Component) -> Component:
@@ -186,7 +206,7 @@ def register(component: Component) -> Component:
         raise ValueError(f"method name '{component.name}' must be lower case letters, digits and '_'")
     if component.mode not in MODES:
         raise ValueError(f"{component.name}: mode must be one of {MODES}")
-    for need in component.needs:
+    for need in component.needs + tuple(n for o in component.options for n in o.removes_needs):
         if need not in NEEDS and need not in STATISTICS:
             raise ValueError(f"{component.name}: unknown need '{need}' (known: {', '.join([*NEEDS, *STATISTICS])})")
     for o in component.options:
@@ -200,6 +220,31 @@ def register_statistic(stat: Statistic) -> Statistic:
         raise ValueError(f"statistic name '{stat.name}' is taken or not lower case letters, digits and '_'")
     STATISTICS[stat.name] = stat
     return stat
+
+
+def stat_name(stat: str, **params: int) -> str:
+    """The name of a statistics artifact: the statistic, then its parameters (`guided_hessian.g4`)."""
+    entry = STATISTICS[stat]
+    if set(params) != set(entry.params):
+        raise ValueError(f"statistic '{stat}' takes the parameters {entry.params}, got {sorted(params)}")
+    return ".".join([stat, *(f"{p}{params[p]}" for p in entry.params)])
+
+
+def parse_stat_name(name: str) -> tuple[str, dict[str, int]]:
+    """(statistic, parameters) of an artifact name; ConfigError when it names no statistic of the catalog."""
+    stat, *tokens = name.split(".")
+    if stat not in STATISTICS:
+        raise ConfigError(f"'{stat}' is not a statistic; known: {', '.join(sorted(STATISTICS))}")
+    entry = STATISTICS[stat]
+    params = {}
+    for p, tok in zip(entry.params, tokens):
+        m = re.fullmatch(re.escape(p) + r"([0-9]+)", tok)
+        if m:
+            params[p] = int(m.group(1))
+    if len(tokens) != len(entry.params) or len(params) != len(entry.params):
+        raise ConfigError(f"'{name}' is not a name of statistic '{stat}' (expected "
+                          f"{'.'.join([stat, *(p + '<n>' for p in entry.params)])})")
+    return stat, params
 
 
 def register_format(fmt: Format) -> Format:
@@ -230,7 +275,7 @@ def known_option(key: str) -> Option | None:
 def option_for_token(tok: str) -> Option | None:
     """The catalog's option whose token (with a number, for numeric options) this is."""
     for o in _TOKENS.values():
-        if re.fullmatch(o.pattern(), tok):
+        if re.fullmatch(f"(?:{o.pattern()})", tok):
             return o
     return None
 
@@ -246,11 +291,15 @@ TRUE_SEQUENTIAL = Option(
     "from one pass of the unquantized block, as GPTQ's OPT/BLOOM scripts do)")
 FP_INPUTS = Option(
     "fp_inputs", False, bool, "fpin",
-    "take every layer's Hessian from the unquantized model's own inputs (GuidedQuant's convention), a statistic "
-    "computed once per model and calibration and shared by all methods (off: from the already quantized prefix)",
-    adds_needs=("fp_hessian",))
+    "take every layer's Hessian from the unquantized model's own inputs (GuidedQuant's convention: `fpin`), a "
+    "statistic computed once per model and calibration and shared by all methods, or from the already quantized "
+    "prefix (`qin`)", false_token="qin")
+GUIDED = Option(
+    "guided_groups", 0, int, "gq",
+    "GuidedQuant's objective: the layer's output rows cut into g contiguous blocks, each solved with its own "
+    "Hessian weighted per token by the end loss's squared output gradients (0: the plain objective)")
 SYM = Option("sym", False, bool, "sym", "symmetric grid (zero point fixed at the middle of the range)")
-for _o in (DAMP, TRUE_SEQUENTIAL, FP_INPUTS, SYM):
+for _o in (DAMP, TRUE_SEQUENTIAL, FP_INPUTS, GUIDED, SYM):
     _register_option(_o, "the runner")
 
 
@@ -290,6 +339,20 @@ register_statistic(Statistic(
     help="H = mean of x x^T over the calibration tokens, for every quantized layer, with the inputs propagated "
          "through the unquantized model",
 ))
+register_statistic(Statistic(
+    "gradients", "quantlib.gradients:capture_gradients", "quantlib.gradients:Gradients",
+    "end-loss gradients of the FP model", params=("G",),
+    help="one forward and backward pass per calibration window (mean cross-entropy, labels = inputs): the diagonal "
+         "Fisher of every quantized weight (sum over windows of the squared weight gradient, SqueezeLLM) and "
+         "GuidedQuant's output saliency, per token the squared output gradient (x 1e3) averaged over G contiguous "
+         "blocks of output channels",
+))
+register_statistic(Statistic(
+    "guided_hessian", "quantlib.gradients:capture_guided_hessians", "quantlib.gradients:GuidedHessians",
+    "saliency-weighted Hessians of the FP model", params=("g",), needs=("gradients",),
+    help="per quantized layer and block k of its output rows, H_k = mean over tokens of s_tk x x^T with the FP "
+         "model's inputs x and the saliency s averaged to g blocks (GuidedQuant)",
+))
 
 
 # ------------------------------------------------------------------------------------------------- formats
@@ -298,6 +361,8 @@ register_format(Format("uniform", "quantlib.formats.uniform:UniformQuantized", "
                        help="b-bit codes packed LSB-first in int32 words per row, a scale and zero per (row, group)"))
 register_format(Format("uniform_outliers", "quantlib.formats.outliers:OutlierQuantized", "uniform + outliers",
                        help="uniform codes plus full-precision float16 outliers (CSR entries or whole columns)"))
+register_format(Format("lut", "quantlib.formats.lut:LutQuantized", "lookup table",
+                       help="b-bit codes (packed as the uniform format's) into a per-row table of 2^b float16 values"))
 register_format(Format("spqr", "quantlib.formats.spqr:SpqrQuantized", "SpQR",
                        help="uniform codes in small groups whose scales and zeros are themselves quantized (SpQR's "
                             "second level), plus float16 outliers"))
@@ -319,7 +384,7 @@ _ACT_ORDER = Option("act_order", True, bool, "noreorder",
                     "process columns by decreasing diag(H) (GPTQ's act order, NeUQI's H reorder); groups stay static")
 
 register(Component(
-    "ldlq", "solver", "quantlib.solvers.ldlq:solve", "LDLQ", needs=("hessian",),
+    "ldlq", "solver", "quantlib.solvers.ldlq:solve", "LDLQ", needs=("hessian",), takes_guided=True,
     options=(_ACT_ORDER,),
     help="GPTQ-equivalent error feedback through the LDL factorisation of H",
 ))
@@ -403,10 +468,12 @@ def _check_quantease_outliers(spec) -> None:
                                   f"outliers: 0.01), or drop it")
     elif spec.opt("outlier_step") <= 0:
         raise ConfigError(f"quantease: outlier_step must be > 0, got {spec.opt('outlier_step')}")
+    elif spec.opt("guided_groups"):
+        raise ConfigError("quantease: the guided objective (gq) and outliers do not combine; drop one of them")
 
 
 register(Component(
-    "quantease", "solver", "quantlib.solvers.quantease:solve", "QuantEase", needs=("hessian",),
+    "quantease", "solver", "quantlib.solvers.quantease:solve", "QuantEase", needs=("hessian",), takes_guided=True,
     format=lambda spec: "uniform_outliers" if spec.opt("outliers") > 0 else "uniform",
     options=_QUANTEASE_CORE + (
         Option("outliers", 0.0, float, "ol",
@@ -422,6 +489,7 @@ register(Component(
 
 register(Component(
     "gptq_quantease", "solver", "quantlib.solvers.quantease:solve_gptq", "GPTQ+QuantEase", needs=("hessian",),
+    takes_guided=True,
     options=_QUANTEASE_CORE, check=_check_quantease,
     help="QuantEase sweeps started from the LDLQ (= GPTQ) solution and grid",
 ))
@@ -469,4 +537,58 @@ register(Component(
     mode="block", options=block_training(epochs=2, lr=1e-2),
     help="a log-scale per (row, group) learned by Adam on the block's output error, zero point fixed, "
          "straight-through rounding (LSQ, Esser et al. 2020, trained block by block as in BRECQ)",
+))
+
+
+# GuidedQuant's family (Kim et al. 2025, "GuidedQuant: Large Language Model Quantization via Exploiting End Loss
+# Guidance"): per-row lookup tables. SqueezeLLM (Kim et al. 2024) clusters each row's weights by Fisher-weighted
+# 1-D k-means; LNQ then alternates the closed-form tables and coordinate descent on the codes.
+_KMEANS = (
+    Option("kmeans_iters", 50, int, "kmit", "Lloyd iterations of the weighted 1-D k-means"),
+    Option("kmeans_seed", 0, int, "kmseed", "seed of the k-means++ initialisation"),
+)
+
+
+def _check_lut(spec) -> None:
+    if spec.group_size != -1:
+        raise ConfigError(f"{spec.solver}: one lookup table per row; give no group size (w{spec.bits}, not "
+                          f"w{spec.bits}g{spec.group_size})")
+    if spec.opt("kmeans_iters") < 1:
+        raise ConfigError(f"{spec.solver}: kmeans_iters must be >= 1")
+
+
+def _check_lnq(spec) -> None:
+    _check_lut(spec)
+    if spec.opt("alternations") < 0:
+        raise ConfigError(f"lnq: alternations must be >= 0, got {spec.opt('alternations')}")
+    if spec.opt("gptq_assign"):
+        if "cd_cycles" in dict(spec.options):
+            raise ConfigError("lnq: 'cd_cycles' has no effect with the LDLQ assignment (gptqassign); drop it")
+    elif spec.opt("cd_cycles") < 1 and spec.opt("alternations") >= 1:
+        raise ConfigError("lnq: cd_cycles must be >= 1 when there are alternations (it >= 1)")
+
+
+register(Component(
+    "sqllm", "solver", "quantlib.solvers.lut:solve_squeezellm", "SqueezeLLM", needs=("gradients",),
+    takes_init=False, format="lut", options=_KMEANS, check=_check_lut,
+    help="per output row, 1-D k-means of the row's weights into 2^b values weighted by the diagonal Fisher "
+         "(SqueezeLLM, dense part only)",
+))
+
+register(Component(
+    "lnq", "solver", "quantlib.solvers.lut:solve_lnq", "LNQ", needs=("hessian", "gradients"),
+    takes_init=False, format="lut", takes_guided=True, damp_ladder="lnq",
+    defaults=(("damp", 0.0), ("fp_inputs", True)),
+    options=_KMEANS + (
+        Option("alternations", 2, int, "alt", "alternations of code and table updates after the first table update"),
+        Option("cd_cycles", 4, int, "cd", "coordinate-descent sweeps over the codes per alternation"),
+        Option("hd_init", False, bool, "hdinit",
+               "start from k-means weighted by diag(H) instead of SqueezeLLM's Fisher-weighted one (no gradients)",
+               removes_needs=("gradients",)),
+        Option("gptq_assign", False, bool, "gptqassign",
+               "assign codes by LDLQ's error feedback instead of coordinate descent (GuidedQuant's Table 14)"),
+    ),
+    check=_check_lnq,
+    help="layer-wise non-uniform quantization: from SqueezeLLM's tables, alternate the closed-form per-row table "
+         "and coordinate descent on the codes, keeping the best layer objective",
 ))

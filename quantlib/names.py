@@ -20,7 +20,7 @@ DATASET_KEY_RE = r"[a-z0-9][a-z0-9_-]*"
 # lm-eval task and group names as lm-eval spells them (no dots: dots separate the parts of a protocol name).
 TASK_KEY_RE = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 # A statistic's name: its kind, then its own parameters as tokens (e.g. `hessian`, later `saliency.g4`).
-STAT_RE = r"[a-z][a-z0-9_]*(?:\.[a-z0-9]+)*"
+STAT_RE = r"[a-z][a-z0-9_]*(?:\.[A-Za-z]+[0-9]+)*"
 NUMBER_RE = r"-?[0-9]+(?:p[0-9]+)?(?:e-?[0-9]+)?"
 _SETTING_RE = re.compile(r"w([0-9]+)(?:g([0-9]+))?")
 

@@ -10,6 +10,7 @@ import torch
 
 from .data import calibration_windows, eval_windows, read_texts
 from .io import atomic_file, versions, write_json
+from .adapters import check_row_groups_fit
 from .models import (check_group_size_fits, load_model, load_tokenizer, read_config, resolve_attn, resolve_device,
                      resolve_dtype)
 from .spec import QuantSpec, parse_calib_name, parse_lmeval_protocol, parse_ppl_protocol
@@ -57,7 +58,9 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
 
     spec = QuantSpec.parse(name)
     # Checks that need only config.json come before any weight or data is loaded.
-    check_group_size_fits(read_config(model_dir), spec.group_size, spec.model)
+    model_cfg = read_config(model_dir)
+    check_group_size_fits(model_cfg, spec.group_size, spec.model)
+    check_row_groups_fit(model_cfg, spec.opt_or("guided_groups", 0), spec.model, "gq")
     missing = sorted(set(spec.inputs()) - set(inputs) - {"calib_json"})  # the manifest only feeds diagnostics
     if missing:
         raise ValueError(f"{name} reads {missing}, which were not given")
@@ -65,7 +68,7 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     torch.manual_seed(seed)
     device, dtype, attn = _compute(compute)
     t0 = time.time()
-    statistics = {stat: open_statistic(stat, inputs[stat], spec) for stat in spec.statistics()}
+    statistics = {stat: open_statistic(stat, inputs[stat], spec) for stat in spec.statistic_kinds()}
     model = load_model(model_dir, dtype, attn)
     tokens = torch.load(inputs["calib"]) if "calib" in inputs else None
     writer = CheckpointWriter()
@@ -83,16 +86,18 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     log.info("%s quantized in %.1fs", name, time.time() - t0)
 
 
-def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute: dict) -> None:
-    """Compute statistic `stat` of the FP model on the calibration windows `calib_name` (an artifact shared by every
-    method that needs it)."""
+def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute: dict, inputs: dict | None = None
+              ) -> None:
+    """Compute the statistics artifact `stat` (e.g. `fp_hessian`, `gradients.G4`) of the FP model on the calibration
+    windows `calib_name`: an artifact shared by every method that needs it. `inputs` maps the statistics it is
+    computed from to their artifacts."""
     from .stats import compute_statistic
 
     model_key, _ = parse_calib_name(calib_name)
     device, dtype, attn = _compute(compute)
     model = load_model(model_dir, dtype, attn)
     tokens = torch.load(calib_pt)
-    compute_statistic(stat, model, tokens, out_dir, calib_name, model_key, device=device,
+    compute_statistic(stat, model, tokens, out_dir, calib_name, model_key, inputs=inputs, device=device,
                       chunk_tokens=compute.get("calib_chunk_tokens", 65536))
 
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import capture
 from .errors import NumericalError
 from .formats.uniform import check_group_size
-from .hessian import HessianAccumulator, layer_error
+from .hessian import GuidedHessian, layer_error
 from .models import Adapter, adapter_for
 from .solvers import LayerSolver
 
@@ -67,9 +67,12 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
     adapter = adapter_for(model)
     check_shapes(model, spec)
     statistics = statistics or {}
-    missing = [s for s in spec.statistics() if s not in statistics]
+    missing = [s for s in spec.statistic_kinds() if s not in statistics]
     if missing:
         raise ValueError(f"{spec.describe()} needs the statistics {missing}")
+    grads = statistics.get("gradients")
+    if grads is not None and tokens is not None:
+        grads.check_tokens(tokens)
     blocks = adapter.block_list(model)
     report = QuantizedModelReport()
     sink = on_layer or report.reps.__setitem__
@@ -85,26 +88,24 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
         report.seconds = time.time() - t0
         return report
 
-    quant = _GroupQuantizer(LayerSolver(spec), report, sink)
-    if mode == "data_free":
-        for i, block in enumerate(tqdm(blocks, desc="quantize", disable=not progress, mininterval=5)):
-            for group in adapter.subgroups:
-                quant(i, adapter, block, group, None, device)
-        report.seconds = time.time() - t0
-        return report
-
-    if "fp_hessian" in spec.statistics():
-        # Every Hessian from the FP model's statistics artifact: no forward pass at all.
-        fp = statistics["fp_hessian"]
+    layer_stats = None if grads is None else (lambda i, names: {"fisher": grads.fisher(i, names)})
+    quant = _GroupQuantizer(LayerSolver(spec), report, sink, layer_stats)
+    if mode == "data_free" or not spec.needs_tokens:
+        # No forward pass: Hessians (if any) from the FP model's statistics artifacts.
+        source = statistics.get("guided_hessian") or statistics.get("fp_hessian")
         for i, block in enumerate(tqdm(blocks, desc="quantize", disable=not progress, mininterval=5)):
             block.to(device)
             for group in adapter.subgroups:
-                quant(i, adapter, block, group, fp.hessian(i, group).to(device), device)
+                quant(i, adapter, block, group, None if source is None else _to(source.hessian(i, group), device),
+                      device)
             if device != "cpu":
                 block.to("cpu")
-            _log_block(report, adapter, i, len(blocks))
+            if source is not None:
+                _log_block(report, adapter, i, len(blocks))
         report.seconds = time.time() - t0
         return report
+
+    guided = spec.opt("guided_groups") if "guided_groups" in spec.option_defs() else 0
 
     chunk = max(1, min(len(tokens), chunk_tokens // tokens.shape[1]))
     with torch.no_grad():
@@ -112,16 +113,20 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
         for i, block in enumerate(tqdm(blocks, desc="quantize", disable=not progress, mininterval=5)):
             tb = time.time()
             block.to(device)
+            # GuidedQuant's objective: each token's input weighted by the saliency of each layer's outputs.
+            weights = {name: grads.saliency(i, name, guided) for g in adapter.subgroups for name in g} if guided \
+                else None
             if not spec.opt("true_sequential"):
-                hessians = capture.hessians(block, adapter.subgroups, states, device, stop=False)
+                hessians = capture.hessians(block, adapter.subgroups, states, device, stop=False, weights=weights,
+                                            chunk=chunk)
                 for group, H in zip(adapter.subgroups, hessians):
                     quant(i, adapter, block, group, H, device)
                 states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
             elif len(states) == 1:
-                states = [_single_pass(i, adapter, block, states[0], quant, device)]
+                states = [_single_pass(i, adapter, block, states[0], quant, device, weights)]
             else:
                 for group in adapter.subgroups:
-                    (H,) = capture.hessians(block, [group], states, device, stop=True)
+                    (H,) = capture.hessians(block, [group], states, device, stop=True, weights=weights, chunk=chunk)
                     quant(i, adapter, block, group, H, device)
                 states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
             if device != "cpu":
@@ -137,21 +142,36 @@ def _log_block(report, adapter, i: int, n_blocks: int, seconds: float | None = N
     log.info("block %d/%d quantized%s, mean relative layer error %.4g", i + 1, n_blocks, took, sum(errs) / len(errs))
 
 
-class _GroupQuantizer:
-    """Quantizes one subgroup (layers sharing an input) in place and records its diagnostics."""
+def _to(H, device):
+    if isinstance(H, GuidedHessian):
+        return GuidedHessian(H.plain.to(device), {k: v.to(device) for k, v in H.per_linear.items()})
+    return H.to(device)
 
-    def __init__(self, solver: LayerSolver, report: QuantizedModelReport, sink: Callable):
-        self.solver, self.report, self.sink = solver, report, sink
+
+class _GroupQuantizer:
+    """Quantizes one subgroup (layers sharing an input) in place and records its diagnostics. `layer_stats(block,
+    names)` gives per-weight statistics of the layers stacked (e.g. the Fisher information)."""
+
+    def __init__(self, solver: LayerSolver, report: QuantizedModelReport, sink: Callable,
+                 layer_stats: Callable | None = None):
+        self.solver, self.report, self.sink, self.layer_stats = solver, report, sink, layer_stats
         self.format = solver.spec.format
+
+    def _check_format(self, rep) -> None:
+        if rep.format != self.format:
+            raise RuntimeError(f"{self.solver.spec.describe()} returned format '{rep.format}', its catalog "
+                               f"entry declares '{self.format}'")
 
     def __call__(self, block_idx: int, adapter: Adapter, block, group: tuple[str, ...], H, device) -> None:
         t = time.time()
         linears = [block.get_submodule(name) for name in group]
         W = torch.cat([lin.weight.data.to(device=device, dtype=torch.float32) for lin in linears])
-        result = self.solver(W, H, f"{adapter.blocks}.{block_idx}.{'+'.join(group)}")
-        if result.rep.format != self.format:
-            raise RuntimeError(f"{self.solver.spec.describe()} returned format '{result.rep.format}', its catalog "
-                               f"entry declares '{self.format}'")
+        stats = self.layer_stats(block_idx, group) if self.layer_stats else {}
+        if isinstance(H, GuidedHessian):
+            self._guided(block_idx, adapter, group, linears, W, H, stats, t)
+            return
+        result = self.solver(W, H, f"{adapter.blocks}.{block_idx}.{'+'.join(group)}", stats)
+        self._check_format(result.rep)
         row = 0
         for name, lin in zip(group, linears):
             full = f"{adapter.blocks}.{block_idx}.{name}"
@@ -168,6 +188,37 @@ class _GroupQuantizer:
             self.report.layers[full] = diag
             self.sink(full, rep)
 
+    def _guided(self, block_idx, adapter, group, linears, W, H: GuidedHessian, stats, t) -> None:
+        """GuidedQuant's objective: each layer apart, its output rows in g contiguous blocks, each block solved with
+        its own saliency-weighted Hessian."""
+        row = 0
+        for name, lin in zip(group, linears):
+            full = f"{adapter.blocks}.{block_idx}.{name}"
+            W_lin = W[row:row + lin.out_features]
+            lin_stats = {k: v[row:row + lin.out_features] for k, v in stats.items()}
+            row += lin.out_features
+            Hs = H.per_linear[name]
+            g = Hs.shape[0]
+            size = lin.out_features // g
+            parts, guided_error = [], 0.0
+            for k in range(g):
+                rows = slice(k * size, (k + 1) * size)
+                label = f"{full} rows {rows.start}-{rows.stop - 1} (block {k + 1} of {g})"
+                part = self.solver(W_lin[rows], Hs[k], label, {key: v[rows] for key, v in lin_stats.items()})
+                self._check_format(part.rep)
+                parts.append(part)
+                guided_error += layer_error(W_lin[rows], part.weight, Hs[k])
+            rep = type(parts[0].rep).stack_rows([p.rep for p in parts])
+            W_hat = torch.cat([p.weight for p in parts])
+            if not torch.isfinite(W_hat).all():
+                raise NumericalError(f"quantized weight of layer '{full}' contains NaN or Inf")
+            diag = {"shape": [lin.out_features, lin.in_features], "seconds": round(time.time() - t, 4),
+                    "bits_per_weight": rep.bits_per_weight, "guided_groups": g, "guided_error": guided_error,
+                    "row_blocks": [p.stats for p in parts], **weight_errors(W_lin, W_hat, H.plain)}
+            lin.weight.data.copy_(W_hat.to(lin.weight.dtype))
+            self.report.layers[full] = diag
+            self.sink(full, rep)
+
 
 def weight_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None) -> dict:
     """A layer's error: under its Hessian when there is one (absolute and relative to tr(W H W^T)), else the
@@ -179,7 +230,7 @@ def weight_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None) 
     return {"error": err, "rel_error": err / ref if ref > 0 else math.nan}
 
 
-def _single_pass(block_idx, adapter, block, state, quant, device):
+def _single_pass(block_idx, adapter, block, state, quant, device, weights=None):
     """All windows in one batch: quantize each subgroup from inside the forward pass, then keep the output."""
     hidden, kwargs = state
     pending = list(adapter.subgroups)
@@ -189,9 +240,8 @@ def _single_pass(block_idx, adapter, block, state, quant, device):
         def hook(module, args):
             if group in pending:
                 pending.remove(group)
-                acc = HessianAccumulator(module.in_features, device=args[0].device)
-                acc.add(args[0])
-                quant(block_idx, adapter, block, group, acc.result(), device)
+                H = capture.group_hessian(block, group, args[0], args[0].device, weights)
+                quant(block_idx, adapter, block, group, H, device)
         return hook
 
     for group in adapter.subgroups:

@@ -138,14 +138,24 @@ class QuantSpec:
         return out
 
     def _component_needs(self) -> set[str]:
-        return {n for c in self.components() for n in c.needs}
+        out = {n for c in self.components() for n in c.needs}
+        defs = self._own_option_defs()
+        for key, _ in self.options:
+            if key in defs:
+                out -= set(defs[key].removes_needs)
+        return out
 
     @property
     def needs(self) -> frozenset[str]:
-        """Everything the spec reads: the components' needs and those of options set away from their default."""
+        """Everything the spec reads (statistics by their catalog name): its components' needs, and where the
+        runner takes Hessians from (the FP model's statistics with `fpin`; guided Hessians with `gq`)."""
         out = self._component_needs()
-        for key, _ in self.options:
-            out.update(self.option_defs()[key].adds_needs)
+        if self.needs_hessian and self.mode == "layer":
+            guided = self.opt("guided_groups") if "guided_groups" in self.option_defs() else 0
+            if self.opt("fp_inputs"):
+                out.add("guided_hessian" if guided else "fp_hessian")
+            elif guided:
+                out.add("gradients")  # the saliency that weights the runner's own captures
         return frozenset(out)
 
     @property
@@ -167,9 +177,25 @@ class QuantSpec:
         needs = self._component_needs()
         return bool(needs & _DATA_NEEDS) or any(n in methods.STATISTICS for n in needs)
 
-    def statistics(self) -> list[str]:
-        """Statistics artifacts of the FP model that the spec reads, in catalog order."""
+    def statistic_kinds(self) -> list[str]:
+        """The catalog keys of the statistics of the FP model that the spec reads, in catalog order."""
         return [s for s in methods.STATISTICS if s in self.needs]
+
+    def statistics(self, gradient_groups: int = 4) -> list[str]:
+        """Names of the statistics artifacts of the FP model that the spec reads, in catalog order. The gradients'
+        saliency is captured with `gradient_groups` blocks (the config's `gradients.groups`), which must be a
+        multiple of the spec's `gq`."""
+        out = []
+        for stat in methods.STATISTICS:
+            if stat not in self.needs:
+                continue
+            if stat == "gradients":
+                out.append(methods.stat_name(stat, G=gradient_groups))
+            elif stat == "guided_hessian":
+                out.append(methods.stat_name(stat, g=self.opt("guided_groups")))
+            else:
+                out.append(stat)
+        return out
 
     @property
     def needs_tokens(self) -> bool:
@@ -182,29 +208,37 @@ class QuantSpec:
     def format(self) -> str:
         return methods.component("solver", self.solver).format_for(self)
 
-    def inputs(self) -> dict[str, str]:
-        """The artifacts the quantize job reads, {kind: path}; the model itself comes from the config."""
+    def inputs(self, gradient_groups: int = 4) -> dict[str, str]:
+        """The artifacts the quantize job reads, {kind: path} (statistics under their catalog name); the model
+        itself comes from the config."""
         if self.calib is None:
             return {}
         calib = self.calib_name()
         out = {"calib_json": names.calibration_manifest_path(calib)}
         if self.needs_tokens:
             out["calib"] = names.calibration_path(calib)
-        for stat in self.statistics():
-            out[stat] = names.stats_path(stat, calib)
+        for stat in self.statistics(gradient_groups):
+            out[stat.split(".")[0]] = names.stats_path(stat, calib)
         return out
 
+    def _own_option_defs(self) -> dict[str, methods.Option]:
+        return {o.key: o for comp in self.components() for o in comp.options}
+
     def option_defs(self) -> dict[str, methods.Option]:
-        """The options this spec takes: its components' own, plus the runner's where they have an effect."""
-        defs = {}
-        for comp in self.components():
-            for o in comp.options:
-                defs[o.key] = o
+        """The options this spec takes: its components' own, plus the runner's where they have an effect (with the
+        solver's own defaults where it declares them)."""
+        defs = self._own_option_defs()
+        solver = methods.component("solver", self.solver) if not self.is_fp else None
+        own_defaults = dict(solver.defaults) if solver else {}
+        contract = []
         if self.needs_hessian:
-            defs[methods.DAMP.key] = methods.DAMP
+            contract.append(methods.DAMP)
             if self.mode == "layer":
-                defs[methods.TRUE_SEQUENTIAL.key] = methods.TRUE_SEQUENTIAL
-                defs[methods.FP_INPUTS.key] = methods.FP_INPUTS
+                contract += [methods.TRUE_SEQUENTIAL, methods.FP_INPUTS]
+                if solver.takes_guided:
+                    contract.append(methods.GUIDED)
+        for o in contract:
+            defs[o.key] = replace(o, default=own_defaults[o.key]) if o.key in own_defaults else o
         return defs
 
     def opt(self, key: str) -> Any:

@@ -21,19 +21,20 @@ import torch
 from tqdm.auto import tqdm
 
 from . import capture, methods
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .io import atomic_dir, versions
 from .models import adapter_for
 
 log = logging.getLogger("quantlib")
 
 
-def _block_file(i: int) -> str:
+def block_file(i: int) -> str:
     return f"block{i:04d}.safetensors"
 
 
-def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, device: str = "cpu",
-                        chunk_tokens: int = 65536, progress: bool = True) -> None:
+def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict | None = None,
+                        inputs: dict | None = None, device: str = "cpu", chunk_tokens: int = 65536,
+                        progress: bool = True) -> None:
     """Write the `fp_hessian` artifact: per block, the Hessian of each subgroup's input (keyed by the subgroup's
     first layer), the block's outputs from its unquantized weights going on to the next block."""
     from safetensors.torch import save_file
@@ -48,7 +49,7 @@ def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, device
             block.to(device)
             found = capture.hessians(block, adapter.subgroups, states, device, stop=False)
             save_file({group[0]: H.cpu().contiguous() for group, H in zip(adapter.subgroups, found)},
-                      str(tmp / _block_file(i)))
+                      str(tmp / block_file(i)))
             states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
             if device != "cpu":
                 block.to("cpu")
@@ -71,7 +72,7 @@ class FPHessians:
         from safetensors.torch import load_file
 
         if block != self._block:
-            self._tensors, self._block = load_file(str(self.path / _block_file(block))), block
+            self._tensors, self._block = load_file(str(self.path / block_file(block))), block
         if group[0] not in self._tensors:
             raise DataError(f"{self.path}: no Hessian for layers {'+'.join(group)} of block {block}; the artifact "
                             f"holds {sorted(self._tensors)} (a model of another family?)")
@@ -93,13 +94,42 @@ def read_manifest(path: Path, stat: str, expect: dict) -> dict:
 
 
 def open_statistic(stat: str, path, spec):
-    """Open the artifact of statistic `stat` for `spec` (checked against the spec's model and calibration)."""
+    """Open the artifact of statistic `stat` (a catalog key) for `spec`, checked against the spec's model and
+    calibration (and, for guided Hessians, its group count)."""
     reader = methods.load_impl(methods.STATISTICS[stat].reader)
-    return reader(path, {"model": spec.model, "calib": spec.calib_name()})
+    expect = {"model": spec.model, "calib": spec.calib_name()}
+    if stat == "guided_hessian":
+        expect["g"] = spec.opt("guided_groups")
+    return reader(path, expect)
 
 
-def compute_statistic(stat: str, model, tokens: torch.Tensor, out_dir, calib_name: str, model_key: str,
-                      device: str = "cpu", chunk_tokens: int = 65536, progress: bool = True) -> None:
+def stat_dependencies(name: str, calib_name: str, gradient_groups: int = 4) -> dict[str, str]:
+    """{statistic: artifact path} of the statistics that artifact `name` is computed from."""
+    from .names import stats_path
+
+    stat, params = methods.parse_stat_name(name)
+    out = {}
+    for need in methods.STATISTICS[stat].needs:
+        if need == "gradients":
+            g = params.get("g", 1)
+            if gradient_groups % g:
+                raise ConfigError(f"{name}: gradients.groups ({gradient_groups}) is not a multiple of g = {g}; set "
+                                  f"gradients.groups in the config to a multiple of {g}")
+            out[need] = stats_path(methods.stat_name(need, G=gradient_groups), calib_name)
+        else:
+            out[need] = stats_path(need, calib_name)
+    return out
+
+
+def compute_statistic(name: str, model, tokens: torch.Tensor, out_dir, calib_name: str, model_key: str,
+                      inputs: dict | None = None, device: str = "cpu", chunk_tokens: int = 65536,
+                      progress: bool = True) -> None:
+    """Compute the statistics artifact `name` (a statistic and its parameters, e.g. `guided_hessian.g4`); `inputs`
+    maps each statistic it is computed from to its artifact."""
+    stat, params = methods.parse_stat_name(name)
+    missing = [n for n in methods.STATISTICS[stat].needs if n not in (inputs or {})]
+    if missing:
+        raise ValueError(f"{name} is computed from {missing}, which were not given")
     compute = methods.load_impl(methods.STATISTICS[stat].impl)
-    compute(model, tokens, out_dir, {"model": model_key, "calib": calib_name}, device=device,
-            chunk_tokens=chunk_tokens, progress=progress)
+    compute(model, tokens, out_dir, {"model": model_key, "calib": calib_name}, params=params, inputs=inputs or {},
+            device=device, chunk_tokens=chunk_tokens, progress=progress)

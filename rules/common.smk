@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 from quantlib.config import Experiment, check_sources
 from quantlib.errors import QuantlibError
 from quantlib.names import DATASET_KEY_RE, MODEL_KEY_RE, PATHS, STAT_RE, evaldata_path, parse_ppl_protocol
+from quantlib.stats import stat_dependencies
 from quantlib.spec import QuantSpec, parse_calib_name
 
 try:
@@ -81,7 +82,7 @@ def calib_dataset_cfg(wildcards):
 def quantize_inputs(wildcards):
     """The model and whatever the spec's catalog entries say it reads (calibration, statistics artifacts)."""
     spec = spec_of(wildcards.name)
-    return {"model": EXP.model_path(spec.model), **spec.inputs()}
+    return {"model": EXP.model_path(spec.model), **spec.inputs(EXP.gradient_groups)}
 
 
 def quantize_mem(wildcards):
@@ -92,8 +93,14 @@ def quantize_runtime(wildcards):
     return runtime_for(spec_of(wildcards.name).model, 10, 60)
 
 
-def stats_model(wildcards):
-    return EXP.model_path(parse_calib_name(wildcards.calib)[0])
+def stats_inputs(wildcards):
+    """The model, the calibration windows and the statistics this one is computed from (catalog `needs`)."""
+    try:
+        return {"model": EXP.model_path(parse_calib_name(wildcards.calib)[0]),
+                "tokens": PATHS.calibration.format(calib=wildcards.calib),
+                **stat_dependencies(wildcards.stat, wildcards.calib, EXP.gradient_groups)}
+    except QuantlibError as exc:
+        sys.exit(f"Error: {exc}")
 
 
 def stats_mem(wildcards):

@@ -4,8 +4,7 @@
 
 rule stats:
     input:
-        model=stats_model,
-        tokens=PATHS.calibration,
+        unpack(stats_inputs),
     output:
         directory(PATHS.stats),
     params:

@@ -23,6 +23,7 @@ FORMAT_EXAMPLES = {
     "uniform": "m.c4.n8.L32.ldlq.w4g32",
     "uniform_outliers": "m.c4.n8.L32.quantease.w3g32.it4.ol0p05",
     "spqr": "m.c4.n8.L32.spqr.w3g16",
+    "lut": "m.c4.n8.L32.lnq.w3.qin.hdinit",
 }
 
 

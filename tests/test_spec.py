@@ -13,7 +13,7 @@ CAL = CalibSpec("c4", 128, 2048)
 
 # A valid value away from the default for every option (an option with companions gets them in COMPANIONS).
 TEST_VALUES = {"outliers": 0.01, "qdrop": 0.25, "stat_bits": 16, "batch": 2, "grid": 1024, "grid_coarse": 32}
-COMPANIONS = {"structured": {"outliers": 0.02}, "outlier_step": {"outliers": 0.02}}
+COMPANIONS = {"structured": {"outliers": 0.02}, "outlier_step": {"outliers": 0.02}, "true_sequential": {"fp_inputs": False}}
 
 
 def _test_value(o, spec):
@@ -32,13 +32,15 @@ def _specs():
     for solver in methods.SOLVERS.values():
         inits = list(methods.INITS) if solver.takes_init else ["minmax"]
         pres = [()] + ([(p,) for p in methods.PREPROCESSORS] if solver.mode != "block" else [])
+        per_row = solver.format == "lut"  # one lookup table per row: no group size
         for init, pre in itertools.product(inits, pres):
             for bits, gs in ((2, 128), (3, -1), (4, 64), (8, 32)):
-                yield QuantSpec.build("llama-2-7b", solver.name, bits, gs, init, pre, calib=CAL)
-            base = QuantSpec.build("qwen-2.5-7b", solver.name, 3, 128, init, pre, calib=cal)
+                yield QuantSpec.build("llama-2-7b", solver.name, bits, -1 if per_row else gs, init, pre, calib=CAL)
+            gs = -1 if per_row else 128
+            base = QuantSpec.build("qwen-2.5-7b", solver.name, 3, gs, init, pre, calib=cal)
             for o in base.option_defs().values():
                 options = {**COMPANIONS.get(o.key, {}), o.key: _test_value(o, base)}
-                yield QuantSpec.build("qwen-2.5-7b", solver.name, 3, 128, init, pre, calib=cal, options=options)
+                yield QuantSpec.build("qwen-2.5-7b", solver.name, 3, gs, init, pre, calib=cal, options=options)
 
 
 SPECS = list(dict.fromkeys(_specs()))

@@ -206,6 +206,29 @@ def test_fp_statistics_and_block_wise_methods_run_end_to_end(tiny_run, tmp_path)
     assert all(b["error_after"] < b["error_before"] for b in diag["blocks"])
 
 
+def test_guidedquant_runs_end_to_end(tiny_run, tmp_path):
+    """SqueezeLLM, LNQ + GuidedQuant and LDLQ + GuidedQuant share one gradients pass; LNQ's guided Hessians of the FP
+    model are their own artifact; all three evaluate like any other model and record their bits per weight."""
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    names = ["tiny.toytrain.n8.L32.sqllm.w3", "tiny.toytrain.n8.L32.lnq.w2.gq2", "tiny.toytrain.n8.L32.ldlq.w3g32.gq2"]
+    targets = [f"results/ppl/toytest.L32.nw8/{n}.json" for n in names]
+    proc = snakemake(work, "-n", "--cores", "2", *targets)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.count("rule stats:") == 2, out[-3000:]
+    assert "results/stats/gradients.G4/tiny.toytrain.n8.L32" in out
+    assert "results/stats/guided_hessian.g2/tiny.toytrain.n8.L32" in out
+    proc = snakemake(work, "--cores", "2", *targets)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for name in names:
+        assert json.loads((work / f"results/ppl/toytest.L32.nw8/{name}.json").read_text())["value"] > 1
+    diag = json.loads((work / "results/quantized/tiny.toytrain.n8.L32.sqllm.w3/diagnostics.json").read_text())
+    assert diag["avg_bits_per_weight"] == pytest.approx(3 + 16 * 8 / 64, rel=0.2)  # tables over 64 or 128 inputs
+    manifest = json.loads((work / "results/stats/gradients.G4/tiny.toytrain.n8.L32/manifest.json").read_text())
+    assert manifest["G"] == 4 and len(manifest["loss"]) == 8
+
+
 @pytest.mark.parametrize("target,message", [
     ("results/quantized/tiny.toytrain.n8.L32.spqr.w3g16.sym", "'sym' (symmetric grid) does not apply to spqr"),
     ("results/ppl/toytest.L32.nw8/tiny.rtn.w4g32.damp0p1.json", "'damp0p1' (Hessian damping) does not apply to rtn"),
@@ -275,6 +298,8 @@ def test_lint_and_dry_runs(tmp_path):
         # NeUQI's table is `default_target: false`: none of its jobs in a plain run
         assert "results/tables/main.md" in proc.stdout and "results/tables/init.md" not in proc.stdout
         assert "neuqi" not in proc.stdout and "magr" not in proc.stdout
+        # nor GuidedQuant's (its gradients pass and LNQ take hours on a CPU)
+        assert "lnq" not in proc.stdout and "sqllm" not in proc.stdout and "rule stats" not in proc.stdout
 
 
 def test_offline_dry_run_with_mmlu_builds(tmp_path):

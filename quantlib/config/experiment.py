@@ -71,6 +71,7 @@ class Experiment:
         self.cfg = validate(cfg)
         c = self.cfg
         self.resources = c["resources"]
+        self.gradient_groups = c["gradients"]["groups"]
         for key in c["models"]:
             if not _fullmatch(MODEL_KEY_RE, key) or key.split(".")[-1] == "fp":
                 raise ConfigError(f"model key '{key}' must match {MODEL_KEY_RE} and not end in '.fp'")
@@ -141,6 +142,10 @@ class Experiment:
         if spec.uses_calibration and calib is None:
             raise ConfigError(f"methods entry '{method_id}' needs calibration data: add a top-level "
                               "`calibration:` or one in the entry")
+        guided = spec.opt_or("guided_groups", 0)
+        if guided and self.gradient_groups % guided:
+            raise ConfigError(f"methods entry '{method_id}': gq{guided} needs the saliency in a multiple of {guided} "
+                              f"groups; set gradients.groups (now {self.gradient_groups}) to one")
         return spec
 
     def all_specs(self) -> list[QuantSpec]:

@@ -85,7 +85,7 @@ def _check_task_sources(exp: Experiment) -> None:
 def _check_model_shapes(exp: Experiment, key: str) -> None:
     """When the model's config.json is on disk (pre-filled resources or a local source): supported architecture,
     and every group size divides every quantized layer's input size."""
-    from ..adapters import check_group_size_fits, get_adapter
+    from ..adapters import check_group_size_fits, check_row_groups_fit, get_adapter
 
     for folder in (Path(exp.model_path(key)), Path(exp.cfg["models"][key]["source"]).expanduser()):
         cfg_path = folder / "config.json"
@@ -95,6 +95,7 @@ def _check_model_shapes(exp: Experiment, key: str) -> None:
             for spec in exp.all_specs():
                 if spec.model == key and not spec.is_fp:
                     check_group_size_fits(model_cfg, spec.group_size, key)
+                    check_row_groups_fit(model_cfg, spec.opt_or("guided_groups", 0), key, "gq")
             return
 
 

@@ -137,6 +137,16 @@ SCHEMA: dict[str, Any] = {
         "datasets": {"type": "object", "additionalProperties": _DATASET},
         "run_models": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "calibration": {"$ref": "#/$defs/calibration"},
+        "gradients": {
+            "type": "object",
+            "additionalProperties": False,
+            "default": {},
+            "properties": {
+                "groups": {"type": "integer", "minimum": 1, "default": 4,
+                           "description": "blocks of output channels the saliency is averaged over (GuidedQuant's "
+                                          "G); every method's `gq` must divide it"},
+            },
+        },
         "perplexity": {
             "type": "object",
             "additionalProperties": False,

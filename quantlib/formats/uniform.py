@@ -146,6 +146,14 @@ class UniformQuantized:
     def select_rows(self, rows: slice) -> "UniformQuantized":
         return UniformQuantized(self.codes[rows], self.grid.select_rows(rows))
 
+    @classmethod
+    def stack_rows(cls, parts: list["UniformQuantized"]) -> "UniformQuantized":
+        """One representation of row blocks solved apart (GuidedQuant's per-block Hessians)."""
+        g = parts[0].grid
+        grid = UniformGrid(torch.cat([p.grid.scale for p in parts]), torch.cat([p.grid.zero for p in parts]), g.bits,
+                           g.group_size)
+        return cls(torch.cat([p.codes for p in parts]), grid)
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {
             "qweight": pack_codes(self.codes, self.grid.bits),

@@ -37,12 +37,19 @@ class LayerTask:
     spec: Any
     hessian: PreparedHessian | None = None
     init: Callable | None = None  # init(W, hdiag) -> grid, bound to the spec
+    stats: dict = field(default_factory=dict)  # per-weight statistics of these rows (e.g. "fisher")
 
     def init_grid(self, W: torch.Tensor):
         """The spec's parameter init for W, weighted by the damped diag(H) where there is a Hessian."""
         if self.init is None:
             raise ValueError(f"{self.spec.describe()} takes no parameter init")
         return self.init(W, None if self.hessian is None else self.hessian.diag())
+
+    def stat(self, key: str) -> torch.Tensor:
+        if key not in self.stats:
+            raise ValueError(f"layer {self.name}: {self.spec.describe()} needs the statistic '{key}', which the "
+                             "runner did not provide")
+        return self.stats[key]
 
 
 class LayerSolver:
@@ -60,19 +67,22 @@ class LayerSolver:
             self.init = lambda W, hdiag: init(W, spec, hdiag)
         self.damp = spec.opt_or("damp", None)
         self.act_order = spec.opt_or("act_order", False)
+        self.ladder = solver.damp_ladder
 
-    def task(self, H: torch.Tensor | None, name: str) -> LayerTask:
-        hessian = None if H is None else PreparedHessian(H, self.damp, self.act_order, name)
-        return LayerTask(name, self.spec, hessian, self.init)
+    def task(self, H: torch.Tensor | None, name: str, stats: dict | None = None) -> LayerTask:
+        hessian = None if H is None else PreparedHessian(H, self.damp, self.act_order, name, self.ladder)
+        return LayerTask(name, self.spec, hessian, self.init, stats or {})
 
-    def __call__(self, W: torch.Tensor, H: torch.Tensor | None, name: str) -> SolveResult:
-        task = self.task(H, name)
+    def __call__(self, W: torch.Tensor, H: torch.Tensor | None, name: str, stats: dict | None = None) -> SolveResult:
+        task = self.task(H, name, stats)
         # Preprocessing (e.g. MagR) changes what the solver quantizes; callers still compare with the original W.
         for pre in self.preprocessors:
             W = pre(W, task)
         return self.solve(W, task)
 
 
-def solve_layer(W: torch.Tensor, H: torch.Tensor | None, spec, name: str = "layer") -> SolveResult:
-    """Quantize one weight matrix with its undamped mean Hessian H (None for data-free specs) as `spec` says."""
-    return LayerSolver(spec)(W, H, name)
+def solve_layer(W: torch.Tensor, H: torch.Tensor | None, spec, name: str = "layer", stats: dict | None = None
+                ) -> SolveResult:
+    """Quantize one weight matrix with its undamped mean Hessian H (None for data-free specs) as `spec` says;
+    `stats` holds per-weight statistics a method reads (e.g. {"fisher": (d_out, d_in)})."""
+    return LayerSolver(spec)(W, H, name, stats)

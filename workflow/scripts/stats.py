@@ -4,8 +4,9 @@ from quantlib.workflow import run_script
 
 
 def main(smk):
+    needs = {key: smk.input[key] for key in smk.input.keys() if key not in ("model", "tokens")}
     statistic(smk.wildcards.stat, smk.wildcards.calib, smk.input.model, smk.input.tokens, smk.output[0],
-              {**smk.config.get("compute", {}), **smk.params.compute})
+              {**smk.config.get("compute", {}), **smk.params.compute}, needs)
 
 
 run_script(snakemake, main)  # noqa: F821
