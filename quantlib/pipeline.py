@@ -101,6 +101,16 @@ def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute:
                       chunk_tokens=compute.get("calib_chunk_tokens", 65536))
 
 
+def storage_bits(model_path) -> float | None:
+    """Average storage bits per quantized weight of a quantized checkpoint (None for an unquantized model)."""
+    import json
+
+    diag = Path(model_path) / "diagnostics.json"
+    if not diag.exists():
+        return None
+    return json.loads(diag.read_text()).get("avg_bits_per_weight")
+
+
 def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs: dict, compute: dict,
                batch_size: int = 4) -> dict:
     """Evaluate one model under several protocols: `windows` and `outputs` map each protocol name
@@ -122,7 +132,7 @@ def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs
         ds_cfg = dataset_cfgs[dataset]
         records[protocol] = {
             "name": name, "model": spec.model, "spec": spec.short_name(), "metric": "ppl", "dataset": dataset,
-            "value": res["ppl"], **res,
+            "value": res["ppl"], **res, "bits_per_weight": storage_bits(model_path),
             "protocol": {"dataset": dataset, "source": {k: v for k, v in ds_cfg.items() if k != "label"},
                          "seqlen": seqlen, "windows": res["windows"], "windows_available": len(data["windows"]),
                          "max_windows": max_windows, "tokens_scored": res["tokens_scored"], "dtype": str(dtype),
@@ -162,6 +172,7 @@ def lm_eval_tasks(name: str, model_path, tasks: dict, outputs: dict, compute: di
         task = parse_lmeval_protocol(protocol)[0]
         write_json(out_json, {
             "name": name, "model": spec.model, "spec": spec.short_name(), "protocol": protocol, **records[task],
+            "bits_per_weight": storage_bits(model_path),
             "compute": {"device": device, "dtype": str(dtype), "attn": attn, "batch_size": batch_size,
                         "threads": torch.get_num_threads()},
             "job_seconds": seconds, "versions": versions(),

@@ -84,7 +84,7 @@ def collect(params: dict) -> pd.DataFrame:
             protocol = _task_protocol_text(record)
         else:
             field, value, unit, protocol = "ppl", float(record["value"]), "ppl", _protocol_text(record)
-        rows.append(_row(cell, metric, value, unit, field, protocol, paper))
+        rows.append(_row(cell, metric, value, unit, field, protocol, paper, record.get("bits_per_weight")))
     df = pd.DataFrame(rows)
     averages = params.get("averages") or {}
     extra = []
@@ -96,19 +96,20 @@ def collect(params: dict) -> pd.DataFrame:
                     "name": g["name"].iloc[0], "path": None}
             labels = params.get("metric_labels", {})
             text = "mean of " + ", ".join(labels.get(p, p) for p in parts)
-            extra.append(_row(cell, key, float(g["value"].mean()), g["unit"].iloc[0], "mean", text, paper))
+            extra.append(_row(cell, key, float(g["value"].mean()), g["unit"].iloc[0], "mean", text, paper,
+                              g["bits_per_weight"].iloc[0]))
     if extra:
         df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
     return df
 
 
-def _row(cell, metric, value, unit, field, protocol, paper) -> dict:
+def _row(cell, metric, value, unit, field, protocol, paper, bits_per_weight=None) -> dict:
     bits, group = _setting_parts(cell["setting"])
     ref = _paper_value(paper, cell["model"], cell["row"], cell["setting"], metric)
     return {"model": cell["model"], "method": cell["row"], "setting": cell["setting"] or "fp", "bits": bits,
             "group": group, "metric": metric, "value": value, "paper": ref,
             "delta": None if ref is None else value - ref, "unit": unit, "field": field, "name": cell["name"],
-            "protocol": protocol}
+            "protocol": protocol, "bits_per_weight": bits_per_weight}
 
 
 def _protocol_text(record: dict) -> str:
@@ -225,12 +226,15 @@ def table_grid(df: pd.DataFrame, params: dict) -> tuple[list[str], list[list[str
                 cells += [c for m in columns for c in metric_cells(sub, m)]
             body.append(cells)
         return header, body
-    header = lead + ["Method", "Bits", "Group"] + [h for m in columns for h in metric_header("", m)]
+    # Bits/w: storage bits per quantized weight, statistics, tables and outliers included (from the checkpoint)
+    header = lead + ["Method", "Bits", "Group", "Bits/w"] + [h for m in columns for h in metric_header("", m)]
     for (model, setting, method), g in keyed.sort_values(["model", "_s", "_r"], kind="stable").groupby(
             ["model", "setting", "method"], sort=False):
         first = g.iloc[0]
+        bpw = first.get("bits_per_weight")
         cells = ([params["model_labels"].get(model, model)] if multi_model else []) + [
-            labels.get(method, method), first["bits"], first["group"]]
+            labels.get(method, method), first["bits"], first["group"],
+            "16" if method == "fp" else ("-" if bpw is None or pd.isna(bpw) else f"{bpw:.2f}")]
         cells += [c for m in columns for c in metric_cells(g, m)]
         body.append([str(c) for c in cells])
     return header, body

@@ -73,16 +73,18 @@ def test_table_has_ours_paper_and_difference(tmp_path, exp):
     df = write_table(params, out["md"], out["csv"], out["tex"], out["png"])
     md = out["md"].read_text()
     header = next(line for line in md.splitlines() if line.startswith("| Method"))
-    assert header.split(" | ")[3:] == ["WikiText-2 ↓", "WikiText-2 paper", "Δ vs paper", "ARC-e acc_norm ↑",
+    assert header.split(" | ")[3] == "Bits/w"  # storage bits per weight, from the result (missing here: "-")
+    assert header.split(" | ")[4:] == ["WikiText-2 ↓", "WikiText-2 paper", "Δ vs paper", "ARC-e acc_norm ↑",
                                        "ARC-e acc_norm paper", "Δ vs paper", "winogrande acc ↑",
                                        "Avg (2 tasks) ↑", "Avg (2 tasks) paper", "Δ vs paper |"]
     rows = {line.split(" | ")[0] + line.split(" | ")[1]: line.split(" | ") for line in md.splitlines()
             if line.startswith("| ") and "Method" not in line}
     fp, w4 = rows["| FP (unquantized)FP"], rows["| RTN4"]
-    assert fp[3:7] == ["11.00", "10.00", "+1.00 (+10.0%)", "56.00"]
+    assert fp[3] == "16" and w4[3] == "-"
+    assert fp[4:8] == ["11.00", "10.00", "+1.00 (+10.0%)", "56.00"]
     assert fp[-3:] == ["58.00", "60.00", "-2.00 |"]  # mean of 56 and 60, difference in points
-    assert w4[3:9] == ["12.50", "12.00", "+0.50 (+4.2%)", "48.00", "50.00", "-2.00"]
-    assert w4[9] == "52.00"  # winogrande has no acc_norm: acc is taken
+    assert w4[4:10] == ["12.50", "12.00", "+0.50 (+4.2%)", "48.00", "50.00", "-2.00"]
+    assert w4[10] == "52.00"  # winogrande has no acc_norm: acc is taken
     assert "first 25 of 2,376 documents of the test split, local copy arc_easy.jsonl" in md
     assert "Paper figures: A paper, Table 1." in md and "Model: Model M." in md
     avg = df[(df.metric == "avg") & (df.setting == "w3g32")]["value"].iloc[0]
