@@ -31,7 +31,7 @@ from .errors import ConfigError, DataError, NumericalError
 from .hessian import GuidedHessian
 from .io import atomic_dir, versions
 from .models import adapter_for
-from .stats import block_file, read_manifest
+from .stats import block_file, fp_blocks, read_manifest
 
 log = logging.getLogger("quantlib")
 SALIENCY_SCALE = 1e3  # GuidedQuant's: keeps the squared gradients away from bfloat16's underflow
@@ -181,12 +181,9 @@ def capture_guided_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, pa
     grads.check_tokens(tokens)
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
-    chunk = max(1, min(len(tokens), chunk_tokens // tokens.shape[1]))
     t0 = time.time()
-    with atomic_dir(out_dir) as tmp, torch.no_grad():
-        states = capture.block_inputs(model, blocks, tokens, chunk, device)
-        for i, block in enumerate(tqdm(blocks, desc="guided hessians", disable=not progress, mininterval=5)):
-            block.to(device)
+    with atomic_dir(out_dir) as tmp:
+        for i, block, states, chunk in fp_blocks(model, tokens, device, chunk_tokens, progress, "guided hessians"):
             weights = {name: grads.saliency(i, name, g) for group in adapter.subgroups for name in group}
             found = capture.hessians(block, adapter.subgroups, states, device, stop=False, weights=weights,
                                      chunk=chunk)
@@ -196,9 +193,6 @@ def capture_guided_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, pa
                 for name, Hs in gh.per_linear.items():
                     part[f"{name}.guided"] = Hs.cpu().contiguous()
             save_file(part, str(tmp / block_file(i)))
-            states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
-            if device != "cpu":
-                block.to("cpu")
         manifest = {"stat": "guided_hessian", **meta, "g": g, "G": grads.G, "blocks": len(blocks),
                     "tokens": int(tokens.numel()), "subgroups": [list(s) for s in adapter.subgroups],
                     "seconds": round(time.time() - t0, 2), "versions": versions()}

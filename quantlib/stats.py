@@ -32,6 +32,23 @@ def block_file(i: int) -> str:
     return f"block{i:04d}.safetensors"
 
 
+def fp_blocks(model, tokens: torch.Tensor, device: str, chunk_tokens: int, progress: bool, desc: str):
+    """Walk the decoder blocks of the unquantized model: yields (index, block, states), the block on the device and
+    `states` its inputs per chunk of windows (as `capture.block_inputs` gives them, `chunk` windows each); after each
+    step the block's outputs become the next block's inputs."""
+    adapter = adapter_for(model)
+    blocks = adapter.block_list(model)
+    chunk = max(1, min(len(tokens), chunk_tokens // tokens.shape[1]))
+    with torch.no_grad():
+        states = capture.block_inputs(model, blocks, tokens, chunk, device)
+        for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, mininterval=5)):
+            block.to(device)
+            yield i, block, states, chunk
+            states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
+            if device != "cpu":
+                block.to("cpu")
+
+
 def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict | None = None,
                         inputs: dict | None = None, device: str = "cpu", chunk_tokens: int = 65536,
                         progress: bool = True) -> None:
@@ -41,18 +58,12 @@ def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params
 
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
-    chunk = max(1, min(len(tokens), chunk_tokens // tokens.shape[1]))
     t0 = time.time()
-    with atomic_dir(out_dir) as tmp, torch.no_grad():
-        states = capture.block_inputs(model, blocks, tokens, chunk, device)
-        for i, block in enumerate(tqdm(blocks, desc="fp hessians", disable=not progress, mininterval=5)):
-            block.to(device)
+    with atomic_dir(out_dir) as tmp:
+        for i, block, states, _ in fp_blocks(model, tokens, device, chunk_tokens, progress, "fp hessians"):
             found = capture.hessians(block, adapter.subgroups, states, device, stop=False)
             save_file({group[0]: H.cpu().contiguous() for group, H in zip(adapter.subgroups, found)},
                       str(tmp / block_file(i)))
-            states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
-            if device != "cpu":
-                block.to("cpu")
         manifest = {"stat": "fp_hessian", **meta, "blocks": len(blocks), "tokens": int(tokens.numel()),
                     "subgroups": [list(g) for g in adapter.subgroups], "block_path": adapter.blocks,
                     "seconds": round(time.time() - t0, 2), "versions": versions()}

@@ -9,7 +9,34 @@ stacked solve that belongs to one layer) and `shape`. Formats used by the solvin
 
 from __future__ import annotations
 
+import torch
+
 from .. import methods
+
+
+class ColumnProjection:
+    """The code bookkeeping every projection shares: `buffer` holds the codes of column k (processing order) in row
+    k; subclasses round a column in `__call__(k, values)` and write its codes there."""
+
+    def __init__(self, d_in: int, d_out: int, perm: torch.Tensor, dtype):
+        self.perm = perm
+        self.buffer = torch.empty(d_in, d_out, dtype=dtype)
+        # Row views made once: a projection runs once per column, so indexing and allocation dominate its cost.
+        self._codes = self.buffer.unbind(0)
+
+    def save(self) -> torch.Tensor:
+        """A copy of the codes recorded so far (e.g. of the best iterate)."""
+        return self.buffer.clone()
+
+    def restore(self, saved: torch.Tensor) -> None:
+        self.buffer.copy_(saved)
+
+    def codes(self) -> torch.Tensor:
+        """(d_out, d_in) uint8 codes in the original column order."""
+        d_in, d_out = self.buffer.shape
+        out = torch.empty(d_out, d_in, dtype=torch.uint8)
+        out[:, self.perm] = self.buffer.T.to(torch.uint8)
+        return out
 
 
 def load_representation(meta: dict, tensors: dict):

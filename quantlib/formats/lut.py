@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ColumnProjection
 from .uniform import pack_codes, unpack_codes
 
 
@@ -63,30 +64,15 @@ class LutQuantized:
         return LutProjection(self.tables.float(), perm)
 
 
-class LutProjection:
+class LutProjection(ColumnProjection):
     """The nearest entry of each row's table, one column at a time, for the shared solving loops (quantlib.loops):
     `project(k, values)` rounds the k-th column in processing order and records its codes."""
 
     def __init__(self, tables: torch.Tensor, perm: torch.Tensor):
-        self.tables, self.perm = tables, perm
-        d_out = tables.shape[0]
-        self.buffer = torch.empty(perm.numel(), d_out, dtype=torch.long)
-        self._codes = self.buffer.unbind(0)
+        super().__init__(perm.numel(), tables.shape[0], perm, torch.long)
+        self.tables = tables
 
     def __call__(self, k: int, values: torch.Tensor) -> torch.Tensor:
         code = (values.unsqueeze(1) - self.tables).abs().argmin(1)
         self._codes[k].copy_(code)
         return self.tables.gather(1, code.unsqueeze(1)).squeeze(1)
-
-    def save(self) -> torch.Tensor:
-        return self.buffer.clone()
-
-    def restore(self, saved: torch.Tensor) -> None:
-        self.buffer.copy_(saved)
-
-    def codes(self) -> torch.Tensor:
-        """(d_out, d_in) uint8 codes in the original column order."""
-        d_in, d_out = self.buffer.shape
-        out = torch.empty(d_out, d_in, dtype=torch.uint8)
-        out[:, self.perm] = self.buffer.T.to(torch.uint8)
-        return out

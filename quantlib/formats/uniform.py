@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from . import ColumnProjection
 
 def num_groups(d_in: int, group_size: int) -> int:
     return 1 if group_size == -1 else d_in // group_size
@@ -77,7 +78,7 @@ class UniformGrid:
                                  self.maxq, perm)
 
 
-class UniformProjection:
+class UniformProjection(ColumnProjection):
     """Rounds one column at a time to the grid, for the shared solving loops (error feedback, coordinate descent).
 
     `scale_rows`, `zero_rows`: (n_groups, d_out), one row per group (a solver may fill a group's row lazily, before
@@ -88,13 +89,11 @@ class UniformProjection:
 
     def __init__(self, scale_rows: torch.Tensor, zero_rows: torch.Tensor, group_of: list[int], maxq: int,
                  perm: torch.Tensor):
-        self.scale_rows, self.zero_rows = scale_rows, zero_rows
-        self.maxq, self.perm, self.group_of = maxq, perm, group_of
         d_out = scale_rows.shape[1]
-        self.buffer = torch.empty(len(group_of), d_out, dtype=scale_rows.dtype)
-        # Row views made once: this runs once per column, so indexing and allocation dominate its cost.
+        super().__init__(len(group_of), d_out, perm, scale_rows.dtype)
+        self.scale_rows, self.zero_rows = scale_rows, zero_rows
+        self.maxq, self.group_of = maxq, group_of
         self._scale, self._zero = scale_rows.unbind(0), zero_rows.unbind(0)
-        self._codes = self.buffer.unbind(0)
         self._out = torch.empty(d_out, dtype=scale_rows.dtype)
 
     def __call__(self, k: int, values: torch.Tensor) -> torch.Tensor:
@@ -104,20 +103,6 @@ class UniformProjection:
         q.add_(z).round_().clamp_(0, self.maxq)
         torch.sub(q, z, out=self._out)
         return self._out.mul_(s)
-
-    def save(self) -> torch.Tensor:
-        """A copy of the codes recorded so far (e.g. of the best iterate)."""
-        return self.buffer.clone()
-
-    def restore(self, saved: torch.Tensor) -> None:
-        self.buffer.copy_(saved)
-
-    def codes(self) -> torch.Tensor:
-        """(d_out, d_in) uint8 codes in the original column order."""
-        d_in, d_out = self.buffer.shape
-        out = torch.empty(d_out, d_in, dtype=torch.uint8)
-        out[:, self.perm] = self.buffer.T.to(torch.uint8)
-        return out
 
 
 @dataclass
