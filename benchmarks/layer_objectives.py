@@ -7,7 +7,7 @@ text and on held-out text: does a lower calibration objective carry over?
 
 Each layer is solved with the Hessian of the FP model's inputs on the calibration text (n windows of L tokens) and
 scored with tr((W - Q) H (W - Q)^T) under that Hessian and under the one from the held-out text, relative to LDLQ's.
-Prints a JSON line per layer and setting and appends the medians per layer type to benchmarks/results.jsonl.
+Prints a JSON line per layer and setting and appends the medians per layer type to results/benchmarks/records.jsonl (`--record`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from quantlib.io import versions
 from quantlib.models import load_model, load_tokenizer
 from quantlib.solvers import solve_layer
 from quantlib.spec import CalibSpec, QuantSpec
+
+import record as record_file  # benchmarks/record.py: where records go
 
 SOLVERS = {
     "ldlq": lambda W, H, s, n: solve_layer(W, H, s("ldlq"), n),
@@ -80,6 +82,7 @@ def main() -> None:
                                                      "mlp.down_proj"])
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, -1])
+    record_file.add_argument(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -114,8 +117,7 @@ def main() -> None:
               "heldout": Path(args.heldout_text).name, "median_ratio_to_ldlq": medians,
               "machine": platform.machine(), "versions": versions()}
     print(json.dumps(record))
-    with open(Path(__file__).parent / "results.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    record_file.append(record, args.record)
 
 
 if __name__ == "__main__":

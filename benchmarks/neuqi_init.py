@@ -4,7 +4,7 @@ diag(H)), the shape of a Llama-2-7B attention projection.
     python benchmarks/neuqi_init.py [--bits 2] [--init neuqi] [--rows 4096] [--threads N]
 
 `--rows` times only the first rows (rows are independent; the record gives the measured time and the time scaled
-to the full layer, and says which). Prints and appends one JSON line to benchmarks/results.jsonl.
+to the full layer, and says which). Prints and appends one JSON line to results/benchmarks/records.jsonl (`--record`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from quantlib.init import group_weights, init_grid, minmax_init, weighted_error
 from quantlib.io import versions
 from quantlib.spec import CalibSpec, QuantSpec
 
+import record as record_file  # benchmarks/record.py: where records go
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4096, help="rows timed (the layer has 4096)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--note", default="", help="condition of the measurement, e.g. 'CPU shared'")
+    record_file.add_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -52,8 +55,7 @@ def main() -> None:
         "note": args.note, "versions": versions(),
     }
     print(json.dumps(record))
-    with open(Path(__file__).with_name("results.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    record_file.append(record, args.record)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python benchmarks/quantease_speed.py --size 1024 --iterations 5   # a quick check that it runs
 
 Both solvers get the same W and H (the Hessian of 2 * size Gaussian tokens mixed by a random matrix, so columns
-are correlated). Prints and appends one JSON line to benchmarks/results.jsonl: the seconds of each solver, their
+are correlated). Prints and appends one JSON line to results/benchmarks/records.jsonl (`--record`): the seconds of each solver, their
 ratio and the layer objective each reached. The CPU's load at the time is part of the record's meaning: note it.
 """
 
@@ -24,6 +24,8 @@ from quantlib.io import versions
 from quantlib.solvers import solve_layer
 from quantlib.spec import CalibSpec, QuantSpec
 
+import record as record_file  # benchmarks/record.py: where records go
+
 
 def problem(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="", help="the condition of the measurement, e.g. 'CPU shared with 4 jobs'")
+    record_file.add_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,8 +65,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "versions": versions(),
     }
     print(json.dumps(record))
-    with open(Path(__file__).with_name("results.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    record_file.append(record, args.record)
 
 
 if __name__ == "__main__":

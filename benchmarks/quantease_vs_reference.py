@@ -10,7 +10,7 @@ run time; nothing of it is part of this project. Both run the paper's setting: n
 asymmetric min-max grid (per channel, or static groups, which is how our solver groups). The reference times itself
 with CUDA events; on a CPU those are replaced by a no-op timer. Prints a line per layer and group size (objective
 tr((W - Q) H (W - Q)^T) of ours over the reference's, the fraction of identical weights, and both against LDLQ's)
-and appends a summary to benchmarks/results.jsonl.
+and appends a summary to results/benchmarks/records.jsonl (`--record`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from quantlib.io import versions
 from quantlib.models import load_model, load_tokenizer
 from quantlib.solvers import quantease, solve_layer
 from quantlib.spec import CalibSpec, QuantSpec
+
+import record as record_file  # benchmarks/record.py: where records go
 
 
 def load_reference(reference_dir: str):
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[-1, 64])
     ap.add_argument("--iterations", type=int, default=30)
+    record_file.add_argument(ap)
     args = ap.parse_args()
     QuantEase, Quantizer = load_reference(args.reference_dir)
     torch.manual_seed(0)
@@ -108,8 +111,7 @@ def main() -> None:
               "objective_ratio_range": [min(ratios), max(ratios)], "identical_weights_min": min(same),
               "rows": rows, "machine": platform.machine(), "versions": versions()}
     print(json.dumps({k: v for k, v in record.items() if k != "rows"}))
-    with open(Path(__file__).parent / "results.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    record_file.append(record, args.record)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 
 A GGUF source is converted first with --gguf (not timed). The calibration windows are sampled as the workflow does
 (rows 1100-1999 of the C4 subset, GPTQ's document sampler, seed 0) and are not part of the timed step, like in the
-workflow, where they are their own artifact. Prints and appends one JSON line to benchmarks/results.jsonl.
+workflow, where they are their own artifact. Prints and appends one JSON line to results/benchmarks/records.jsonl (`--record`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from quantlib.models import fetch_model, load_tokenizer
 from quantlib.pipeline import quantize
 from quantlib.spec import QuantSpec
 
+import record as record_file  # benchmarks/record.py: where records go
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="short name to quantize (its model key is only a label)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeat", type=int, default=1)
+    record_file.add_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -70,8 +73,7 @@ def main() -> None:
         "versions": versions(),
     }
     print(json.dumps(record))
-    with open(Path(__file__).with_name("results.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    record_file.append(record, args.record)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ def capture_gradients(model, tokens: torch.Tensor, out_dir, meta: dict, params: 
                                      "weights and compute dtype")
             loss.backward()
             losses.append(loss.item())
+            if (w + 1) % max(1, n // 8) == 0 or w + 1 == n:
+                log.info("gradients: window %d/%d, loss %.4f, %.1fs", w + 1, n, losses[-1], time.time() - t0)
     finally:
         for h in handles:
             h.remove()

@@ -22,6 +22,18 @@ def _remove_stale_temporaries(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path, directory: bool) -> None:
+    """Give a temporary the mode a plainly created file or folder gets (mkstemp/mkdtemp make them owner-only),
+    so colleagues on a shared filesystem can read the results."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; rename it to `path` only if the block succeeds."""
@@ -31,6 +43,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        _as_created(tmp, directory=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -50,6 +63,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _as_created(tmp, directory=False)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -43,8 +43,10 @@ def fp_blocks(model, tokens: torch.Tensor, device: str, chunk_tokens: int, progr
         states = capture.block_inputs(model, blocks, tokens, chunk, device)
         for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, mininterval=5)):
             block.to(device)
+            t0 = time.time()
             yield i, block, states, chunk
             states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
+            log.info("%s: block %d/%d in %.1fs", desc, i + 1, len(blocks), time.time() - t0)
             if device != "cpu":
                 block.to("cpu")
 

@@ -12,7 +12,8 @@ from .errors import QuantlibError
 
 
 def run_script(smk, main: Callable) -> None:
-    """Run `main(smk)` with stdout/stderr (Python, C and tqdm output) in the rule's log file.
+    """Run `main(smk)` with stdout/stderr (Python, C and tqdm output) in the rule's log file, and the library's
+    progress lines (logger "quantlib", INFO) on the terminal as well.
 
     A QuantlibError (bad input, missing data) is reported in one line, in the log and on the terminal, without a
     traceback; any other exception keeps its traceback in the log.
@@ -29,6 +30,13 @@ def run_script(smk, main: Callable) -> None:
         os.close(fd)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
+    # Progress on the console too (one line per block, per dataset, ...); the full log, progress bars included, is
+    # the rule's log file.
+    job = " ".join(str(v) for v in smk.wildcards) if len(smk.wildcards) else ""
+    console = logging.StreamHandler(terminal)
+    console.setLevel(logging.INFO)
+    console.setFormatter(logging.Formatter(f"[{smk.rule}{' ' + job if job else ''}] %(message)s"))
+    logging.getLogger("quantlib").addHandler(console)
     import torch
 
     torch.set_num_threads(max(1, smk.threads))

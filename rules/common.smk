@@ -6,6 +6,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 from quantlib.config import Experiment, check_sources
+from quantlib.config.preflight import check_hub_for_download
 from quantlib.errors import QuantlibError
 from quantlib.names import DATASET_KEY_RE, MODEL_KEY_RE, PATHS, STAT_RE, evaldata_path, parse_ppl_protocol
 from quantlib.stats import stat_dependencies
@@ -47,6 +48,21 @@ def spec_of(name):
         return QuantSpec.parse(name)
     except QuantlibError as exc:
         sys.exit(f"Error: {exc}")
+
+
+def hub_preflight(kind):
+    """An input function of the download rules: before a download runs (not in a dry run), a hub id needs the hub;
+    an unreachable hub stops the DAG in seconds with what to do. Adds no input."""
+
+    def check(wildcards):
+        if not workflow.dryrun:
+            try:
+                check_hub_for_download(EXP, kind, wildcards.model if kind == "model" else wildcards.dataset)
+            except QuantlibError as exc:
+                sys.exit(f"Configuration error: {exc}")
+        return []
+
+    return check
 
 
 def all_tables():

@@ -7,6 +7,8 @@ localrules:
 
 
 rule fetch_model:
+    input:
+        hub_preflight("model"),
     output:
         directory(PATHS.models.format(resources=RES, model="{model}")),
     params:
@@ -27,6 +29,8 @@ rule fetch_model:
 
 
 rule fetch_dataset:
+    input:
+        hub_preflight("dataset"),
     output:
         PATHS.datasets.format(resources=RES, dataset="{dataset}"),
     params:

@@ -72,3 +72,25 @@ rule benchmark_summary:
         "../envs/tables.yaml"
     script:
         "../workflow/scripts/benchmark_summary.py"
+
+
+# The same summary after one table (for a report of a partial run:
+# `snakemake --report report.html results/tables/main.md results/benchmarks/summary.main.csv`).
+use rule benchmark_summary as table_benchmark_summary with:
+    input:
+        expand(PATHS.tables, table="{table}", ext=TABLE_FORMATS),
+    output:
+        csv=report(
+            PATHS.benchmark_summary.format(ext="{table}.csv"),
+            caption="../report/benchmarks.rst",
+            category="Benchmarks",
+            labels={"file": "per-job CSV"},
+        ),
+        png=report(
+            PATHS.benchmark_summary.format(ext="{table}.png"),
+            caption="../report/benchmarks.rst",
+            category="Benchmarks",
+            labels={"file": "per-rule plot"},
+        ),
+    log:
+        PATHS.log("benchmark_summary", "{table}"),

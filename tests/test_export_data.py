@@ -97,3 +97,22 @@ def test_perplexity_formula():
     assert res["ppl"] == pytest.approx(float(torch.exp(nll)), rel=1e-5)
     assert res["windows"] == 3 and res["tokens_scored"] == 3 * 19
     assert perplexity(model, windows, max_windows=1, progress=False)["windows"] == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_artifacts_get_the_users_umask(tmp_path, umask):
+    """Written through a temporary and renamed, an artifact still gets the mode a plain file would (not mkstemp's
+    owner-only 600), so colleagues on a shared filesystem can read results."""
+    import os
+
+    from quantlib.io import atomic_dir, write_json
+
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "r.json", {"a": 1})
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -139,6 +139,57 @@ def test_report_holds_the_tables(tiny_run, tmp_path):
     assert "Paper tables" in html and "Benchmarks" in html
 
 
+def test_report_after_a_one_table_run(tiny_run, tmp_path):
+    """With only the main table built, the report of that table and its benchmark summary (README, "Report")."""
+    import base64
+    import re
+
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    for f in [*(work / "results/tables").glob("zeroshot.*"), *(work / "results/benchmarks").glob("summary*")]:
+        f.unlink()
+    proc = snakemake(work, "--cores", "1", "results/benchmarks/summary.main.csv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = tmp_path / "report.html"
+    proc = snakemake(work, "--report", str(report), "results/tables/main.md", "results/benchmarks/summary.main.csv")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = {m.group(1): base64.b64decode(m.group(2)) for m in re.finditer(
+        r"data:[a-z/.+-]+;charset=[^;]+;filename=([^;]+);base64,([A-Za-z0-9+/=]+)", report.read_text())}
+    assert {"main.md", "main.png", "summary.main.csv"} <= set(files)
+    assert b"quantize," in files["summary.main.csv"]
+
+
+def test_console_shows_progress_and_results_keep_the_umask(tiny_run, tmp_path):
+    """A quantize job prints a line per block on the console (not only in its log), and its files follow the
+    umask."""
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    proc = snakemake(work, "--cores", "2", "results/quantized/tiny.toytrain.n8.L32.ldlq.w2g32")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert "[quantize tiny.toytrain.n8.L32.ldlq.w2g32] block 1/2 quantized" in out
+    assert "[quantize tiny.toytrain.n8.L32.ldlq.w2g32] block 2/2 quantized" in out
+    qdir = work / "results/quantized/tiny.toytrain.n8.L32.ldlq.w2g32"
+    assert (qdir / "model.safetensors").stat().st_mode & 0o044 == 0o044  # group and others can read (umask 022)
+
+
+def test_unreachable_hub_fails_in_seconds_naming_the_offline_overlay(tmp_path):
+    """A hub id with no network: before any download, at DAG time, with the ways around it (not after retries)."""
+    import time
+
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    env_endpoint = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9")  # a closed port on this machine
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "1"]
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        env_endpoint.pop(var, None)
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env_endpoint, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and time.time() - t0 < 60
+    assert "the Hugging Face hub cannot be reached" in out and "--configfile config.yaml tests/offline.yaml" in out
+    assert not (tmp_path / "resources").exists()
+
+
 def test_broken_result_fails_the_table_rule_naming_the_file(tiny_run, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(tiny_run, work, symlinks=True)

@@ -99,6 +99,48 @@ def _check_model_shapes(exp: Experiment, key: str) -> None:
             return
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host accepts a connection (seconds, not a download's retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+_HUB = {}
+
+
+def check_hub_for_download(exp: Experiment, kind: str, key: str) -> None:
+    """Before a download job runs: a hub id (not pre-filled, not cached) needs the hub. Fails in seconds when the
+    hub cannot be reached, naming the ways around it."""
+    if kind == "model":
+        source = exp.cfg["models"][key]["source"]
+        local = Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
+        where, setting = exp.model_path(key), f"models.{key}.source"
+    else:
+        d = exp.cfg["datasets"][key]
+        source = d["path"]
+        local = (d["path"] in ("json", "parquet", "text", "csv", "arrow") or Path(source).expanduser().exists()
+                 or source.startswith((".", "/", "~")))
+        where, setting = exp.dataset_path(key), f"datasets.{key}.path/data_files"
+    if local or Path(where).exists() or _hub_cached(kind, source):
+        return
+    if "ok" not in _HUB:
+        _HUB["ok"] = hub_reachable()
+    if not _HUB["ok"]:
+        raise ConfigError(
+            f"{kind} '{key}' is the hub id '{source}', and the Hugging Face hub cannot be reached from this machine. "
+            f"Use local copies instead: point {setting} at local files, or pre-fill {where} (the `resources:` "
+            "folder) on a connected machine, or run the same pipeline on the assets staged beside this repository "
+            "with `snakemake --cores 2 --configfile config.yaml tests/offline.yaml`.")
+
+
 def _hub_cached(kind: str, repo_id: str) -> bool:
     """Whether a hub id has a local copy in the Hugging Face caches (then an offline run can still use it)."""
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()

@@ -1,0 +1,106 @@
+"""The library from Python, without Snakemake: load a model, draw calibration windows, quantize by short name,
+save, reload and measure perplexity. Each function is the one the workflow's jobs call.
+
+    import quantlib
+
+    model_dir = "resources/models/smollm2-135m-instruct-q4_1"     # any Hugging Face checkpoint directory
+    texts = quantlib.read_texts("resources/datasets/c4.parquet")  # or a list of strings
+    tokenizer = quantlib.load_tokenizer(model_dir)
+    tokens = quantlib.calibration_windows(texts, tokenizer, nsamples=32, seqlen=512)
+    model = quantlib.load_model(model_dir)
+    report = quantlib.quantize(model, "smollm2.c4.n32.L512.ldlq.w4g64", tokens)
+    quantlib.save(model, "smollm2.c4.n32.L512.ldlq.w4g64", report, "out/ldlq.w4g64", tokenizer_dir=model_dir)
+    windows = quantlib.eval_windows(quantlib.read_texts("wiki.jsonl"), tokenizer, seqlen=512)
+    print(quantlib.perplexity(quantlib.load("out/ldlq.w4g64"), windows, max_windows=40)["ppl"])
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .data import calibration_windows as _calibration_windows
+from .data import eval_windows as _eval_windows
+from .data import read_texts  # noqa: F401  (part of the API)
+from .errors import ConfigError
+from .evaluate import perplexity as _perplexity
+from .export import load_any, save_quantized
+from .models import load_model as _load_model
+from .models import load_tokenizer  # noqa: F401  (part of the API)
+from .runner import QuantizedModelReport, quantize_model
+from .spec import QuantSpec
+
+
+def _spec(spec) -> QuantSpec:
+    return spec if isinstance(spec, QuantSpec) else QuantSpec.parse(spec)
+
+
+def load_model(model_dir, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
+    """A full-precision Hugging Face checkpoint (a supported architecture), in evaluation mode."""
+    return _load_model(model_dir, dtype, attn)
+
+
+def load(path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
+    """A quantized checkpoint written by `save` (or the workflow), or a plain full-precision one."""
+    return load_any(path, dtype, attn)
+
+
+def calibration_windows(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int = 0,
+                        sampler: str = "documents") -> torch.Tensor:
+    """(nsamples, seqlen) token windows: GPTQ's sampler (a random window of a random long-enough document,
+    `documents`) or random windows of the texts joined (`concat`), seeded."""
+    windows, _ = _calibration_windows(texts, tokenizer, {"calibration_sampler": sampler}, nsamples, seqlen, seed)
+    return windows
+
+
+def eval_windows(texts: list[str], tokenizer, seqlen: int, join: str = "\n\n") -> torch.Tensor:
+    """The perplexity protocol's windows: the texts joined, tokenized once, cut into non-overlapping windows."""
+    windows, _ = _eval_windows(texts, tokenizer, {"join": join}, seqlen)
+    return windows
+
+
+def quantize(model, spec, tokens: torch.Tensor | None = None, *, statistics: dict | None = None,
+             device: str = "cpu", seed: int = 0, progress: bool = True) -> QuantizedModelReport:
+    """Quantize `model` in place as the short name (or QuantSpec) `spec` says. `tokens` are the calibration windows
+    its calibration part names (n windows of L tokens). Statistics of the FP model that the spec reads (`fpin`,
+    SqueezeLLM's Fisher, GuidedQuant's saliency) are computed from `model` and `tokens` first unless given as
+    {statistic: opened artifact}."""
+    spec = _spec(spec)
+    if spec.calib is not None:
+        if tokens is None:
+            raise ConfigError(f"{spec.short_name()} reads calibration windows: pass tokens of shape "
+                              f"({spec.calib.nsamples}, {spec.calib.seqlen})")
+        if tuple(tokens.shape) != (spec.calib.nsamples, spec.calib.seqlen):
+            raise ConfigError(f"{spec.short_name()} names {spec.calib.nsamples} windows of {spec.calib.seqlen} tokens; "
+                              f"the tokens given are {tuple(tokens.shape)}")
+    statistics = dict(statistics or {})
+    missing = [s for s in spec.statistic_kinds() if s not in statistics]
+    with tempfile.TemporaryDirectory(prefix="quantlib-stats-") as tmp:
+        if missing:
+            from .stats import compute_statistic, open_statistic, stat_dependencies
+
+            folder = Path(tmp)
+            for name in spec.statistics():  # catalog order: a statistic comes after the ones it is made from
+                kind = name.split(".")[0]
+                if kind not in missing:
+                    continue
+                needs = {k: folder / Path(p).parent.name for k, p in
+                         stat_dependencies(name, spec.calib_name()).items()}
+                compute_statistic(name, model, tokens, folder / name, spec.calib_name(), spec.model, inputs=needs,
+                                  device=device, progress=progress)
+                statistics[kind] = open_statistic(kind, folder / name, spec)
+        return quantize_model(model, spec, tokens if spec.needs_tokens else None, device=device, progress=progress,
+                              statistics=statistics, seed=seed)
+
+
+def save(model, spec, report: QuantizedModelReport, out_dir, tokenizer_dir) -> None:
+    """Write the quantized model (Hugging Face layout with each layer in its format) to `out_dir`, atomically."""
+    save_quantized(model, _spec(spec), report, out_dir, tokenizer_dir)
+
+
+def perplexity(model, windows: torch.Tensor, max_windows: int | None = None, batch_size: int = 4,
+               device: str = "cpu") -> dict:
+    """GPTQ's perplexity protocol on the windows: {"ppl", "mean_nll", "windows", "seqlen", "tokens_scored"}."""
+    return _perplexity(model, windows, max_windows, batch_size, device)
