@@ -44,6 +44,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _as_created(tmp, directory=True)
+        for inner in tmp.rglob("*"):  # some writers (safetensors) create owner-only files too
+            _as_created(inner, directory=inner.is_dir())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

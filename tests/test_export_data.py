@@ -116,3 +116,4 @@ def test_artifacts_get_the_users_umask(tmp_path, umask):
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "d" / "x").stat().st_mode & 0o777 == 0o666 & ~umask
