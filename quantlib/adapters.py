@@ -159,6 +159,16 @@ def check_group_size_fits(cfg: dict, group_size: int, model: str) -> None:
                 f"'{model}'; packed formats need whole groups: use a divisor of {d_in} or -1 (per channel)")
 
 
+def check_model_shapes(cfg: dict, model: str, group_sizes=(), row_groups=()) -> None:
+    """A supported architecture, and every group size (and GuidedQuant's row-block count) dividing every quantized
+    layer's input (output) size: all from config.json, before any weight is read."""
+    get_adapter(cfg.get("model_type", "?"))
+    for g in group_sizes:
+        check_group_size_fits(cfg, g, model)
+    for g in row_groups:
+        check_row_groups_fit(cfg, g, model, "gq")
+
+
 def check_row_groups_fit(cfg: dict, groups: int, model: str, what: str) -> None:
     """Refuse a count of row blocks (GuidedQuant's g) that does not divide some quantized layer's output size."""
     if groups <= 1:

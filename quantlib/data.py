@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .integrity import verify
 from .io import atomic_file
 
 log = logging.getLogger("quantlib")
@@ -31,9 +32,17 @@ def fetch_dataset(cfg: dict, out_path: str | Path, key: str = "?") -> int:
 
     kwargs = {k: cfg[k] for k in LOAD_KEYS if cfg.get(k) is not None}
     kwargs.setdefault("split", "train")
+    for f in _local_files(cfg):
+        if f.exists() and f.stat().st_size == 0:
+            raise DataError(f"dataset '{key}': data file {f} is empty")
     try:
         ds = datasets.load_dataset(**kwargs)
     except Exception as exc:  # offline cache miss, missing file, unknown config: one message with what to do
+        local = [f for f in _local_files(cfg) if f.exists()]
+        if local:
+            raise DataError(f"dataset '{key}': {', '.join(map(str, local))} could not be read as '{cfg['path']}' data "
+                            f"({type(exc).__name__}: {exc}); the file is damaged, truncated or of another "
+                            "format: replace it") from exc
         raise DataError(
             f"dataset '{key}' could not be loaded with {kwargs}: {type(exc).__name__}: {exc}. "
             "Without network access, point `datasets." + key + ".path` (or `data_files`) at local files, "
@@ -49,16 +58,31 @@ def fetch_dataset(cfg: dict, out_path: str | Path, key: str = "?") -> int:
             raise DataError(f"dataset '{key}' has {len(texts)} rows, fewer than rows: [{start}, {stop}]")
         texts = texts[start:stop]
     if not texts:
-        raise DataError(f"dataset '{key}' has no rows")
-    with atomic_file(out_path) as tmp:
+        raise DataError(f"dataset '{key}' has no rows (source: {kwargs.get('data_files') or kwargs['path']})")
+    with atomic_file(out_path, seal=True) as tmp:
         pq.write_table(pa.table({"text": texts}), tmp)
     return len(texts)
 
 
+def _local_files(cfg: dict) -> list[Path]:
+    files = cfg.get("data_files")
+    if not files:
+        return []
+    flat = files.values() if isinstance(files, dict) else ([files] if isinstance(files, str) else files)
+    return [Path(f).expanduser() for v in flat for f in (v if isinstance(v, list) else [v])
+            if not any(ch in f for ch in "*?[")]
+
+
 def read_texts(path: str | Path) -> list[str]:
+    """The text rows of a dataset artifact (parquet written by `fetch_dataset`), verified first."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).column("text").to_pylist()
+    verify(path)
+    try:
+        return pq.read_table(path).column("text").to_pylist()
+    except Exception as exc:
+        raise DataError(f"{path} is not a readable dataset file ({type(exc).__name__}: {exc}); delete it and rerun "
+                        "the workflow to fetch it again") from exc
 
 
 def _encode(tokenizer, text: str) -> list[int]:

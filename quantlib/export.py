@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import NumericalError
+from .integrity import verify
 from .io import atomic_dir, versions
 from .models import _TOKENIZER_FILES, load_model
 from .formats import load_representation
@@ -71,7 +72,7 @@ def _save(model, spec, report, stored: dict, out_dir, tokenizer_dir, extra):
         "quant_method": QUANT_METHOD, "format_version": 1, "spec": spec.short_name(),
         "layers": {layer: meta for layer, (meta, _) in stored.items()},
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, seal=True) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         for name in _TOKENIZER_FILES:
@@ -104,6 +105,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: s
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
+    verify(path)
     raw = json.loads((path / "config.json").read_text())
     qcfg = raw.pop("quantization_config")
     config = AutoConfig.for_model(**raw)

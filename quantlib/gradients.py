@@ -108,7 +108,7 @@ def capture_gradients(model, tokens: torch.Tensor, out_dir, meta: dict, params: 
     for (i, name), F in fisher.items():
         if not torch.isfinite(F).all():
             raise NumericalError(f"the gradients of layer '{adapter.blocks}.{i}.{name}' contain NaN or Inf")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, seal=True) as tmp:
         for i in range(len(blocks)):
             part = {}
             for b, name, _ in names:
@@ -184,7 +184,7 @@ def capture_guided_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, pa
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     t0 = time.time()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, seal=True) as tmp:
         for i, block, states, chunk in fp_blocks(model, tokens, device, chunk_tokens, progress, "guided hessians"):
             weights = {name: grads.saliency(i, name, g) for group in adapter.subgroups for name in group}
             found = capture.hessians(block, adapter.subgroups, states, device, stop=False, weights=weights,

@@ -35,8 +35,9 @@ def _as_created(path: Path, directory: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; rename it to `path` only if the block succeeds."""
+def atomic_dir(path: str | Path, seal: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; rename it to `path` only if the block succeeds. With `seal`, an
+    artifact: its files' checksums are written into it first (quantlib.integrity)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
@@ -44,6 +45,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _as_created(tmp, directory=True)
+        if seal:
+            from .integrity import seal_dir
+            seal_dir(tmp)
         for inner in tmp.rglob("*"):  # some writers (safetensors) create owner-only files too
             _as_created(inner, directory=inner.is_dir())
         if path.exists():
@@ -55,8 +59,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path beside `path`; rename it to `path` only if the block succeeds."""
+def atomic_file(path: str | Path, seal: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside `path`; rename it to `path` only if the block succeeds. With `seal`, an
+    artifact: its checksum sidecar is written first (quantlib.integrity)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
@@ -66,6 +71,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _as_created(tmp, directory=False)
+        if seal:
+            from .integrity import seal_file
+            seal_file(tmp, path)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -19,8 +19,14 @@ log = logging.getLogger("quantlib")
 
 
 def _save_tensor(obj, path) -> None:
-    with atomic_file(path) as tmp:
+    with atomic_file(path, seal=True) as tmp:
         torch.save(obj, tmp)
+
+
+def load_tensor(path):
+    """A tensor artifact (calibration or evaluation windows), verified first."""
+    verify(path)
+    return torch.load(path)
 
 
 def calibrate(model_dir, dataset_file, ds_cfg: dict, calib_name: str, out_pt, out_json) -> None:
@@ -70,7 +76,7 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     t0 = time.time()
     statistics = {stat: open_statistic(stat, inputs[stat], spec) for stat in spec.statistic_kinds()}
     model = load_model(model_dir, dtype, attn)
-    tokens = torch.load(inputs["calib"]) if "calib" in inputs else None
+    tokens = load_tensor(inputs["calib"]) if "calib" in inputs else None
     writer = CheckpointWriter()
     report = quantize_model(model, spec, tokens, device=device, chunk_tokens=compute.get("calib_chunk_tokens", 65536),
                             statistics=statistics, on_layer=writer.add, seed=seed,
@@ -96,7 +102,7 @@ def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute:
     model_key, _ = parse_calib_name(calib_name)
     device, dtype, attn = _compute(compute)
     model = load_model(model_dir, dtype, attn)
-    tokens = torch.load(calib_pt)
+    tokens = load_tensor(calib_pt)
     compute_statistic(stat, model, tokens, out_dir, calib_name, model_key, inputs=inputs, device=device,
                       chunk_tokens=compute.get("calib_chunk_tokens", 65536))
 
@@ -125,7 +131,7 @@ def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs
     for protocol, out_json in outputs.items():
         t0 = time.time()
         dataset, seqlen, max_windows = parse_ppl_protocol(protocol)
-        data = torch.load(windows[protocol])
+        data = load_tensor(windows[protocol])
         if data["windows"].shape[1] != seqlen:
             raise ValueError(f"{windows[protocol]} holds windows of {data['windows'].shape[1]} tokens, not {seqlen}")
         res = ppl(model, data["windows"], max_windows, batch_size, device)

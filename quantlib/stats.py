@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import capture, methods
 from .errors import ConfigError, DataError
+from .integrity import verify
 from .io import atomic_dir, versions
 from .models import adapter_for
 
@@ -61,7 +62,7 @@ def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     t0 = time.time()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, seal=True) as tmp:
         for i, block, states, _ in fp_blocks(model, tokens, device, chunk_tokens, progress, "fp hessians"):
             found = capture.hessians(block, adapter.subgroups, states, device, stop=False)
             save_file({group[0]: H.cpu().contiguous() for group, H in zip(adapter.subgroups, found)},
@@ -96,6 +97,8 @@ def read_manifest(path: Path, stat: str, expect: dict) -> dict:
     """The manifest of a statistics artifact, checked against what the spec asks for (statistic, model,
     calibration): a mismatch names the artifact and the remedy."""
     file = Path(path) / "manifest.json"
+    if Path(path).exists():
+        verify(path)
     if not file.exists():
         raise DataError(f"{path} is not a statistics artifact (no manifest.json); delete it and rerun to rebuild it")
     manifest = json.loads(file.read_text())

@@ -6,13 +6,14 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 from quantlib.config import Experiment, check_sources
-from quantlib.config.preflight import check_hub_for_download
+from quantlib.config.preflight import check_config_files, check_hub_for_download
 from quantlib.errors import QuantlibError
 from quantlib.names import DATASET_KEY_RE, MODEL_KEY_RE, PATHS, STAT_RE, evaldata_path, parse_ppl_protocol
 from quantlib.stats import stat_dependencies
 from quantlib.spec import QuantSpec, parse_calib_name
 
 try:
+    check_config_files([str(p) for p in workflow.overwrite_configfiles or []])
     EXP = Experiment(config)
     check_sources(EXP)
 except QuantlibError as exc:

@@ -13,6 +13,7 @@ rule fetch_model:
         directory(PATHS.models.format(resources=RES, model="{model}")),
     params:
         cfg=lambda wc: EXP.model_cfg(wc.model),
+        shape_checks=lambda wc: EXP.shape_checks(wc.model),
     log:
         PATHS.log("fetch_model", "{model}"),
     benchmark:

@@ -69,7 +69,7 @@ def test_sources_checked_before_any_job(cfg, tmp_path, monkeypatch):
     cfg["resources"] = str(tmp_path / "resources")
     exp = Experiment(cfg)
     check_sources(exp, offline=False)  # hub ids are fine online
-    with pytest.raises(ConfigError, match="model 'smollm2-135m': 'HuggingFaceTB/SmolLM2-135M' is a hub id, the hub is offline"):
+    with pytest.raises(ConfigError, match="model 'smollm2-135m': 'HuggingFaceTB/SmolLM2-135M' is no local directory .* needs the hub, which is offline"):
         check_sources(exp, offline=True)
     cfg["models"]["smollm2-135m"]["source"] = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="local source .*nowhere' does not exist"):
@@ -80,7 +80,7 @@ def test_sources_checked_before_any_job(cfg, tmp_path, monkeypatch):
         check_sources(Experiment(cfg), offline=False)
     cfg["datasets"]["wikitext2"] = {"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1"}
     (tmp_path / "resources" / "models" / "smollm2-135m").mkdir(parents=True)  # pre-filled model
-    with pytest.raises(ConfigError, match="dataset 'c4': 'allenai/c4' is a hub id, the hub is offline"):
+    with pytest.raises(ConfigError, match="dataset 'c4': 'allenai/c4' is no local path .* needs the hub, which is offline"):
         check_sources(Experiment(cfg), offline=True)
 
 

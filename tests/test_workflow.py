@@ -186,7 +186,7 @@ def test_unreachable_hub_fails_in_seconds_naming_the_offline_overlay(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env_endpoint, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and time.time() - t0 < 60
-    assert "the Hugging Face hub cannot be reached" in out and "--configfile config.yaml tests/offline.yaml" in out
+    assert "Hugging Face hub, which cannot be reached" in out and "--configfile config.yaml tests/offline.yaml" in out
     assert not (tmp_path / "resources").exists()
 
 
@@ -304,7 +304,7 @@ def test_refused_names_stop_the_dag_in_one_line(tiny_run, target, message):
     (lambda c: c["methods"].append({"id": "spqr", "solver": "spqr", "bits": [3], "group_size": [16],
                                     "options": {"sym": True}}), "option 'sym' (symmetric grid) does not apply to spqr"),
     (lambda c: c["datasets"].update(toytest={"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1"}),
-     "dataset 'toytest': 'Salesforce/wikitext' is a hub id, the hub is offline"),
+     "dataset 'toytest': 'Salesforce/wikitext' is no local path"),
 ])
 def test_bad_input_fails_before_any_job(tmp_path, tiny_dir, text_files, change, message, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))

@@ -211,6 +211,12 @@ class Experiment:
         """The `compute` settings that a job of this kind (quantize, stats, evaluate) depends on."""
         return {k: self.cfg["compute"][k] for k in self._RESULT_COMPUTE[job]}
 
+    def shape_checks(self, model: str) -> dict:
+        """The group sizes and GuidedQuant row-block counts the specs of `model` need its layers to take."""
+        specs = [s for s in self.all_specs() if s.model == model and not s.is_fp]
+        return {"group_sizes": sorted({s.group_size for s in specs if s.group_size != -1}),
+                "row_groups": sorted({s.opt_or("guided_groups", 0) for s in specs} - {0})}
+
     def ppl_dataset_cfgs(self) -> dict:
         """The configs of the perplexity datasets only: a calibration-only dataset is no input of perplexity."""
         return {key: self.cfg["datasets"][key] for key in self.cfg["perplexity"]["datasets"]}

@@ -37,8 +37,9 @@ def check_sources(exp: Experiment, offline: bool | None = None) -> None:
             if not cfg_path.exists():
                 raise ConfigError(f"model '{key}': '{m['source']}' has no config.json")
         if not looks_local and offline and not _hub_cached("model", m["source"]):
-            raise ConfigError(f"model '{key}': '{m['source']}' is a hub id, the hub is offline (HF_HUB_OFFLINE=1) "
-                              f"and {exp.model_path(key)} is not pre-filled; set models.{key}.source to a local "
+            raise ConfigError(f"model '{key}': '{m['source']}' is no local directory (relative paths are read from "
+                              f"{Path.cwd()}), and as a hub id it needs the hub, which is offline (HF_HUB_OFFLINE=1), "
+                              f"while {exp.model_path(key)} is not pre-filled; set models.{key}.source to a local "
                               "directory")
     for key in sorted(used_datasets):
         d = exp.cfg["datasets"][key]
@@ -57,12 +58,29 @@ def check_sources(exp: Experiment, offline: bool | None = None) -> None:
         if d["path"].startswith((".", "/", "~")) and not local.exists():
             raise ConfigError(f"dataset '{key}': local path '{d['path']}' does not exist")
         if not local.exists() and offline and not _hub_cached("dataset", d["path"]):
-            raise ConfigError(f"dataset '{key}': '{d['path']}' is a hub id, the hub is offline "
-                              f"(HF_DATASETS_OFFLINE=1) and {exp.dataset_path(key)} is not pre-filled; set "
+            raise ConfigError(f"dataset '{key}': '{d['path']}' is no local path (relative paths are read from "
+                              f"{Path.cwd()}), and as a hub id it needs the hub, which is offline "
+                              f"(HF_DATASETS_OFFLINE=1), while {exp.dataset_path(key)} is not pre-filled; set "
                               f"datasets.{key}.path/data_files to local files")
 
 
     _check_task_sources(exp)
+    _check_task_names(exp)
+
+
+def _check_task_names(exp: Experiment) -> None:
+    """Every lm-eval task a table reads must exist in the installed lm-eval: a misspelt name stops here, before any
+    job, rather than inside an evaluation job."""
+    used = exp.used_tasks()
+    if not used:
+        return
+    from ..lmeval import lm_eval_version, unknown_tasks
+
+    missing = unknown_tasks(used)
+    if missing:
+        raise ConfigError(f"lm_eval.tasks: {', '.join(repr(t) for t in missing)} is no task, group or tag of the "
+                          f"installed lm-eval ({lm_eval_version()}); check the spelling (`lm_eval ls tasks` lists "
+                          "them)")
 
 
 def _check_task_sources(exp: Experiment) -> None:
@@ -83,20 +101,63 @@ def _check_task_sources(exp: Experiment) -> None:
 
 
 def _check_model_shapes(exp: Experiment, key: str) -> None:
-    """When the model's config.json is on disk (pre-filled resources or a local source): supported architecture,
-    and every group size divides every quantized layer's input size."""
-    from ..adapters import check_group_size_fits, check_row_groups_fit, get_adapter
+    """When the model's config.json is on disk (pre-filled resources, a local source, or the hub's cache): supported
+    architecture, and every group size divides every quantized layer's input size. Otherwise the download job
+    checks it before the weights (`fetch_model(shape_checks=...)`)."""
+    from ..adapters import check_model_shapes
 
-    for folder in (Path(exp.model_path(key)), Path(exp.cfg["models"][key]["source"]).expanduser()):
-        cfg_path = folder / "config.json"
+    m = exp.cfg["models"][key]
+    candidates = [Path(exp.model_path(key)) / "config.json", Path(m["source"]).expanduser() / "config.json"]
+    if not m.get("gguf_file") and "/" in m["source"] and not Path(m["source"]).expanduser().exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(m["source"], "config.json", revision=m.get("revision"))
+            if isinstance(cached, str):
+                candidates.append(Path(cached))
+        except Exception:  # a malformed repo id: the download job reports it
+            pass
+    for cfg_path in candidates:
         if cfg_path.exists():
-            model_cfg = json.loads(cfg_path.read_text())
-            get_adapter(model_cfg.get("model_type", "?"))
-            for spec in exp.all_specs():
-                if spec.model == key and not spec.is_fp:
-                    check_group_size_fits(model_cfg, spec.group_size, key)
-                    check_row_groups_fit(model_cfg, spec.opt_or("guided_groups", 0), key, "gq")
+            check_model_shapes(json.loads(cfg_path.read_text()), key, **exp.shape_checks(key))
             return
+
+
+def check_config_files(paths) -> None:
+    """The files given with --configfile, as Snakemake merged them (later files replace earlier keys): a key
+    written twice in one file (YAML keeps the last silently) and an overlay given before the config it changes are
+    refused, naming the file."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{path}: key '{key}' is written twice (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); YAML would silently keep the second")
+            seen[key] = key_node.start_mark.line
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    complete = []
+    for path in map(Path, paths):
+        try:
+            data = yaml.load(path.read_text(), Loader=StrictLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark
+            raise ConfigError(f"{path}, line {mark.line + 1}: {exc.problem}") from None
+        complete.append(isinstance(data, dict) and {"models", "datasets", "run_models", "methods"} <= set(data))
+    # An overlay (a file that changes part of an experiment) before a whole config is overwritten by it.
+    for i, (path, whole) in enumerate(zip(paths, complete)):
+        later = [p for p, w in zip(paths[i + 1:], complete[i + 1:]) if w]
+        if not whole and later:
+            order = " ".join(str(p) for p in [later[-1], *(p for p in paths if p != later[-1])])
+            raise ConfigError(f"{path} changes part of an experiment but comes before {later[-1]}, a whole config "
+                              f"that replaces its keys; give the whole config first: --configfile {order}")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -135,7 +196,8 @@ def check_hub_for_download(exp: Experiment, kind: str, key: str) -> None:
         _HUB["ok"] = hub_reachable()
     if not _HUB["ok"]:
         raise ConfigError(
-            f"{kind} '{key}' is the hub id '{source}', and the Hugging Face hub cannot be reached from this machine. "
+            f"{kind} '{key}': '{source}' is no local path (relative paths are read from {Path.cwd()}), and as a hub "
+            "id it needs the Hugging Face hub, which cannot be reached from this machine. "
             f"Use local copies instead: point {setting} at local files, or pre-fill {where} (the `resources:` "
             "folder) on a connected machine, or run the same pipeline on the assets staged beside this repository "
             "with `snakemake --cores 2 --configfile config.yaml tests/offline.yaml`.")

@@ -6,7 +6,7 @@ from quantlib.workflow import run_script
 def main(smk):
     cfg = smk.params.cfg
     fetch_model(cfg["source"], smk.output[0], gguf_file=cfg.get("gguf_file"), revision=cfg.get("revision"),
-                tokenizer=cfg.get("tokenizer"))
+                tokenizer=cfg.get("tokenizer"), shape_checks=dict(smk.params.shape_checks), model_key=smk.wildcards.model)
 
 
 run_script(snakemake, main)  # noqa: F821 (injected by Snakemake)
