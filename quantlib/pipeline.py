@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .data import calibration_windows, eval_windows, read_texts
+from .integrity import verify
 from .io import atomic_file, versions, write_json
 from .adapters import check_row_groups_fit
 from .models import (check_group_size_fits, load_model, load_tokenizer, read_config, resolve_attn, resolve_device,

@@ -13,7 +13,7 @@ from quantlib.stats import stat_dependencies
 from quantlib.spec import QuantSpec, parse_calib_name
 
 try:
-    check_config_files([str(p) for p in workflow.overwrite_configfiles or []])
+    check_config_files([str(p) for p in workflow.configfiles])
     EXP = Experiment(config)
     check_sources(EXP)
 except QuantlibError as exc:
