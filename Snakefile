@@ -21,6 +21,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/stats.smk"
 include: "rules/quantize.smk"
+include: "rules/distill.smk"
 include: "rules/evaluate.smk"
 include: "rules/tables.smk"
 

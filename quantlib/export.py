@@ -98,8 +98,10 @@ def is_quantized_dir(path: str | Path) -> bool:
     return cfg.exists() and json.loads(cfg.read_text()).get("quantization_config", {}).get("quant_method") == QUANT_METHOD
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
-    """Rebuild the model with dequantized weights from a directory written by `save_quantized`."""
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa",
+                   with_representations: bool = False):
+    """Rebuild the model with dequantized weights from a directory written by `save_quantized`; with
+    `with_representations`, also {layer: representation} (what a later stage such as distillation trains)."""
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -114,11 +116,13 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: s
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     state = load_file(str(path / "model.safetensors"))
+    reps = {}
     for layer, meta in qcfg["layers"].items():
         prefix = f"{layer}."
         tensors = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)
                                                            and k[len(prefix):] not in ("bias",)]}
-        state[f"{layer}.weight"] = load_representation(meta, tensors).dequantize()
+        reps[layer] = load_representation(meta, tensors)
+        state[f"{layer}.weight"] = reps[layer].dequantize()
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
@@ -127,7 +131,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: s
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.config.use_cache = False
-    return model.eval()
+    return (model.eval(), reps) if with_representations else model.eval()
 
 
 def load_any(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):

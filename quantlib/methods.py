@@ -332,6 +332,37 @@ def check_block_training(spec) -> None:
                           "calibration windows")
 
 
+# Lightweight distillation after quantization (NeUQI, Lin et al. 2025): the `.kd` part of a short name.
+DISTILL_OPTIONS = (
+    Option("lr", 3e-4, float, "lr", "AdamW's learning rate (betas 0.9/0.95, 10 % linear warm-up, cosine to 0)"),
+    Option("epochs", 1, int, "ep", "passes over the distillation windows"),
+    Option("batch", 1, int, "bs", "distillation windows per step"),
+    Option("train_zero", True, bool, "nozero", "train the zero points too (off: the reference's disable_train_zero)"),
+    Option("train_norm", True, bool, "nonorm", "train the norms' gains too"),
+)
+for _o in DISTILL_OPTIONS:
+    _register_option(_o, "distillation")
+# Formats whose scales and zeros can be trained with the codes fixed (outliers stay as they are).
+DISTILL_FORMATS = ("uniform", "uniform_outliers")
+
+
+def check_distill(spec) -> None:
+    """Refusals of a `.kd` part (spec.distill)."""
+    if spec.is_fp:
+        raise ConfigError("distillation (kd) trains a quantized model's scales; the unquantized model has none")
+    d = spec.distill
+    opt = dict(d.options)
+    get = lambda key: opt.get(key, next(o.default for o in DISTILL_OPTIONS if o.key == key))  # noqa: E731
+    if spec.format not in DISTILL_FORMATS:
+        raise ConfigError(f"distillation trains scales and zero points with the codes fixed; {spec.describe()} "
+                          f"stores '{spec.format}', which has none that stay on its grid (formats that can: "
+                          f"{', '.join(DISTILL_FORMATS)})")
+    if get("epochs") < 1 or get("batch") < 1 or get("lr") <= 0:
+        raise ConfigError("distillation needs epochs >= 1, batch >= 1 and lr > 0")
+    if get("batch") > d.calib.nsamples:
+        raise ConfigError(f"distillation batch ({get('batch')}) is larger than its {d.calib.nsamples} windows")
+
+
 # ---------------------------------------------------------------------------------------------- statistics
 
 register_statistic(Statistic(

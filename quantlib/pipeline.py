@@ -93,6 +93,42 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     log.info("%s quantized in %.1fs", name, time.time() - t0)
 
 
+def distill(name: str, model_dir, inputs: dict, out_dir, compute: dict, max_steps: int | None = None) -> None:
+    """Distil the quantized model `name`'s base (a `.kd` name): `inputs` holds its base checkpoint (`base`) and the
+    distillation windows (`calib`, `calib_json`); the teacher is the FP model in `model_dir`."""
+    import json
+
+    from .distill import distill as train
+    from .export import CheckpointWriter, load_quantized
+    from .runner import QuantizedModelReport
+
+    spec = QuantSpec.parse(name)
+    if spec.distill is None:
+        raise ValueError(f"{name} has no distillation part (.kd...)")
+    device, _, attn = _compute(compute)
+    t0 = time.time()
+    tokens = load_tensor(inputs["calib"])
+    student, reps = load_quantized(inputs["base"], torch.float32, attn, with_representations=True)
+    teacher = load_model(model_dir, torch.float32, attn)
+    new_reps, diag = train(student, reps, teacher, tokens, spec, seed=compute.get("seed", 0), device=device,
+                           max_steps=max_steps)
+    writer = CheckpointWriter()
+    layers = {}
+    for layer, rep in new_reps.items():
+        writer.add(layer, rep)
+        layers[layer] = {"shape": list(rep.shape), "bits_per_weight": rep.bits_per_weight}
+    report = QuantizedModelReport(layers=layers, seconds=diag["seconds"])
+    extra = {"distill": diag, "compute": {"device": device, "dtype": "torch.float32", "attn": attn,
+                                          "threads": torch.get_num_threads()}}
+    if inputs.get("calib_json"):
+        extra["calibration"] = {k: v for k, v in json.loads(Path(inputs["calib_json"]).read_text()).items()
+                                if k != "draws"}
+    extra["total_seconds"] = round(time.time() - t0, 2)
+    writer.save(student, spec, report, out_dir, inputs["base"], extra)
+    log.info("%s distilled in %.1fs (loss %.5f -> %.5f)", name, time.time() - t0, diag["loss"][0] if diag["loss"]
+             else float("nan"), diag["loss"][-1] if diag["loss"] else float("nan"))
+
+
 def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute: dict, inputs: dict | None = None
               ) -> None:
     """Compute the statistics artifact `stat` (e.g. `fp_hessian`, `gradients.G4`) of the FP model on the calibration

@@ -45,6 +45,35 @@ class CalibSpec:
         return name + (f".s{self.seed}" if self.seed else "")
 
 
+@dataclass(frozen=True)
+class DistillSpec:
+    """The `.kd` part of a name: lightweight distillation of the quantized model on n windows of L tokens (NeUQI),
+    with non-default options only, sorted by key."""
+
+    calib: CalibSpec
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def build(cls, calib: CalibSpec, options: dict[str, Any] | None = None) -> "DistillSpec":
+        defs = {o.key: o for o in methods.DISTILL_OPTIONS}
+        clean = {}
+        for key, value in (options or {}).items():
+            if key not in defs:
+                raise ConfigError(f"unknown distillation option '{key}'; it takes: {', '.join(sorted(defs))}")
+            value = defs[key].coerce(value)
+            if value != defs[key].default:
+                clean[key] = value
+        return cls(calib, tuple(sorted(clean.items())))
+
+    def opt(self, key: str) -> Any:
+        defs = {o.key: o for o in methods.DISTILL_OPTIONS}
+        return dict(self.options).get(key, defs[key].default)
+
+    def short_name(self) -> str:
+        defs = {o.key: o for o in methods.DISTILL_OPTIONS}
+        return ".".join(["kd", self.calib.short_name(), *(defs[k].render(v) for k, v in self.options)])
+
+
 # What makes a spec read calibration windows (the data of the name's calibration part).
 _DATA_NEEDS = {"calibration", "hessian", "fp_targets"}
 
@@ -60,13 +89,21 @@ class QuantSpec:
     calib: CalibSpec | None = None
     # Non-default options only, sorted by key: equal specs have equal names.
     options: tuple[tuple[str, Any], ...] = ()
+    distill: DistillSpec | None = None  # a `.kd` stage after quantization
 
     # ------------------------------------------------------------------ construction and validation
     @classmethod
     def build(cls, model: str, solver: str = "fp", bits: int | None = None, group_size: int = -1,
               init: str = "minmax", preprocess=(), calib: CalibSpec | None = None,
-              options: dict[str, Any] | None = None) -> "QuantSpec":
+              options: dict[str, Any] | None = None, distill: DistillSpec | None = None) -> "QuantSpec":
         """Make a canonical spec: calibration dropped when nothing uses it, default options dropped."""
+        if distill is not None:
+            base = cls.build(model, solver, bits, group_size, init, preprocess, calib, options)
+            if base.is_fp:
+                raise ConfigError("distillation (kd) trains a quantized model's scales; the unquantized model has none")
+            spec = replace(base, distill=distill)
+            methods.check_distill(spec)
+            return spec
         spec = cls(model=model, solver=solver, bits=bits, group_size=group_size, init=init,
                    preprocess=tuple(preprocess), calib=calib)
         if solver == "fp":
@@ -111,6 +148,8 @@ class QuantSpec:
         if self.preprocess and self.mode == "block":
             raise ConfigError(f"preprocessors ({', '.join(self.preprocess)}) run before a layer-wise solver; "
                               f"'{self.solver}' is block-wise")
+        if self.distill is not None:
+            methods.check_distill(self)
         if self.uses_calibration and self.calib is None:
             raise ConfigError(f"{self.describe()} needs calibration data, and the spec has none")
         if "fp_inputs" in self.option_defs() and self.opt("fp_inputs") and not self.opt("true_sequential"):
@@ -280,7 +319,20 @@ class QuantSpec:
         parts.append(names.setting_token(self.bits, self.group_size))
         defs = self.option_defs()
         parts.extend(defs[key].render(value) for key, value in self.options)
+        if self.distill is not None:
+            parts.append(self.distill.short_name())
         return ".".join(parts)
+
+    def base(self) -> "QuantSpec":
+        """The quantized model a distilled spec starts from (itself when it has no `.kd` part)."""
+        return replace(self, distill=None)
+
+    def distill_inputs(self) -> dict[str, str]:
+        """What the distill job reads: the base checkpoint and the distillation windows (the FP model, the teacher,
+        comes from the config)."""
+        windows = f"{self.model}.{self.distill.calib.short_name()}"
+        return {"base": names.quantized_path(self.base().short_name()),
+                "calib": names.calibration_path(windows), "calib_json": names.calibration_manifest_path(windows)}
 
     def calib_name(self) -> str | None:
         """Name of the calibration artifact this spec reads (model + calibration settings)."""
@@ -290,7 +342,14 @@ class QuantSpec:
     def parse(cls, name: str) -> "QuantSpec":
         """Read a short name back. Only canonical names are accepted, so one spec has exactly one name."""
         tokens = name.split(".")
-        if tokens[-1] == "fp":
+        if "kd" in tokens[1:]:
+            at = tokens.index("kd", 1)
+            if "kd" in tokens[at + 1:]:
+                raise ConfigError(f"cannot read short name '{name}': distillation (kd) is given twice")
+            base = cls.parse(".".join(tokens[:at]))
+            spec = replace(base, distill=_parse_distill(name, tokens[at + 1:]))
+            methods.check_distill(spec)
+        elif tokens[-1] == "fp":
             spec = cls.build(model=".".join(tokens[:-1]))
         else:
             spec = _parse_quantized(name, tokens)
@@ -298,6 +357,24 @@ class QuantSpec:
         if canonical != name:
             raise ConfigError(f"'{name}' is not in canonical form; the same settings are named '{canonical}'")
         return spec
+
+
+def _parse_distill(name: str, tokens: list[str]) -> DistillSpec:
+    """`{dataset}.n{N}.L{L}[.s{seed}][.{option}...]` after a name's `kd` token."""
+    found = _find_calib(["_", *tokens])
+    if found is None or found[0] != 1:
+        raise ConfigError(f"cannot read short name '{name}': 'kd' must be followed by the distillation windows "
+                          "{dataset}.n{N}.L{L}[.s{seed}]")
+    _, end, calib = found
+    defs = {o.key: o for o in methods.DISTILL_OPTIONS}
+    options = {}
+    for tok in tokens[end - 1:]:
+        hits = [(o.key, v) for o in defs.values() for ok, v in [o.match(tok, o.default)] if ok]
+        if len(hits) != 1:
+            raise ConfigError(f"cannot read short name '{name}': unknown distillation option token '{tok}'; it "
+                              f"takes: {', '.join(sorted(o.describe() for o in defs.values()))}")
+        options[hits[0][0]] = hits[0][1]
+    return DistillSpec.build(calib, options)
 
 
 def parse_calib_name(name: str) -> tuple[str, CalibSpec]:

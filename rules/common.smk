@@ -33,8 +33,10 @@ wildcard_constraints:
     dataset=DATASET_KEY_RE,
     seqlen=r"[0-9]+",
     stat=STAT_RE,
-    # A quantized model's short name (never the unquantized "{model}.fp").
-    name=r"[a-z0-9][A-Za-z0-9_.-]*(?<!\.fp)",
+    # A quantized model's short name (never the unquantized "{model}.fp", nor a distilled one: rule distill).
+    name=r"(?!.*\.kd\.)[a-z0-9][A-Za-z0-9_.-]*(?<!\.fp)",
+    base=r"[a-z0-9][A-Za-z0-9_.-]*",
+    kd=r"[a-z0-9][a-z0-9_-]*\.n[0-9]+\.L[0-9]+(\.[A-Za-z0-9_-]+)*",
     anyname=r"[a-z0-9][A-Za-z0-9_.-]*",
     calib=r"[a-z0-9][A-Za-z0-9_.-]*\.n[0-9]+\.L[0-9]+(\.s[0-9]+)?",
     table=r"[A-Za-z0-9_-]+",
@@ -108,6 +110,20 @@ def quantize_mem(wildcards):
 
 def quantize_runtime(wildcards):
     return runtime_for(spec_of(wildcards.name).model, 10, 60)
+
+
+def distill_inputs(wildcards):
+    """The FP model (the teacher), the base checkpoint and the distillation windows."""
+    spec = spec_of(f"{wildcards.base}.kd.{wildcards.kd}")
+    return {"model": EXP.model_path(spec.model), **spec.distill_inputs()}
+
+
+def distill_mem(wildcards):
+    return mem_mb_for(spec_of(f"{wildcards.base}.kd.{wildcards.kd}").model, 5)
+
+
+def distill_runtime(wildcards):
+    return runtime_for(spec_of(f"{wildcards.base}.kd.{wildcards.kd}").model, 60, 60)
 
 
 def stats_inputs(wildcards):

@@ -280,6 +280,22 @@ def test_guidedquant_runs_end_to_end(tiny_run, tmp_path):
     assert manifest["G"] == 4 and len(manifest["loss"]) == 8
 
 
+def test_distillation_runs_between_quantize_and_evaluation(tiny_run, tmp_path):
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    name = "tiny.rtn.w3g32.kd.toytrain.n8.L32"
+    target = f"results/ppl/toytest.L32.nw8/{name}.json"
+    proc = snakemake(work, "-n", "--cores", "2", target)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = [line.split()[-1].rstrip(":") for line in proc.stdout.splitlines() if line.startswith(("rule ", "localrule "))]
+    assert jobs == ["quantize", "distill", "perplexity"], jobs
+    proc = snakemake(work, "--cores", "2", target)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    diag = json.loads((work / f"results/quantized/{name}/diagnostics.json").read_text())
+    assert diag["distill"]["base"] == "tiny.rtn.w3g32" and diag["distill"]["steps"] == 8
+    assert json.loads((work / target).read_text())["value"] > 1
+
+
 @pytest.mark.parametrize("target,message", [
     ("results/quantized/tiny.toytrain.n8.L32.spqr.w3g16.sym", "'sym' (symmetric grid) does not apply to spqr"),
     ("results/ppl/toytest.L32.nw8/tiny.rtn.w4g32.damp0p1.json", "'damp0p1' (Hessian damping) does not apply to rtn"),

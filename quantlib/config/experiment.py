@@ -10,7 +10,7 @@ from .. import methods, names
 from ..errors import ConfigError
 from ..metrics import is_lower_better
 from ..names import DATASET_KEY_RE, MODEL_KEY_RE, TASK_KEY_RE, lmeval_protocol_name, ppl_protocol_name
-from ..spec import CalibSpec, QuantSpec
+from ..spec import CalibSpec, DistillSpec, QuantSpec
 from .schema import validate
 
 
@@ -135,8 +135,9 @@ class Experiment:
         calib = self._calib(m["calibration"], f"methods.{method_id}.calibration") if m.get("calibration") \
             else self.calibration
         try:
+            distill = self._distill(m["distill"], calib, method_id) if m.get("distill") is not None else None
             spec = QuantSpec.build(model, m["solver"], bits, group_size, m.get("init", "minmax"),
-                                   m.get("preprocess", []), calib, m.get("options", {}))
+                                   m.get("preprocess", []), calib, m.get("options", {}), distill)
         except ConfigError as exc:
             raise ConfigError(f"methods entry '{method_id}': {exc}") from None
         if spec.uses_calibration and calib is None:
@@ -147,6 +148,19 @@ class Experiment:
             raise ConfigError(f"methods entry '{method_id}': gq{guided} needs the saliency in a multiple of {guided} "
                               f"groups; set gradients.groups (now {self.gradient_groups}) to one")
         return spec
+
+    def _distill(self, d: dict, calib: CalibSpec | None, method_id: str) -> DistillSpec:
+        """A method's `distill:` with the defaults NeUQI's recipe implies: the calibration's dataset, window length
+        and seed, and twice its windows (its first ones are the calibration windows)."""
+        if calib is None and not {"dataset", "nsamples", "seqlen"} <= set(d):
+            raise ConfigError("distill needs dataset, nsamples and seqlen when the method has no calibration")
+        dataset = d.get("dataset", calib.dataset if calib else None)
+        self._need_dataset(dataset, f"methods.{method_id}.distill.dataset")
+        window = CalibSpec(dataset, d.get("nsamples", 2 * calib.nsamples if calib else 0),
+                           d.get("seqlen", calib.seqlen if calib else 0),
+                           d.get("seed", calib.seed if calib else 0))
+        options = {k: d[k] for k in ("lr", "epochs", "batch", "train_zero", "train_norm") if k in d}
+        return DistillSpec.build(window, options)
 
     def all_specs(self) -> list[QuantSpec]:
         out = []

@@ -21,6 +21,8 @@ def check_sources(exp: Experiment, offline: bool | None = None) -> None:
     for spec in exp.all_specs():
         if spec.calib:
             used_datasets.add(spec.calib.dataset)
+        if spec.distill:
+            used_datasets.add(spec.distill.calib.dataset)
     for key in used_models:
         m = exp.cfg["models"][key]
         _check_model_shapes(exp, key)

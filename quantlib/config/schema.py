@@ -48,6 +48,23 @@ _METHOD = {
                      "description": "instead of bits/group_size: an explicit list such as [w3g64, w2g64, w3]"},
         "options": {"type": "object", "default": {}},
         "calibration": {"$ref": "#/$defs/calibration"},
+        "distill": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "lightweight distillation after quantization (NeUQI); defaults: the calibration's dataset, "
+                           "seqlen and seed, twice its nsamples",
+            "properties": {
+                "dataset": {"type": "string"},
+                "nsamples": {"type": "integer", "minimum": 1},
+                "seqlen": {"type": "integer", "minimum": 2},
+                "seed": {"type": "integer", "minimum": 0},
+                "lr": {"type": "number", "exclusiveMinimum": 0},
+                "epochs": {"type": "integer", "minimum": 1},
+                "batch": {"type": "integer", "minimum": 1},
+                "train_zero": {"type": "boolean"},
+                "train_norm": {"type": "boolean"},
+            },
+        },
     },
 }
 
