@@ -143,10 +143,29 @@ def sample_concat(texts: list[str], tokenizer, n: int, seqlen: int, seed: int, j
     return torch.tensor(windows, dtype=torch.long), {"sampler": "concat", "seed": seed, "text_tokens": len(ids)}
 
 
+def sample_chunks(texts: list[str], tokenizer, n: int, seqlen: int, batch: int = 1000,
+                  what: str = "calibration") -> tuple[torch.Tensor, dict]:
+    """Hugging Face's run_clm grouping (UniQuanF's calibration): every document tokenized (with the tokenizer's
+    special tokens), concatenated within consecutive batches of `batch` documents, each batch cut into windows with
+    its remainder dropped; the first n windows, in order (no randomness)."""
+    windows = []
+    for b0 in range(0, len(texts), batch):
+        ids = [t for doc in tokenizer(texts[b0:b0 + batch]).input_ids for t in doc]
+        windows.extend(ids[s:s + seqlen] for s in range(0, len(ids) - seqlen + 1, seqlen))
+        if len(windows) >= n:
+            break
+    if len(windows) < n:
+        raise DataError(f"the {what} text holds {len(windows)} windows of {seqlen} tokens in batches of {batch} "
+                        f"documents, fewer than {n}")
+    return torch.tensor(windows[:n], dtype=torch.long), {"sampler": "chunks", "batch_documents": batch}
+
+
 def calibration_windows(texts: list[str], tokenizer, ds_cfg: dict, n: int, seqlen: int, seed: int):
     sampler = ds_cfg.get("calibration_sampler", "documents")
     if sampler == "documents":
         return sample_documents(texts, tokenizer, n, seqlen, seed, ds_cfg.get("accept", ">="))
+    if sampler == "chunks":
+        return sample_chunks(texts, tokenizer, n, seqlen)
     return sample_concat(texts, tokenizer, n, seqlen, seed, ds_cfg.get("join", "\n\n"))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import NumericalError
+from .errors import DataError, NumericalError
 from .integrity import verify
 from .io import atomic_dir, versions
 from .models import _TOKENIZER_FILES, load_model
@@ -121,7 +121,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: s
         prefix = f"{layer}."
         tensors = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)
                                                            and k[len(prefix):] not in ("bias",)]}
-        reps[layer] = load_representation(meta, tensors)
+        try:
+            reps[layer] = load_representation(meta, tensors)
+        except (ValueError, KeyError) as exc:
+            raise DataError(f"{path / 'model.safetensors'}: layer '{layer}' does not match its metadata ({exc}); "
+                            "the checkpoint is damaged or was written by another version: delete it and rerun") from exc
         state[f"{layer}.weight"] = reps[layer].dequantize()
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

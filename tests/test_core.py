@@ -24,6 +24,7 @@ FORMAT_EXAMPLES = {
     "uniform_outliers": "m.c4.n8.L32.quantease.w3g32.it4.ol0p05",
     "spqr": "m.c4.n8.L32.spqr.w3g16",
     "lut": "m.c4.n8.L32.lnq.w3.qin.hdinit",
+    "bcq": "m.alternating.w3",
 }
 
 

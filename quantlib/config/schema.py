@@ -21,7 +21,10 @@ _DATASET = {
         "rows": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2, "maxItems": 2,
                  "description": "[start, stop) slice of the rows"},
         "join": {"type": "string", "description": "separator joining rows into one text (contiguous windows)"},
-        "calibration_sampler": {"enum": ["documents", "concat"], "default": "documents"},
+        "calibration_sampler": {"enum": ["documents", "concat", "chunks"], "default": "documents",
+                                "description": "documents: GPTQ's random window of a random long-enough document; "
+                                               "concat: random windows of the joined text; chunks: the first "
+                                               "windows of documents concatenated in batches of 1000 (run_clm)"},
         "eval_windows": {"enum": ["contiguous", "documents"], "default": "contiguous"},
         "nwindows": {"type": "integer", "minimum": 1, "description": "windows drawn in eval_windows: documents"},
         "seed": {"type": "integer", "minimum": 0, "description": "seed of eval_windows: documents"},

@@ -1,0 +1,51 @@
+"""FlexRound (Lee et al. 2023, "FlexRound: Learnable Rounding based on Element-wise Division for Post-Training
+Quantization"), trained block by block by the core's block mode with UniQuanF's training settings.
+
+From the spec's init (min-max, or NeUQI's: any uniform init composes): a trainable log-scale d1 per (row, group),
+and d2 per weight and d3 per row, both starting at 0; the zero point stays. The division that decides the rounding
+is element-wise, the grid is not:
+
+    W_hat = e^d1 (clamp(round(W / e^(d1 + d2 + d3) + z), 0, Q) - z),   straight-through rounding
+
+so the result is stored in the uniform format with scale e^d1. With zero steps it is RTN on the init's grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..blockwise import FakeQuantLinear, round_ste
+from ..formats.uniform import UniformGrid, UniformQuantized, group_index
+from . import LayerTask, SolveResult
+
+
+class FlexRoundLinear(FakeQuantLinear):
+    def __init__(self, linear: torch.nn.Linear, task: LayerTask):
+        super().__init__(linear)
+        grid = task.init_grid(self.weight_fp)
+        self.bits, self.group_size = grid.bits, grid.group_size
+        self.register_buffer("zero", grid.zero.float().clone())
+        self.register_buffer("columns", group_index(self.in_features, grid.group_size))
+        self.d1 = torch.nn.Parameter(grid.scale.float().log())
+        self.d2 = torch.nn.Parameter(torch.zeros_like(self.weight_fp))
+        self.d3 = torch.nn.Parameter(torch.zeros(self.out_features, 1))
+
+    def _codes(self) -> torch.Tensor:
+        divisor = torch.exp(self.d1[:, self.columns] + self.d2 + self.d3)
+        return torch.clamp(round_ste(self.weight_fp / divisor + self.zero[:, self.columns]), 0, 2 ** self.bits - 1)
+
+    def weight_hat(self) -> torch.Tensor:
+        return torch.exp(self.d1)[:, self.columns] * (self._codes() - self.zero[:, self.columns])
+
+    def param_groups(self, spec) -> list[dict]:
+        return [{"params": [self.d1, self.d2, self.d3], "lr": spec.opt("lr")}]
+
+    def freeze(self) -> SolveResult:
+        with torch.no_grad():
+            grid = UniformGrid(torch.exp(self.d1).detach().clone(), self.zero.clone(), self.bits, self.group_size)
+            rep = UniformQuantized(self._codes().to(torch.uint8), grid)
+        return SolveResult(rep, rep.dequantize())
+
+
+def wrap(linear: torch.nn.Linear, task: LayerTask) -> FlexRoundLinear:
+    return FlexRoundLinear(linear, task)

@@ -1,0 +1,122 @@
+"""UniQuanF (Park et al., ACL 2025, "Unifying Uniform and Binary-coding Quantization for Accurate Compression of
+Large Language Models"): FlexRound's learnable division followed by binary-coding levels, trained block by block by
+the core's block mode.
+
+Unified initialisation per (row, group): s = (max - min) / Q (at least 1e-8), a real zero point z = -min / s, and
+alpha from ALTERNATING (no offset) on u = W / s + z - Q / 2; `clip{G}` also tries s * i / G, i = 1..G, keeping the
+least mean |w - w_hat|^2.4. Trainable: d1 (log s per (row, group)), d2 (per weight), d3 (per row), alpha. Forward:
+
+    u = W / e^(d1 + d2 + d3) + z - Q/2,   q = sum_i alpha_i beta_i(c),   W_hat = e^d1 (q + Q/2 - z)
+
+where c is each weight's level index (Cartesian sign order): the nearest level at the first step, then every `p`
+steps the best of c - 1, c, c + 1 (the released code's local remapping; the full search never materialises
+weights x 2^b). Gradients reach u (as 1) and alpha (through q) only where |u - q| <= min_i alpha_i. After training,
+one last remapping, then alpha' = e^d1 alpha and offsets e^d1 (Q/2 - z) in float16 (the `bcq` format); the weight
+is recomputed from the stored values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..blockwise import FakeQuantLinear
+from ..formats.bcq import BcqQuantized, levels, signs_of
+from ..formats.uniform import group_index
+from . import LayerTask, SolveResult
+from .alternating import fit, nearest_level
+
+
+def _q(alphas: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """sum_i alpha_i beta_i(c): alphas per column (d_out, d_in, b), index (d_out, d_in)."""
+    b = alphas.shape[-1]
+    beta = signs_of(index, b).to(alphas.dtype) * 2 - 1  # (b, d_out, d_in)
+    return (alphas * beta.permute(1, 2, 0)).sum(-1)
+
+
+class UniQuanFLinear(FakeQuantLinear):
+    def __init__(self, linear: torch.nn.Linear, task: LayerTask):
+        super().__init__(linear)
+        spec = task.spec
+        self.bits, self.group_size = spec.bits, spec.group_size
+        self.Q = 2 ** spec.bits - 1
+        self.period = spec.opt("remap_period")
+        d_out, d_in = self.weight_fp.shape
+        gs = d_in if spec.group_size == -1 else spec.group_size
+        G = self.weight_fp.reshape(-1, gs)  # one row per (row, group)
+        lo, hi = G.amin(-1), G.amax(-1)
+        s0 = ((hi - lo) / self.Q).clamp_min(1e-8)
+        best = None
+        for i in range(1, spec.opt("clip_grid") + 1):
+            s = s0 * i / spec.opt("clip_grid")
+            z = -lo / s
+            u = G / s.unsqueeze(1) + z.unsqueeze(1) - self.Q / 2
+            alphas, index, _ = fit(u, spec.bits, spec.opt("alternations"), offset=False)
+            w_hat = s.unsqueeze(1) * (levels(alphas).gather(1, index) + self.Q / 2 - z.unsqueeze(1))
+            err = (G - w_hat).abs().pow(2.4).mean(-1)
+            if best is None:
+                best = [s, z, alphas, err]
+            else:
+                better = err < best[3]
+                best = [torch.where(better, s, best[0]), torch.where(better, z, best[1]),
+                        torch.where(better.unsqueeze(1), alphas, best[2]), torch.minimum(err, best[3])]
+        s, z, alphas, _ = best
+        n_groups = d_in // gs
+        self.register_buffer("columns", group_index(d_in, spec.group_size))
+        self.register_buffer("zero", z.reshape(d_out, n_groups))
+        self.d1 = torch.nn.Parameter(s.log().reshape(d_out, n_groups))
+        self.d2 = torch.nn.Parameter(torch.zeros_like(self.weight_fp))
+        self.d3 = torch.nn.Parameter(torch.zeros(d_out, 1))
+        self.alpha = torch.nn.Parameter(alphas.reshape(d_out, n_groups, spec.bits))
+        self.register_buffer("index", torch.zeros(d_out, d_in, dtype=torch.long))
+        self.steps = 0
+
+    def _u(self) -> torch.Tensor:
+        divisor = torch.exp(self.d1[:, self.columns] + self.d2 + self.d3)
+        return self.weight_fp / divisor + self.zero[:, self.columns] - self.Q / 2
+
+    @torch.no_grad()
+    def remap(self, u: torch.Tensor, nearest: bool) -> None:
+        """Each weight's level: the nearest (a search over sorted levels), or the best of its index neighbours."""
+        d_out, d_in = u.shape
+        n_groups = self.alpha.shape[1]
+        if nearest:
+            x = u.reshape(d_out * n_groups, -1)
+            self.index.copy_(nearest_level(x, self.alpha.detach().reshape(-1, self.bits)).reshape(d_out, d_in))
+            return
+        alphas = self.alpha.detach()[:, self.columns, :]
+        best, best_err = self.index.clone(), (u - _q(alphas, self.index)).abs()
+        for step in (-1, 1):
+            cand = (self.index + step).clamp(0, 2 ** self.bits - 1)
+            err = (u - _q(alphas, cand)).abs()
+            better = err < best_err
+            best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
+        self.index.copy_(best)
+
+    def weight_hat(self) -> torch.Tensor:
+        u = self._u()
+        if torch.is_grad_enabled():  # a training step (the error evaluations run without gradients)
+            if self.steps == 0 or self.steps % self.period == 0:
+                self.remap(u.detach(), nearest=self.steps == 0)
+            self.steps += 1
+        alphas = self.alpha[:, self.columns, :]
+        q = _q(alphas, self.index)
+        # Gradients to u (as 1) and to alpha (through q) only where u lies within the smallest alpha of its level.
+        inside = ((u - q).abs() <= alphas.abs().amin(-1)).to(u.dtype)
+        out = q.detach() + inside * ((u - u.detach()) + (q - q.detach()))
+        return torch.exp(self.d1)[:, self.columns] * (out + self.Q / 2 - self.zero[:, self.columns])
+
+    def param_groups(self, spec) -> list[dict]:
+        return [{"params": [self.d1, self.d2, self.d3], "lr": spec.opt("lr")},
+                {"params": [self.alpha], "lr": spec.opt("alpha_lr")}]
+
+    def freeze(self) -> SolveResult:
+        with torch.no_grad():
+            self.remap(self._u(), nearest=self.steps == 0)
+            scale = torch.exp(self.d1)
+            rep = BcqQuantized(signs_of(self.index, self.bits), (scale.unsqueeze(-1) * self.alpha).half(),
+                               (scale * (self.Q / 2 - self.zero)).half(), self.group_size)
+        return SolveResult(rep, rep.dequantize(), {"training_steps": self.steps})
+
+
+def wrap(linear: torch.nn.Linear, task: LayerTask) -> UniQuanFLinear:
+    return UniQuanFLinear(linear, task)
