@@ -72,6 +72,9 @@ def plot_table(df: pd.DataFrame, params: dict, out_png) -> None:
                 gi = groups.index(group) if group in groups else 0
                 (h,) = ax.plot(g["b"], g["value"], marker=markers[gi % len(markers)], ms=4,
                                color=colors.get(method, "k"), ls=styles[(gi + model_i) % len(styles)])
+                if "std" in g and g["std"].notna().any():  # replicates: one standard deviation
+                    ax.errorbar(g["b"], g["value"], yerr=g["std"].fillna(0), fmt="none", capsize=3, lw=1,
+                                color=colors.get(method, "k"))
                 handles.setdefault(name, h)
         if bits:
             ax.set_xticks(bits)

@@ -89,11 +89,13 @@ def collect(params: dict) -> pd.DataFrame:
     averages = params.get("averages") or {}
     extra = []
     for key, parts in averages.items():
-        for (model, row, setting), g in df[df.metric.isin(parts)].groupby(["model", "method", "setting"], sort=False):
+        sub = df[df.metric.isin(parts)]
+        for (model, row, setting, seed), g in sub.groupby(["model", "method", "setting", "seed"], sort=False,
+                                                          dropna=False):
             if set(g.metric) != set(parts):
                 continue
             cell = {"model": model, "row": row, "setting": None if setting == "fp" else setting,
-                    "name": g["name"].iloc[0], "path": None}
+                    "name": g["name"].iloc[0], "path": None, "seed": None if pd.isna(seed) else seed}
             labels = params.get("metric_labels", {})
             text = "mean of " + ", ".join(labels.get(p, p) for p in parts)
             extra.append(_row(cell, key, float(g["value"].mean()), g["unit"].iloc[0], "mean", text, paper,
@@ -109,7 +111,65 @@ def _row(cell, metric, value, unit, field, protocol, paper, bits_per_weight=None
     return {"model": cell["model"], "method": cell["row"], "setting": cell["setting"] or "fp", "bits": bits,
             "group": group, "metric": metric, "value": value, "paper": ref,
             "delta": None if ref is None else value - ref, "unit": unit, "field": field, "name": cell["name"],
-            "protocol": protocol, "bits_per_weight": bits_per_weight}
+            "protocol": protocol, "bits_per_weight": bits_per_weight, "seed": cell.get("seed")}
+
+
+_CELL = ["model", "method", "setting", "metric"]
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per table cell: the mean over its replicates (calibration seeds), with their standard deviation,
+    count, minimum and maximum; the difference from the paper is the mean's."""
+    rows = []
+    for _, g in df.groupby(_CELL, sort=False):
+        first = g.iloc[0].to_dict()
+        values = g["value"].astype(float)
+        first.update(value=values.mean(), std=values.std(ddof=1) if len(g) > 1 else float("nan"), n=len(g),
+                     min=values.min(), max=values.max())
+        first["delta"] = None if first["paper"] is None or pd.isna(first["paper"]) else first["value"] - first["paper"]
+        rows.append(first)
+    return pd.DataFrame(rows)
+
+
+def replicate_csv(df: pd.DataFrame) -> pd.DataFrame:
+    """Every replicate, then for cells with several the mean, std, min and max as rows whose `seed` says which."""
+    out = [df.assign(seed=df["seed"].map(lambda s: "" if s is None or pd.isna(s) else str(int(s))))]
+    agg = aggregate(df)
+    agg = agg[agg["n"] > 1]
+    for stat in ("mean", "std", "min", "max"):
+        if len(agg):
+            out.append(agg.assign(value=agg["value" if stat == "mean" else stat], seed=stat,
+                                  delta=agg["delta"] if stat == "mean" else None)[df.columns])
+    return pd.concat(out, ignore_index=True)
+
+
+def comparisons(df: pd.DataFrame, params: dict) -> list[str]:
+    """The paired comparisons a table declares: for rows a and b, per model, setting and metric, the ratio a / b
+    matched by calibration seed (a row without calibration data has one value for every seed), its mean, and
+    whether every seed puts them in the same order."""
+    lines = []
+    labels = params.get("row_labels", {})
+    for a, b in params.get("compare") or []:
+        for (model, setting, metric), g in df[df.method.isin([a, b])].groupby(["model", "setting", "metric"],
+                                                                               sort=False):
+            va = {(None if pd.isna(s) else s): v for s, v in g[g.method == a][["seed", "value"]].values}
+            vb = {(None if pd.isna(s) else s): v for s, v in g[g.method == b][["seed", "value"]].values}
+            if not va or not vb:
+                continue
+            seeds = sorted({s for s in [*va, *vb] if s is not None}) or [None]
+            pairs = [(va.get(s, va.get(None)), vb.get(s, vb.get(None))) for s in seeds]
+            pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+            if not pairs:
+                continue
+            ratios = [x / y for x, y in pairs]
+            mean = sum(ratios) / len(ratios)
+            signs = {int(x > y) - int(x < y) for x, y in pairs}
+            order = ("every seed agrees" if len(signs) == 1 else "the seeds disagree") if len(pairs) > 1 \
+                else "one seed"
+            lines.append(f"{labels.get(a, a)} / {labels.get(b, b)}, {setting} {_label(params, metric)}"
+                         f"{' (' + model + ')' if df['model'].nunique() > 1 else ''}: mean ratio {mean:.3f} over "
+                         f"{len(pairs)} seed{'s' if len(pairs) > 1 else ''} ({order})")
+    return lines
 
 
 def _protocol_text(record: dict) -> str:
@@ -192,6 +252,7 @@ def table_grid(df: pd.DataFrame, params: dict) -> tuple[list[str], list[list[str
     `wide`: a line per method, columns per setting x metric. Each metric column is followed by the paper's figure
     and the difference when the table records paper figures for it."""
     labels = params["row_labels"]
+    df = aggregate(df) if "n" not in df else df
     multi_model = df["model"].nunique() > 1
     columns = _columns(df, params)
     with_paper = {m: bool(df.loc[df.metric == m, "paper"].notna().any()) for m in columns}
@@ -204,7 +265,8 @@ def table_grid(df: pd.DataFrame, params: dict) -> tuple[list[str], list[list[str
         v = r["value"].iloc[0] if len(r) else None
         p = r["paper"].iloc[0] if len(r) else None
         unit = r["unit"].iloc[0] if len(r) else ""
-        out = [format_value(v)]
+        n = int(r["n"].iloc[0]) if len(r) and "n" in r else 1
+        out = [format_value(v) if n < 2 else f"{format_value(v)} ± {format_value(r['std'].iloc[0])} (n={n})"]
         if with_paper[metric]:
             out += [format_value(p), _delta_text(v, p, unit)]
         return out
@@ -247,6 +309,9 @@ def _notes(df: pd.DataFrame, params: dict) -> list[str]:
         kind = " perplexity" if "." not in metric and metric not in (params.get("averages") or {}) else ""
         for proto in dict.fromkeys(df.loc[df.metric == metric, "protocol"]):
             lines.append(f"{_label(params, metric)}{kind}: {proto}")
+    if len(df) and df.groupby(_CELL).size().max() > 1:
+        lines.append("A ± B (n=k): mean and standard deviation over k calibration seeds (each its own draw of the "
+                     "calibration windows, quantized model and evaluation)")
     if (df["unit"] == "%").any():
         lines.append("Accuracies in %; acc_norm is lm-eval's accuracy with each choice's log-likelihood divided by its "
                      "length in characters; differences from the paper in percentage points.")
@@ -264,6 +329,10 @@ def render_markdown(df: pd.DataFrame, params: dict) -> str:
     lines += [f"- {n}" for n in _notes(df, params)] + [""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    compared = comparisons(df, params)
+    if compared:
+        lines += ["", "Paired comparisons (same seed = same calibration windows):", ""]
+        lines += [f"- {c}" for c in compared]
     return "\n".join(lines) + "\n"
 
 
@@ -302,12 +371,12 @@ def write_table(params: dict, out_md, out_csv, out_tex=None, out_png=None) -> pd
     with atomic_file(out_md) as tmp:
         tmp.write_text(render_markdown(df, params))
     with atomic_file(out_csv) as tmp:
-        df.to_csv(tmp, index=False)
+        replicate_csv(df).to_csv(tmp, index=False)
     if out_tex:
         with atomic_file(out_tex) as tmp:
             tmp.write_text(render_latex(df, params))
     if out_png:
         from .plots import plot_table
 
-        plot_table(df, resolve_labels(df, params), out_png)
+        plot_table(aggregate(df), resolve_labels(df, params), out_png)
     return df

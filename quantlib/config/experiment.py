@@ -51,6 +51,8 @@ class TableDef:
     averages: dict[str, dict] = None
     layout: str = "long"
     default_target: bool = True
+    seeds: list[int] | None = None
+    compare: list[list[str]] | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -127,13 +129,17 @@ class Experiment:
         return self.cfg["models"][key].get("label", key)
 
     # ------------------------------------------------------------------ specs and paths
-    def spec(self, model: str, method_id: str, bits: int | None = None, group_size: int = -1) -> QuantSpec:
+    def spec(self, model: str, method_id: str, bits: int | None = None, group_size: int = -1,
+             seed: int | None = None) -> QuantSpec:
+        """The spec of a method at a setting; `seed` replaces its calibration's seed (a replicate)."""
         if method_id == "fp":
             return QuantSpec.build(model)
         entry = self.methods[method_id]
         m = entry.cfg
         calib = self._calib(m["calibration"], f"methods.{method_id}.calibration") if m.get("calibration") \
             else self.calibration
+        if seed is not None and calib is not None:
+            calib = CalibSpec(calib.dataset, calib.nsamples, calib.seqlen, seed)
         try:
             distill = self._distill(m["distill"], calib, method_id) if m.get("distill") is not None else None
             spec = QuantSpec.build(model, m["solver"], bits, group_size, m.get("init", "minmax"),
@@ -167,8 +173,30 @@ class Experiment:
         for model in self.cfg["run_models"]:
             out.append(self.spec(model, "fp"))
             for mid, entry in self.methods.items():
-                out.extend(self.spec(model, mid, b, g) for b, g in entry.settings())
+                for seed in entry.cfg.get("seeds") or [None]:
+                    out.extend(self.spec(model, mid, b, g, seed) for b, g in entry.settings())
+        for t in self.tables.values() if hasattr(self, "tables") else []:
+            out.extend(self.spec(c_model, c_row, *names.require_setting(c_set), c_seed)
+                       for c_model, c_row, c_set, c_seed in self._replicates(t) if c_row != "fp")
         return list(dict.fromkeys(out))
+
+    def _replicates(self, t: TableDef) -> list[tuple]:
+        """(model, row, setting, seed) of every replicate a table reads; a row without calibration data has one."""
+        out = []
+        for model in t.models:
+            for row in t.rows:
+                if row == "fp":
+                    out.append((model, row, None, None))
+                    continue
+                made = {names.setting_token(b, g) for b, g in self.methods[row].settings()}
+                seeds = t.seeds or self.methods[row].cfg.get("seeds") or [None]
+                for s in [s for s in t.settings if s in made]:
+                    bits, gs = names.require_setting(s)
+                    if self.spec(model, row, bits, gs).calib is None:
+                        out.append((model, row, s, None))
+                    else:
+                        out.extend((model, row, s, seed) for seed in seeds)
+        return out
 
     def ppl_protocols(self) -> list[str]:
         ppl = self.cfg["perplexity"]
@@ -277,8 +305,13 @@ class Experiment:
         for metric in metrics:
             if metric not in averages:
                 self._check_metric(key, metric)
+        for pair in t.get("compare") or []:
+            for r in pair:
+                if r not in rows:
+                    raise ConfigError(f"tables.{key}.compare: '{r}' is not a row of the table (rows: {', '.join(rows)})")
         return TableDef(key, t.get("title", key), models, rows, settings, metrics, t.get("paper", {}),
-                        t.get("paper_source"), averages, t.get("layout", "long"), t.get("default_target", True))
+                        t.get("paper_source"), averages, t.get("layout", "long"), t.get("default_target", True),
+                        t.get("seeds"), t.get("compare"))
 
     def _check_metric(self, table: str, metric: str) -> None:
         if "." in metric:
@@ -303,16 +336,12 @@ class Experiment:
         not produce that setting)."""
         t = self.tables[key]
         cells = []
-        for model in t.models:
-            for row in t.rows:
-                settings = [None] if row == "fp" else [
-                    s for s in t.settings if s in {names.setting_token(b, g) for b, g in self.methods[row].settings()}]
-                for s in settings:
-                    bits, gs = names.require_setting(s) if s else (None, -1)
-                    spec = self.spec(model, row, bits, gs)
-                    for metric in t.result_metrics():
-                        cells.append({"model": model, "row": row, "setting": s, "metric": metric,
-                                      "name": spec.short_name(), "path": self.result_path(spec, metric)})
+        for model, row, s, seed in self._replicates(t):
+            bits, gs = names.require_setting(s) if s else (None, -1)
+            spec = self.spec(model, row, bits, gs, seed)
+            for metric in t.result_metrics():
+                cells.append({"model": model, "row": row, "setting": s, "metric": metric, "seed": seed,
+                              "name": spec.short_name(), "path": self.result_path(spec, metric)})
         return cells
 
     def table_inputs(self, key: str) -> list[str]:
@@ -332,7 +361,7 @@ class Experiment:
                             if any(m.partition(".")[0] == task for m in t.result_metrics())},
             "columns": t.columns, "averages": {a: v["of"] for a, v in t.averages.items()}, "layout": t.layout,
             "rows": t.rows, "settings": t.settings, "paper": t.paper, "paper_source": t.paper_source,
-            "seqlen": ppl["seqlen"],
+            "seqlen": ppl["seqlen"], "compare": t.compare or [],
         }
 
 

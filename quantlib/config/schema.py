@@ -51,6 +51,8 @@ _METHOD = {
                      "description": "instead of bits/group_size: an explicit list such as [w3g64, w2g64, w3]"},
         "options": {"type": "object", "default": {}},
         "calibration": {"$ref": "#/$defs/calibration"},
+        "seeds": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "uniqueItems": True,
+                  "description": "calibration seeds: each its own draw, quantized model and evaluations (replicates)"},
         "distill": {
             "type": "object",
             "additionalProperties": False,
@@ -226,6 +228,14 @@ SCHEMA: dict[str, Any] = {
                             _TASK_METRICS,
                         ]},
                     },
+                    "seeds": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
+                              "uniqueItems": True,
+                              "description": "calibration seeds of every row that reads calibration data: each its "
+                                             "own replicate; cells show mean +- standard deviation"},
+                    "compare": {"type": "array", "items": {"type": "array", "items": {"type": "string"},
+                                                           "minItems": 2, "maxItems": 2},
+                                "description": "pairs of rows [a, b]: the mean ratio a / b over the seeds and whether "
+                                               "every seed orders them the same way, under the table"},
                     "layout": {"enum": ["long", "wide"], "default": "long",
                                "description": "long: a line per method and setting; wide: a line per method, "
                                               "columns per setting x metric"},
