@@ -45,6 +45,9 @@ def rule_blocks() -> dict[str, tuple[Path, str]]:
         starts = list(RULE_RE.finditer(text))
         for match, after in zip(starts, [*starts[1:], None]):
             blocks[match.group(1)] = path, text[match.end():after.start() if after else len(text)]
+        # `use rule A as B with:` makes B a copy of A with some keys replaced: B keeps A's env and threads.
+        for base, derived in re.findall(r"^\s*use rule (\w+) as (\w+)", text, re.M):
+            blocks[derived] = blocks[base]
     return blocks
 
 
@@ -138,7 +141,7 @@ def test_env_pins_agree_with_pyproject_and_the_tested_versions(env_file):
 
 
 # Rules that hold a model on a GPU under profiles/slurm; lmeval exists on another branch (it is ready when it lands).
-GPU_RULES = {"quantize", "stats", "perplexity", "lmeval"}
+GPU_RULES = {"quantize", "stats", "distill", "perplexity", "lmeval"}
 
 
 def test_slurm_profiles_cover_every_torch_rule():
