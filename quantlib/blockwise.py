@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import capture
 from .errors import NumericalError
+from .formats.uniform import UniformGrid, UniformQuantized, group_index
 from .solvers import LayerSolver, SolveResult
 
 log = logging.getLogger("quantlib")
@@ -61,6 +62,24 @@ class FakeQuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_hat().to(x.dtype), self.bias)
+
+
+class UniformFakeQuant(FakeQuantLinear):
+    """A trainable stand-in on the spec's uniform grid: the init's grid (`task.init_grid`), its zero points fixed,
+    each column's group; `frozen(scale, codes)` stores the result in the uniform format."""
+
+    def __init__(self, linear: torch.nn.Linear, task):
+        super().__init__(linear)
+        grid = task.init_grid(self.weight_fp)
+        self.bits, self.group_size = grid.bits, grid.group_size
+        self.register_buffer("zero", grid.zero.float().clone())
+        self.register_buffer("columns", group_index(self.in_features, grid.group_size))
+        self.register_buffer("scale_init", grid.scale.float().clone())
+
+    def frozen(self, scale: torch.Tensor, codes: torch.Tensor, stats: dict | None = None) -> SolveResult:
+        grid = UniformGrid(scale.detach().clone(), self.zero.clone(), self.bits, self.group_size)
+        rep = UniformQuantized(codes.detach().to(torch.uint8), grid)
+        return SolveResult(rep, rep.dequantize(), stats or {})
 
 
 class Stream:

@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from ..blockwise import FakeQuantLinear, round_ste
-from ..formats.uniform import UniformGrid, UniformQuantized, group_index
+from ..blockwise import UniformFakeQuant, round_ste
 from . import LayerTask, SolveResult
 
 
-class FlexRoundLinear(FakeQuantLinear):
+class FlexRoundLinear(UniformFakeQuant):
     def __init__(self, linear: torch.nn.Linear, task: LayerTask):
-        super().__init__(linear)
-        grid = task.init_grid(self.weight_fp)
-        self.bits, self.group_size = grid.bits, grid.group_size
-        self.register_buffer("zero", grid.zero.float().clone())
-        self.register_buffer("columns", group_index(self.in_features, grid.group_size))
-        self.d1 = torch.nn.Parameter(grid.scale.float().log())
+        super().__init__(linear, task)
+        self.d1 = torch.nn.Parameter(self.scale_init.log())
         self.d2 = torch.nn.Parameter(torch.zeros_like(self.weight_fp))
         self.d3 = torch.nn.Parameter(torch.zeros(self.out_features, 1))
 
@@ -42,9 +37,7 @@ class FlexRoundLinear(FakeQuantLinear):
 
     def freeze(self) -> SolveResult:
         with torch.no_grad():
-            grid = UniformGrid(torch.exp(self.d1).detach().clone(), self.zero.clone(), self.bits, self.group_size)
-            rep = UniformQuantized(self._codes().to(torch.uint8), grid)
-        return SolveResult(rep, rep.dequantize())
+            return self.frozen(torch.exp(self.d1), self._codes())
 
 
 def wrap(linear: torch.nn.Linear, task: LayerTask) -> FlexRoundLinear:

@@ -10,36 +10,30 @@ from __future__ import annotations
 
 import torch
 
-from ..blockwise import FakeQuantLinear, round_ste
-from ..formats.uniform import UniformGrid, UniformQuantized, group_index
+from ..blockwise import UniformFakeQuant, round_ste
 from . import LayerTask, SolveResult
 
 
-class LearnedScaleLinear(FakeQuantLinear):
+class LearnedScaleLinear(UniformFakeQuant):
     def __init__(self, linear: torch.nn.Linear, task: LayerTask):
-        super().__init__(linear)
-        grid = task.init_grid(self.weight_fp)
-        self.bits, self.group_size = grid.bits, grid.group_size
-        self.register_buffer("zero", grid.zero.float().clone())
-        self.register_buffer("columns", group_index(self.in_features, grid.group_size))
-        self.register_buffer("log_scale_init", grid.scale.float().log())
-        self.log_scale = torch.nn.Parameter(self.log_scale_init.clone())
+        super().__init__(linear, task)
+        self.log_scale = torch.nn.Parameter(self.scale_init.log())
+
+    def _codes(self, scale: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(round_ste(self.weight_fp / scale + self.zero[:, self.columns]), 0, 2 ** self.bits - 1)
 
     def weight_hat(self) -> torch.Tensor:
         scale = self.log_scale.exp()[:, self.columns]
-        zero = self.zero[:, self.columns]
-        q = torch.clamp(round_ste(self.weight_fp / scale + zero), 0, 2 ** self.bits - 1)
-        return scale * (q - zero)
+        return scale * (self._codes(scale) - self.zero[:, self.columns])
 
     def param_groups(self, spec) -> list[dict]:
         return [{"params": [self.log_scale], "lr": spec.opt("lr")}]
 
     def freeze(self) -> SolveResult:
         with torch.no_grad():
-            grid = UniformGrid(self.log_scale.exp().detach().clone(), self.zero.clone(), self.bits, self.group_size)
-            rep = UniformQuantized(grid.quantize(self.weight_fp).to(torch.uint8), grid)
-            moved = float((self.log_scale - self.log_scale_init).abs().mean())
-        return SolveResult(rep, rep.dequantize(), {"mean_abs_log_scale_change": moved})
+            scale = self.log_scale.exp()
+            moved = float((self.log_scale - self.scale_init.log()).abs().mean())
+            return self.frozen(scale, self._codes(scale[:, self.columns]), {"mean_abs_log_scale_change": moved})
 
 
 def wrap(linear: torch.nn.Linear, task: LayerTask) -> LearnedScaleLinear:
