@@ -174,7 +174,9 @@ def _reconstruct_block(i, adapter, block, spec, layer_solver, wrap, x_q, x_fp, k
         _swap(block, name, modules[name])
     before = _block_error(block, x_q, y_fp, kwargs)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
+    t_train = time.time()
     losses = _train(block, modules, x_q, x_fp, y_fp, kwargs, spec, generator, i)
+    train_seconds = time.time() - t_train
     for name, module in modules.items():
         result = module.freeze()
         linear = originals[name]
@@ -203,7 +205,8 @@ def _reconstruct_block(i, adapter, block, spec, layer_solver, wrap, x_q, x_fp, k
         block.to("cpu")
     took = time.time() - t0
     report.blocks.append({"block": i, "error_before": before, "error_after": after, "steps": len(losses),
-                          "loss": _every_tenth(losses), "seconds": round(took, 2)})
+                          "loss": _every_tenth(losses), "seconds": round(took, 2),
+                          "train_seconds": round(train_seconds, 2)})
     log.info("block %d reconstructed in %.1fs: output error %.4g -> %.4g (relative, calibration windows)",
              i + 1, took, before, after)
     return new_q, y_fp
