@@ -26,11 +26,12 @@ from . import LayerTask, SolveResult
 from .alternating import fit, nearest_level
 
 
-def _q(alphas: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """sum_i alpha_i beta_i(c): alphas per column (d_out, d_in, b), index (d_out, d_in)."""
-    b = alphas.shape[-1]
-    beta = signs_of(index, b).to(alphas.dtype) * 2 - 1  # (b, d_out, d_in)
-    return (alphas * beta.permute(1, 2, 0)).sum(-1)
+def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Each weight's level value: table (d_out, n_groups, 2^b) of levels per (row, group), index (d_out, d_in) with
+    contiguous groups. A gather from the small table, so the backward pass scatters into (d_out, n_groups, 2^b)
+    instead of building (d_out, d_in, b) tensors every step."""
+    d_out, n_groups, _ = table.shape
+    return table.gather(2, index.reshape(d_out, n_groups, -1)).reshape(index.shape)
 
 
 class UniQuanFLinear(FakeQuantLinear):
@@ -83,14 +84,18 @@ class UniQuanFLinear(FakeQuantLinear):
             x = u.reshape(d_out * n_groups, -1)
             self.index.copy_(nearest_level(x, self.alpha.detach().reshape(-1, self.bits)).reshape(d_out, d_in))
             return
-        alphas = self.alpha.detach()[:, self.columns, :]
-        best, best_err = self.index.clone(), (u - _q(alphas, self.index)).abs()
+        table = self._levels().detach()
+        best, best_err = self.index.clone(), (u - _gather(table, self.index)).abs()
         for step in (-1, 1):
             cand = (self.index + step).clamp(0, 2 ** self.bits - 1)
-            err = (u - _q(alphas, cand)).abs()
+            err = (u - _gather(table, cand)).abs()
             better = err < best_err
             best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
         self.index.copy_(best)
+
+    def _levels(self) -> torch.Tensor:
+        """The 2^b levels of every (row, group), (d_out, n_groups, 2^b), differentiable in alpha."""
+        return levels(self.alpha)
 
     def weight_hat(self) -> torch.Tensor:
         u = self._u()
@@ -98,10 +103,9 @@ class UniQuanFLinear(FakeQuantLinear):
             if self.steps == 0 or self.steps % self.period == 0:
                 self.remap(u.detach(), nearest=self.steps == 0)
             self.steps += 1
-        alphas = self.alpha[:, self.columns, :]
-        q = _q(alphas, self.index)
+        q = _gather(self._levels(), self.index)
         # Gradients to u (as 1) and to alpha (through q) only where u lies within the smallest alpha of its level.
-        inside = ((u - q).abs() <= alphas.abs().amin(-1)).to(u.dtype)
+        inside = ((u - q).abs() <= self.alpha.detach().abs().amin(-1)[:, self.columns]).to(u.dtype)
         out = q.detach() + inside * ((u - u.detach()) + (q - q.detach()))
         return torch.exp(self.d1)[:, self.columns] * (out + self.Q / 2 - self.zero[:, self.columns])
 
