@@ -89,6 +89,22 @@ def test_bcq_holds_a_uniform_grid_exactly_and_round_trips():
         BcqQuantized.from_tensors(rep.meta(), bad)
 
 
+def test_uniquanf_before_training_is_its_init_on_the_nearest_levels():
+    """The block error before training is the unified init's: every weight already on its nearest level (not level
+    0 of an unmapped index, which put the 'before' error of real blocks at 1e10)."""
+    lin = _layer()
+    s = spec("uniquanf", 3)
+    module = LayerSolver(s).solve(lin, LayerSolver(s).task(None, "l"))
+    with torch.no_grad():
+        got = module.weight_hat()
+        u = module._u()
+        table = levels(module.alpha)[:, 0, :]  # per channel: one group
+        nearest = (u.unsqueeze(-1) - table.unsqueeze(1)).abs().amin(-1)
+        assert torch.allclose((u - table.gather(1, module.index)).abs(), nearest, atol=1e-6)
+    W = module.weight_fp
+    assert float((got - W).norm() / W.norm()) < 0.5
+
+
 @pytest.mark.parametrize("solver", ["flexround", "uniquanf"])
 def test_training_lowers_every_blocks_error_and_a_seed_fixes_it(solver):
     runs = [quantize_model(tiny_model("llama"), spec(solver, 3, epochs=3), calib_tokens(16, 32), progress=False,

@@ -69,6 +69,9 @@ class UniQuanFLinear(FakeQuantLinear):
         self.d3 = torch.nn.Parameter(torch.zeros(d_out, 1))
         self.alpha = torch.nn.Parameter(alphas.reshape(d_out, n_groups, spec.bits))
         self.register_buffer("index", torch.zeros(d_out, d_in, dtype=torch.long))
+        # The unified init's own mapping, so the block error before training (measured without gradients) is the
+        # init's; the first training step remaps to the nearest level again from the same u.
+        self.remap(self._u().detach(), nearest=True)
         self.steps = 0
 
     def _u(self) -> torch.Tensor:
