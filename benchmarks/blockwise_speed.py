@@ -25,7 +25,7 @@ import time
 import torch
 
 from quantlib import capture
-from quantlib.blockwise import Stream, _reconstruct_block
+from quantlib.blockwise import Stream, _block_error, _reconstruct_block
 from quantlib.data import calibration_windows, eval_windows, read_texts
 from quantlib.io import versions
 from quantlib.models import adapter_for, load_model, load_tokenizer
@@ -44,16 +44,6 @@ def inputs_of_block(model, adapter, tokens: torch.Tensor, k: int) -> list[tuple[
         for block in blocks[:k]:
             states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
     return states
-
-
-def output_error(block, reference, states) -> float:
-    num = den = 0.0
-    with torch.no_grad():
-        for (h, kw), y in zip(states, reference):
-            out = capture.block_output(block, h, kw)
-            num += float((out - y).double().square().sum())
-            den += float(y.double().square().sum())
-    return num / den
 
 
 def quantize_block(block, adapter, spec, states, k: int, seed: int) -> dict:
@@ -117,8 +107,10 @@ def main() -> None:
         steps = diag["steps"]
         rec = {"benchmark": "blockwise_block", "name": name, "block": args.block,
                "calib_windows": len(train_states), "heldout_windows": len(held_states),
-               "error_calib": output_error(block, train_ref, train_states),
-               "error_heldout": output_error(block, held_ref, held_states),
+               "error_calib": _block_error(block, [h for h, _ in train_states], train_ref,
+                                           [kw for _, kw in train_states]),
+               "error_heldout": _block_error(block, [h for h, _ in held_states], held_ref,
+                                             [kw for _, kw in held_states]),
                "steps": steps, "train_seconds": diag.get("train_seconds"),
                "seconds_per_step": round(diag["train_seconds"] / steps, 4) if steps else None,
                "seconds": round(time.time() - t0, 2), "threads": args.threads, "cpus": os.cpu_count(),
