@@ -8,7 +8,7 @@ least mean |w - w_hat|^2.4. Trainable: d1 (log s per (row, group)), d2 (per weig
 
     u = W / e^(d1 + d2 + d3) + z - Q/2,   q = sum_i alpha_i beta_i(c),   W_hat = e^d1 (q + Q/2 - z)
 
-where c is each weight's level index (Cartesian sign order): the nearest level at the first step, then every `p`
+where c is each weight's level index (Cartesian sign order): the nearest level at the start, then every `p`
 steps the best of c - 1, c, c + 1 (the released code's local remapping; the full search never materialises
 weights x 2^b). Gradients reach u (as 1) and alpha (through q) only where |u - q| <= min_i alpha_i. After training,
 one last remapping, then alpha' = e^d1 alpha and offsets e^d1 (Q/2 - z) in float16 (the `bcq` format); the weight
@@ -69,8 +69,8 @@ class UniQuanFLinear(FakeQuantLinear):
         self.d3 = torch.nn.Parameter(torch.zeros(d_out, 1))
         self.alpha = torch.nn.Parameter(alphas.reshape(d_out, n_groups, spec.bits))
         self.register_buffer("index", torch.zeros(d_out, d_in, dtype=torch.long))
-        # The unified init's own mapping, so the block error before training (measured without gradients) is the
-        # init's; the first training step remaps to the nearest level again from the same u.
+        # Each weight starts on its nearest level (the block error before training is the init's); training then
+        # remaps locally every `p` steps.
         self.remap(self._u().detach(), nearest=True)
         self.steps = 0
 
@@ -103,8 +103,8 @@ class UniQuanFLinear(FakeQuantLinear):
     def weight_hat(self) -> torch.Tensor:
         u = self._u()
         if torch.is_grad_enabled():  # a training step (the error evaluations run without gradients)
-            if self.steps == 0 or self.steps % self.period == 0:
-                self.remap(u.detach(), nearest=self.steps == 0)
+            if self.steps and self.steps % self.period == 0:
+                self.remap(u.detach(), nearest=False)
             self.steps += 1
         q = _gather(self._levels(), self.index)
         # Gradients to u (as 1) and to alpha (through q) only where u lies within the smallest alpha of its level.
@@ -118,7 +118,8 @@ class UniQuanFLinear(FakeQuantLinear):
 
     def freeze(self) -> SolveResult:
         with torch.no_grad():
-            self.remap(self._u(), nearest=self.steps == 0)
+            if self.steps:
+                self.remap(self._u(), nearest=False)
             scale = torch.exp(self.d1)
             rep = BcqQuantized(signs_of(self.index, self.bits), (scale.unsqueeze(-1) * self.alpha).half(),
                                (scale * (self.Q / 2 - self.zero)).half(), self.group_size)
