@@ -22,6 +22,7 @@ include: "rules/data.smk"
 include: "rules/stats.smk"
 include: "rules/quantize.smk"
 include: "rules/distill.smk"
+include: "rules/pack.smk"
 include: "rules/evaluate.smk"
 include: "rules/tables.smk"
 
@@ -29,5 +30,6 @@ include: "rules/tables.smk"
 rule all:
     input:
         all_tables(),
+        EXP.pack_targets(),
         PATHS.benchmark_summary.format(ext="csv"),
     default_target: True

@@ -139,7 +139,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: s
 
 
 def load_any(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
-    """A quantized directory or a plain full-precision checkpoint."""
+    """A quantized directory, a packed one (quantlib.pack) or a plain full-precision checkpoint."""
     if is_quantized_dir(path):
         return load_quantized(path, dtype, attn)
+    if (Path(path) / "pack_report.json").exists():
+        from .pack.load import load_packed
+
+        return load_packed(path, dtype, attn)
     return load_model(path, dtype, attn)

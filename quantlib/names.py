@@ -105,6 +105,7 @@ class PATHS:
     evaldata = "results/evaldata/{model}/{dataset}.L{seqlen}.pt"
     stats = "results/stats/{stat}/{calib}"
     quantized = "results/quantized/{name}"
+    packed = "results/packed/{format}/{name}"
     ppl = "results/ppl/{protocol}/{anyname}.json"
     lmeval = "results/lmeval/{protocol}/{anyname}.json"
     tables = "results/tables/{table}.{ext}"
@@ -133,6 +134,11 @@ def stats_path(stat: str, calib_name: str) -> str:
 
 def quantized_path(name: str) -> str:
     return PATHS.quantized.format(name=name)
+
+
+def packed_path(fmt: str, name: str) -> str:
+    """The packed checkpoint of the quantized model `name` (without its `.pack-` token) in format `fmt`."""
+    return PATHS.packed.format(format=fmt, name=name)
 
 
 def ppl_path(protocol: str, name: str) -> str:

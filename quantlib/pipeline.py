@@ -144,10 +144,29 @@ def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute:
                       chunk_tokens=compute.get("calib_chunk_tokens", 65536))
 
 
+def pack(name: str, src, out_dir, pack_cfg: dict) -> dict:
+    """Write the quantized checkpoint `src` in the external layout that `name`'s `.pack-{format}` token names."""
+    from .pack import pack_checkpoint
+
+    spec = QuantSpec.parse(name)
+    if spec.pack is None:
+        raise ConfigError(f"'{name}' names no pack format (a final .pack-{{format}} token)")
+    report = pack_checkpoint(src, out_dir, spec.pack, pack_cfg.get("dtype", "float16"),
+                             pack_cfg.get("stat_dtype", "float16"))
+    log.info("%s: %d layers packed as %s, %.3f bits per weight on disk, %.1f MB, %.1f s", name,
+             report["quantized_layers"], spec.pack, report["bits_per_weight_on_disk"], report["file_bytes"] / 1e6,
+             report["seconds"])
+    return report
+
+
 def storage_bits(model_path) -> float | None:
-    """Average storage bits per quantized weight of a quantized checkpoint (None for an unquantized model)."""
+    """Average storage bits per quantized weight of a quantized checkpoint (None for an unquantized model); for a
+    packed one, the bits its layout takes on disk."""
     import json
 
+    packed = Path(model_path) / "pack_report.json"
+    if packed.exists():
+        return json.loads(packed.read_text())["bits_per_weight_on_disk"]
     diag = Path(model_path) / "diagnostics.json"
     if not diag.exists():
         return None

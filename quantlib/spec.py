@@ -78,6 +78,9 @@ class DistillSpec:
 _DATA_NEEDS = {"calibration", "hessian", "fp_targets"}
 
 
+PACK_TOKEN = "pack-"
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     model: str
@@ -90,6 +93,7 @@ class QuantSpec:
     # Non-default options only, sorted by key: equal specs have equal names.
     options: tuple[tuple[str, Any], ...] = ()
     distill: DistillSpec | None = None  # a `.kd` stage after quantization
+    pack: str | None = None  # a final `.pack-{format}`: the checkpoint in an external layout (quantlib.pack)
 
     # ------------------------------------------------------------------ construction and validation
     @classmethod
@@ -321,7 +325,13 @@ class QuantSpec:
         parts.extend(defs[key].render(value) for key, value in self.options)
         if self.distill is not None:
             parts.append(self.distill.short_name())
+        if self.pack is not None:
+            parts.append(f"{PACK_TOKEN}{self.pack}")
         return ".".join(parts)
+
+    def unpacked(self) -> "QuantSpec":
+        """The quantlib checkpoint a packed spec is written from (itself when it has no `.pack-` part)."""
+        return replace(self, pack=None)
 
     def base(self) -> "QuantSpec":
         """The quantized model a distilled spec starts from (itself when it has no `.kd` part)."""
@@ -342,7 +352,16 @@ class QuantSpec:
     def parse(cls, name: str) -> "QuantSpec":
         """Read a short name back. Only canonical names are accepted, so one spec has exactly one name."""
         tokens = name.split(".")
-        if "kd" in tokens[1:]:
+        if len(tokens) > 1 and tokens[-1].startswith(PACK_TOKEN):
+            from .pack import packable
+
+            base = cls.parse(".".join(tokens[:-1]))
+            fmt = tokens[-1][len(PACK_TOKEN):]
+            reason = packable(base, fmt)
+            if reason is not None:
+                raise ConfigError(f"cannot pack '{base.short_name()}' as {fmt}: {reason}")
+            spec = replace(base, pack=fmt)
+        elif "kd" in tokens[1:]:
             at = tokens.index("kd", 1)
             if "kd" in tokens[at + 1:]:
                 raise ConfigError(f"cannot read short name '{name}': distillation (kd) is given twice")

@@ -33,8 +33,11 @@ wildcard_constraints:
     dataset=DATASET_KEY_RE,
     seqlen=r"[0-9]+",
     stat=STAT_RE,
-    # A quantized model's short name (never the unquantized "{model}.fp", nor a distilled one: rule distill).
-    name=r"(?!.*\.kd\.)[a-z0-9][A-Za-z0-9_.-]*(?<!\.fp)",
+    # A quantized model's short name (never the unquantized "{model}.fp", nor a distilled one: rule distill, nor a
+    # packed one: rule pack).
+    name=r"(?!.*\.kd\.)(?!.*\.pack-)[a-z0-9][A-Za-z0-9_.-]*(?<!\.fp)",
+    packformat=r"ct|gptq|anyprec|bcq",
+    unpacked=r"(?!.*\.pack-)[a-z0-9][A-Za-z0-9_.-]*(?<!\.fp)",
     base=r"[a-z0-9][A-Za-z0-9_.-]*",
     kd=r"[a-z0-9][a-z0-9_-]*\.n[0-9]+\.L[0-9]+(\.[A-Za-z0-9_-]+)*",
     anyname=r"[a-z0-9][A-Za-z0-9_.-]*",
@@ -164,6 +167,16 @@ def ppl_mem(wildcards):
 
 
 def model_input(wildcards):
-    """The model a {anyname} evaluation reads: the resources checkpoint ({model}.fp) or a quantized directory."""
-    spec = spec_of(wildcards.anyname)
-    return EXP.model_path(spec.model) if spec.is_fp else EXP.quantized_path(spec)
+    """The model a {anyname} evaluation reads: the resources checkpoint ({model}.fp), a quantized directory, or a
+    packed one ({name}.pack-{format})."""
+    return EXP.checkpoint_path(spec_of(wildcards.anyname))
+
+
+def pack_mem(wildcards):
+    # The source checkpoint's codes are unpacked per layer and the packed copy is built beside them.
+    return mem_mb_for(spec_of(wildcards.unpacked).model, 2)
+
+
+def pack_input(wildcards):
+    spec = spec_of(f"{wildcards.unpacked}.pack-{wildcards.packformat}")  # refuses a model the format cannot hold
+    return EXP.quantized_path(spec.unpacked())

@@ -296,6 +296,42 @@ def test_distillation_runs_between_quantize_and_evaluation(tiny_run, tmp_path):
     assert json.loads((work / target).read_text())["value"] > 1
 
 
+def test_pack_runs_between_quantize_and_evaluation(tiny_run, tmp_path):
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["pack"] = {"formats": ["ct", "anyprec"], "dtype": "float32", "stat_dtype": "float16"}
+    write_config(work, cfg)
+    # A model no table has made yet: quantize, then pack, then evaluate the packed model.
+    target = "results/ppl/toytest.L32.nw8/tiny.rtn.w3g32.pack-ct.json"
+    proc = snakemake(work, "-n", "--cores", "2", target)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = [line.split()[-1].rstrip(":") for line in proc.stdout.splitlines() if line.startswith(("rule ", "localrule "))]
+    assert jobs == ["quantize", "pack", "perplexity"], jobs
+    # A plain run packs every table model the formats can hold: ct takes all of them (integer zero points),
+    # anyprec only the per-channel ones (one table per row).
+    proc = snakemake(work, "--cores", "2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in (work / "results/packed/ct").iterdir()) == [
+        "tiny.rtn.w4g32", "tiny.toytrain.n8.L32.ldlq.w3", "tiny.toytrain.n8.L32.ldlq.w3g32",
+        "tiny.toytrain.n8.L32.ldlq.w4", "tiny.toytrain.n8.L32.ldlq.w4g32"]
+    assert sorted(p.name for p in (work / "results/packed/anyprec").iterdir()) == [
+        "tiny.toytrain.n8.L32.ldlq.w3", "tiny.toytrain.n8.L32.ldlq.w4"]
+    for name in ("tiny.rtn.w4g32", "tiny.toytrain.n8.L32.ldlq.w3"):
+        packed = json.loads((work / f"results/ppl/toytest.L32.nw8/{name}.pack-ct.json").read_text())
+        plain = json.loads((work / f"results/ppl/toytest.L32.nw8/{name}.json").read_text())
+        # float16 scales change the model a little, not its quality
+        assert abs(packed["value"] / plain["value"] - 1) < 1e-3 and packed["value"] != plain["value"]
+        assert packed["bits_per_weight"] > 3
+    report = json.loads((work / "results/packed/ct/tiny.rtn.w4g32/pack_report.json").read_text())
+    assert report["format"] == "ct" and report["stat_dtype"] == "float16"
+    assert any((work / "results/logs/pack").glob("*.log")) and any((work / "results/benchmarks/pack").glob("*.tsv"))
+    proc = snakemake(work, "-n", "--cores", "2", "results/ppl/toytest.L32.nw8/tiny.toytrain.n8.L32.ldlq.neuqi.w3g32.pack-ct.json")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "cannot pack 'tiny.toytrain.n8.L32.ldlq.neuqi.w3g32' as ct" in out, out[-2000:]
+    assert "neuqi_int" in out and "Traceback" not in out
+
+
 @pytest.mark.parametrize("target,message", [
     ("results/quantized/tiny.toytrain.n8.L32.spqr.w3g16.sym", "'sym' (symmetric grid) does not apply to spqr"),
     ("results/ppl/toytest.L32.nw8/tiny.rtn.w4g32.damp0p1.json", "'damp0p1' (Hessian damping) does not apply to rtn"),

@@ -3,6 +3,8 @@ Snakefile imports it at parse time)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from dataclasses import dataclass
 
@@ -265,6 +267,34 @@ class Experiment:
 
     def quantized_path(self, spec: QuantSpec) -> str:
         return names.quantized_path(spec.short_name())
+
+    def checkpoint_path(self, spec: QuantSpec) -> str:
+        """What evaluating `spec` reads: the FP model, its quantlib checkpoint, or its packed checkpoint."""
+        if spec.is_fp:
+            return self.model_path(spec.model)
+        if spec.pack is not None:
+            return names.packed_path(spec.pack, spec.unpacked().short_name())
+        return self.quantized_path(spec)
+
+    def pack_params(self) -> dict:
+        return {k: self.cfg["pack"][k] for k in ("dtype", "stat_dtype")}
+
+    def pack_targets(self) -> list[str]:
+        """For every quantized model of the tables a plain run builds and every `pack.formats` entry that can hold
+        it, the packed checkpoint (and, with `pack.perplexity`, its perplexity results)."""
+        from ..pack import packable
+
+        out = []
+        table_specs = [self.spec(m, row, *names.require_setting(st), seed) for key in self.default_tables()
+                       for m, row, st, seed in self._replicates(self.tables[key]) if row != "fp"]
+        for spec in dict.fromkeys(table_specs):
+            for fmt in self.cfg["pack"]["formats"]:
+                if packable(spec, fmt) is None:
+                    packed = dataclasses.replace(spec, pack=fmt)
+                    out.append(self.checkpoint_path(packed))
+                    if self.cfg["pack"]["perplexity"]:
+                        out.extend(names.ppl_path(p, packed.short_name()) for p in self.ppl_protocols())
+        return out
 
     def model_path(self, model: str) -> str:
         return names.model_path(self.resources, model)

@@ -169,6 +169,23 @@ SCHEMA: dict[str, Any] = {
                                           "G); every method's `gq` must divide it"},
             },
         },
+        "pack": {
+            "type": "object",
+            "additionalProperties": False,
+            "default": {},
+            "description": "external checkpoint layouts (rules/pack.smk, docs/packing.md)",
+            "properties": {
+                "formats": {"type": "array", "default": [], "uniqueItems": True,
+                            "items": {"enum": ["ct", "gptq", "anyprec", "bcq"]},
+                            "description": "every table model that a format can hold is packed in it"},
+                "dtype": {"enum": ["float16", "bfloat16", "float32"], "default": "float16",
+                          "description": "dtype of the unquantized tensors (embeddings, norms, head)"},
+                "stat_dtype": {"enum": ["float16", "bfloat16", "float32"], "default": "float16",
+                               "description": "dtype of scales, zero points and lookup tables"},
+                "perplexity": {"type": "boolean", "default": True,
+                               "description": "also evaluate each packed model's perplexity (name + .pack-{format})"},
+            },
+        },
         "perplexity": {
             "type": "object",
             "additionalProperties": False,

@@ -1,0 +1,24 @@
+# External checkpoint layouts: results/quantized/{name} -> results/packed/{format}/{name} (compressed-tensors
+# pack-quantized, GPTQ v2, Any-Precision lookup tables, binary coding; quantlib.pack, docs/packing.md). A packed
+# model is evaluated like any other under the name {name}.pack-{format}.
+
+
+rule pack:
+    input:
+        pack_input,
+    output:
+        directory(PATHS.packed.format(format="{packformat}", name="{unpacked}")),
+    params:
+        pack=EXP.pack_params(),
+    log:
+        PATHS.log("pack", "{unpacked}.pack-{packformat}"),
+    benchmark:
+        PATHS.benchmark("pack", "{unpacked}.pack-{packformat}")
+    threads: 1
+    resources:
+        mem_mb=pack_mem,
+        runtime=10,
+    conda:
+        "../envs/quantize.yaml"
+    script:
+        "../workflow/scripts/pack.py"
