@@ -261,3 +261,59 @@ def test_uniform_grid_maps_exactly_into_binary_coding():
     bcq = BcqQuantized(signs, t["alpha"].half(), t["offset"].half(), 32)
     assert t["alpha"].shape == (4, 2, 3) and torch.allclose(t["alpha"][..., 1], 2 * t["alpha"][..., 0])
     assert torch.allclose(bcq.dequantize(), rep.dequantize(), atol=2e-3)
+
+
+@pytest.mark.slow
+# Relative L2 change of the logits that float16 statistics make. At w4g64 it stays within 1e-3; at w3g64 RTN (a
+# perplexity of 94, against 29 unquantized) the model amplifies the rounding to 1.1e-2, half of it from rounding the
+# scales alone (5.6e-3 with the product in float32), measured 2026-11-30.
+@pytest.mark.parametrize("name,fp16_tolerance", [("smol.rtn.w3g64", 2e-2), ("smol.rtn.w4g64.sym", 1e-3)])
+def test_ct_on_the_offline_model(name, fp16_tolerance, tmp_path):
+    """SmolLM2-135M (the shared assets): ct with float32 statistics reloads through transformers bit-identical to
+    the quantlib checkpoint; with float16 statistics our loader equals transformers' bit for bit."""
+    from conftest import SMOL_DIR, SMOL_GGUF, requires_assets
+    from quantlib.models import fetch_model, load_model
+
+    if not (SMOL_DIR / SMOL_GGUF).exists():
+        pytest.skip(requires_assets.kwargs["reason"])
+    fp = tmp_path / "fp"
+    fetch_model(str(SMOL_DIR), fp, gguf_file=SMOL_GGUF)
+    spec = QuantSpec.parse(name)
+    model = load_model(fp)
+    save_quantized(model, spec, quantize_model(model, spec, None, progress=False), tmp_path / "q", fp)
+    del model
+    tokens = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = load_quantized(tmp_path / "q")(tokens).logits
+        pack_checkpoint(tmp_path / "q", tmp_path / "ct32", "ct", "float32", "float32")
+        assert torch.equal(ct_external(tmp_path / "ct32", not name.endswith("sym"))(tokens).logits, ref)
+        pack_checkpoint(tmp_path / "q", tmp_path / "ct16", "ct", "float32", "float16")
+        ours = load_packed(tmp_path / "ct16", backend="torch")(tokens).logits
+        assert torch.equal(ct_external(tmp_path / "ct16", True)(tokens).logits, ours)
+        assert (ours - ref).norm() / ref.norm() < fp16_tolerance
+
+
+def test_config_pack_targets_and_bad_keys():
+    import copy
+
+    import yaml
+    from conftest import REPO
+    from quantlib.config import Experiment
+
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert Experiment(cfg).pack_targets() == []  # the default run packs nothing
+    cfg["pack"]["formats"] = ["ct", "anyprec"]
+    targets = Experiment(cfg).pack_targets()
+    assert "results/packed/ct/smollm2-135m.rtn.w4g64" in targets
+    assert "results/ppl/wikitext2.L512.nw40/smollm2-135m.rtn.w4g64.pack-ct.json" in targets
+    assert "results/packed/anyprec/smollm2-135m.rtn.w4" in targets
+    assert not any("anyprec/smollm2-135m.rtn.w4g64" in t or "neuqi.w" in t and "/ct/" in t for t in targets)
+    for change, message in ((["zip"], "formats"), ("ct", "formats")):
+        bad = copy.deepcopy(cfg)
+        bad["pack"]["formats"] = change
+        with pytest.raises(ConfigError, match=message):
+            Experiment(bad)
+    bad = copy.deepcopy(cfg)
+    bad["pack"]["stat_dtype"] = "int8"
+    with pytest.raises(ConfigError, match="stat_dtype"):
+        Experiment(bad)
