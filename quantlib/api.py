@@ -43,8 +43,17 @@ def load_model(model_dir, dtype: torch.dtype = torch.float32, attn: str = "sdpa"
 
 
 def load(path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
-    """A quantized checkpoint written by `save` (or the workflow), or a plain full-precision one."""
+    """A quantized checkpoint written by `save` (or the workflow), a packed one (`pack_checkpoint`), or a plain
+    full-precision one."""
     return load_any(path, dtype, attn)
+
+
+def pack_checkpoint(src, out_dir, fmt: str = "ct", dtype: str = "float16", stat_dtype: str = "float16") -> dict:
+    """Write the quantized checkpoint `src` in an external layout (ct: compressed-tensors, which transformers loads;
+    gptq; anyprec; bcq: docs/packing.md) into `out_dir`; returns the pack report."""
+    from .pack import pack_checkpoint as _pack
+
+    return _pack(src, out_dir, fmt, dtype, stat_dtype)
 
 
 def calibration_windows(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int = 0,

@@ -28,9 +28,11 @@ def test_readme_example_runs(tiny_dir, text_files, tmp_path, monkeypatch, capsys
     code = code.replace("seqlen=512", "seqlen=32")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README example", "exec"), {})
-    ppl = float(capsys.readouterr().out.strip().splitlines()[-1])
+    ppl, packed_ppl = map(float, capsys.readouterr().out.strip().splitlines()[-2:])
     assert 1 < ppl < 1e4
+    assert packed_ppl == pytest.approx(ppl, rel=1e-3)  # float16 scales: a little rounding, no loss
     assert (tmp_path / "out/ldlq.w4g64/model.safetensors").exists()
+    assert (tmp_path / "out/ldlq.w4g64.ct/pack_report.json").exists()
 
 
 def test_quantize_computes_the_statistics_a_method_needs():
