@@ -147,11 +147,11 @@ def test_gptq_loads_through_gptqmodel(checkpoints, tmp_path):
 
     src = checkpoints("tiny.rtn.w4g32")
     pack_checkpoint(src, tmp_path / "g", "gptq", "float16", "float16")
-    ext = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float16, device_map="cpu",
+    ext = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32, device_map="cpu",
                                                quantization_config=GPTQConfig(bits=4, backend="torch"))
-    ref = logits(load_quantized(src))
-    got = logits(ext.float())
-    assert (got - ref).norm() / ref.norm() <= 1e-3
+    ref, got = logits(load_quantized(src)), logits(ext)
+    assert (got - ref).norm() / ref.norm() <= 1e-3  # measured 4.6e-4 (gptqmodel 7.6.0, 2026-11-30)
+    assert torch.equal(got, logits(load_packed(tmp_path / "g", torch.float32, backend="torch")))
 
 
 def test_lookup_table_and_binary_coding_models_pack_losslessly(tmp_path, tok_dir):

@@ -6,6 +6,7 @@ tables; `bcq`: sign planes, alpha, offset). docs/packing.md describes every layo
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from ..formats.uniform import pack_codes, unpack_codes
 from .anyprec_layout import pack_planes, unpack_planes
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
+log = logging.getLogger(__name__)
 
 
 def read_quantlib(src: Path, qcfg: dict) -> tuple[dict, dict]:
@@ -162,6 +164,10 @@ class GptqV2:
     def config(self, reps, model_config, stat_dtype):
         bits, group_size = _single_setting(self.name, reps)
         sym = CompressedTensors.symmetric(reps)
+        if stat_dtype != "float16":
+            # gptqmodel allocates its scales buffer in float16 whatever the checkpoint holds (7.6.0, measured).
+            log.warning("gptq: GPTQ runtimes keep scales in float16, so gptqmodel rounds these %s scales when it "
+                        "loads them (our loader does not); use ct to keep them exactly", stat_dtype)
         return {"quantization_config": {"quant_method": "gptq", "bits": bits, "group_size": group_size,
                                         "desc_act": False, "sym": sym, "checkpoint_format": "gptq_v2"}}
 
