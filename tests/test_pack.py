@@ -167,7 +167,9 @@ def test_lookup_table_and_binary_coding_models_pack_losslessly(tmp_path, tok_dir
     lut = _lut_checkpoint(tmp_path, tok_dir)
     pack_checkpoint(lut, tmp_path / "ap", "anyprec", "float32", "float16")
     cfg = json.loads((tmp_path / "ap/config.json").read_text())
-    assert cfg["anyprec"]["seed_precision"] == 3 and "mlp.down_proj" in cfg["anyprec"]["arch_config"]["module_names"]
+    arch = cfg["anyprec"]["arch_config"]
+    assert cfg["anyprec"]["seed_precision"] == 3 and (arch["model_name"], arch["layers_name"]) == ("model", "layers")
+    assert "mlp.down_proj" in arch["module_names"] and len(arch["module_names"]) == 7
     assert torch.equal(logits(load_packed(tmp_path / "ap", backend="torch")), logits(load_quantized(lut)))
 
 

@@ -7,6 +7,7 @@ tables; `bcq`: sign planes, alpha, offset). docs/packing.md describes every layo
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -213,10 +214,15 @@ class AnyPrecision:
 
     def config(self, reps, model_config, stat_dtype):
         b = _bits(next(iter(reps.values())))
-        modules = sorted({layer.split(".", 3)[3] for layer in reps if layer.count(".") >= 3})
+        # "{model}.{layers}.{i}.{module}" (model.layers.0.self_attn.q_proj; OPT: model.decoder.layers.0.fc1)
+        parts = {re.fullmatch(r"(.+)\.(\w+)\.\d+\.(.+)", layer).groups() for layer in reps}
+        if len({p[:2] for p in parts}) != 1:
+            raise ConfigError(f"anyprec needs every packed layer inside one list of decoder blocks; got "
+                              f"{sorted({'.'.join(p[:2]) for p in parts})}")
+        (model_name, layers_name), = {p[:2] for p in parts}
         return {"anyprec": {"seed_precision": b, "parent_precision": b, "group_count": 1,
-                            "arch_config": {"model_name": "model", "layers_name": "layers",
-                                            "module_names": modules}}}
+                            "arch_config": {"model_name": model_name, "layers_name": layers_name,
+                                            "module_names": sorted({p[2] for p in parts})}}}
 
 
 def _bits(rep) -> int:
