@@ -300,7 +300,7 @@ def test_pack_runs_between_quantize_and_evaluation(tiny_run, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(tiny_run, work, symlinks=True)
     cfg = yaml.safe_load((work / "config.yaml").read_text())
-    cfg["pack"] = {"formats": ["ct", "anyprec"], "dtype": "float32", "stat_dtype": "float16"}
+    cfg["pack"] = {"formats": ["ct", "anyprec"], "dtype": "float32", "stat_dtype": "float16", "perplexity": False}
     write_config(work, cfg)
     # A model no table has made yet: quantize, then pack, then evaluate the packed model.
     target = "results/ppl/toytest.L32.nw8/tiny.rtn.w3g32.pack-ct.json"
@@ -309,15 +309,17 @@ def test_pack_runs_between_quantize_and_evaluation(tiny_run, tmp_path):
     jobs = [line.split()[-1].rstrip(":") for line in proc.stdout.splitlines() if line.startswith(("rule ", "localrule "))]
     assert jobs == ["quantize", "pack", "perplexity"], jobs
     # A plain run packs every table model the formats can hold: ct takes all of them (integer zero points),
-    # anyprec only the per-channel ones (one table per row).
-    proc = snakemake(work, "--cores", "2")
+    # anyprec only the per-channel ones (one table per row). Two packed models are evaluated.
+    evaluated = ("tiny.rtn.w4g32", "tiny.toytrain.n8.L32.ldlq.w3")
+    proc = snakemake(work, "--cores", "2", "all",
+                     *(f"results/ppl/toytest.L32.nw8/{name}.pack-ct.json" for name in evaluated))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in (work / "results/packed/ct").iterdir()) == [
         "tiny.rtn.w4g32", "tiny.toytrain.n8.L32.ldlq.w3", "tiny.toytrain.n8.L32.ldlq.w3g32",
         "tiny.toytrain.n8.L32.ldlq.w4", "tiny.toytrain.n8.L32.ldlq.w4g32"]
     assert sorted(p.name for p in (work / "results/packed/anyprec").iterdir()) == [
         "tiny.toytrain.n8.L32.ldlq.w3", "tiny.toytrain.n8.L32.ldlq.w4"]
-    for name in ("tiny.rtn.w4g32", "tiny.toytrain.n8.L32.ldlq.w3"):
+    for name in evaluated:
         packed = json.loads((work / f"results/ppl/toytest.L32.nw8/{name}.pack-ct.json").read_text())
         plain = json.loads((work / f"results/ppl/toytest.L32.nw8/{name}.json").read_text())
         # float16 scales change the model a little, not its quality

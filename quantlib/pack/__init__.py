@@ -93,9 +93,12 @@ def pack_checkpoint(src, out_dir, fmt: str, dtype: str = "float16", stat_dtype: 
     writer = formats.WRITERS[fmt]()
     writer.check(reps)  # every refusal before any work
     packed_config = writer.config(reps, config, stat_dtype)
+    # Statistics are checked as each layer casts them (formats._stat); the other tensors here.
     out_state = {}
     for key, value in state.items():
         out_state[key] = (value.to(dt) if value.is_floating_point() else value).contiguous()
+        if out_state[key].is_floating_point() and not torch.isfinite(out_state[key]).all():
+            raise ConfigError(f"tensor '{key}' is not finite in {dtype}; pack with pack.dtype float32")
     quantized_bytes, quantized_weights = 0, 0
     for layer, rep in reps.items():
         tensors = writer.layer_tensors(layer, rep, sdt)
@@ -103,10 +106,6 @@ def pack_checkpoint(src, out_dir, fmt: str, dtype: str = "float16", stat_dtype: 
             out_state[f"{layer}.{leaf}"] = value.contiguous()
             quantized_bytes += value.numel() * value.element_size()
         quantized_weights += rep.shape[0] * rep.shape[1]
-    for key, value in out_state.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ConfigError(f"tensor '{key}' is not finite in {stat_dtype if key.rpartition('.')[0] in reps else dtype}"
-                              "; pack with a wider dtype (pack.dtype / pack.stat_dtype: float32)")
     config.update(packed_config)
     config["torch_dtype"] = dtype
     report = {
