@@ -87,7 +87,7 @@ def test_sources_checked_before_any_job(cfg, tmp_path, monkeypatch):
 def test_table_left_out_of_the_default_run(cfg):
     exp = Experiment(cfg)
     # NeUQI's, GuidedQuant's, the distillation and UniQuanF tables take hours on a CPU
-    left_out = {"init", "guidedquant", "distill", "uniquanf", "main_seeds", "noise"}
+    left_out = {"init", "guidedquant", "guidedquant_w2_n128", "distill", "uniquanf", "main_seeds", "noise"}
     assert exp.default_tables() == [key for key in exp.tables if key not in left_out]
     cfg["tables"]["init"]["default_target"] = "no"
     with pytest.raises(ConfigError, match="tables.init.default_target"):
