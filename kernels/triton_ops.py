@@ -58,15 +58,11 @@ def interpret_enabled() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-# Kernels (plain functions, wrapped by `_jit` below)
+# Kernels and the device functions they share (plain functions, wrapped by `_jit` below)
 
 
-def _uniform_dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, d_out, d_in, n_words, n_groups, group_size,
-                            BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rows64 = rows.to(tl.int64)  # row offsets in int64: d_out * d_in may pass 2^31 on large layers
-    mask = (rows < d_out)[:, None] & (cols < d_in)[None, :]
+def _decode_codes_fn(q_ptr, rows64, cols, mask, n_words, BITS: tl.constexpr):
+    """The BITS-bit codes of columns `cols` of rows `rows64`: code j starts at bit j*BITS of its row's stream."""
     bit = cols * BITS
     word, shift = bit >> 5, bit & 31
     wptr = q_ptr + rows64[:, None] * n_words + word[None, :]
@@ -75,7 +71,31 @@ def _uniform_dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, d_out, d_in, n_words, 
     hi_mask = mask & ((shift + BITS) > 32)[None, :]
     hi = tl.load(wptr + 1, mask=hi_mask, other=0)
     stream = lo.to(tl.uint32, bitcast=True).to(tl.int64) | (hi.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
-    q = (stream >> shift.to(tl.int64)[None, :]) & ((1 << BITS) - 1)
+    return (stream >> shift.to(tl.int64)[None, :]) & ((1 << BITS) - 1)
+
+
+def _bcq_weight_fn(p_ptr, a_ptr, o_ptr, g, rows64, cols, mask, n_words, plane_stride, NB: tl.constexpr):
+    """sum_i alpha_i sign_i + offset in float32 for a (rows, cols) tile; `g` indexes the (row, group) statistics."""
+    # The pointer steps one plane at a time, so no int32 product i * plane_stride can overflow.
+    wptr = p_ptr + rows64[:, None] * n_words + (cols >> 5)[None, :]
+    w = tl.zeros(mask.shape, dtype=tl.float32)
+    for i in tl.static_range(NB):
+        word = tl.load(wptr, mask=mask, other=0)
+        # One bit never crosses a word; the low bit after the (arithmetic) shift is the wanted bit whatever the sign.
+        sign = ((word >> (cols & 31)[None, :]) & 1) * 2 - 1
+        a = tl.load(a_ptr + g * NB + i, mask=mask, other=0.0).to(tl.float32)
+        w += a * sign.to(tl.float32)
+        wptr += plane_stride
+    return w + tl.load(o_ptr + g, mask=mask, other=0.0).to(tl.float32)
+
+
+def _uniform_dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, d_out, d_in, n_words, n_groups, group_size,
+                            BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows64 = rows.to(tl.int64)  # row offsets in int64: d_out * d_in may pass 2^31 on large layers
+    mask = (rows < d_out)[:, None] & (cols < d_in)[None, :]
+    q = _decode_codes(q_ptr, rows64, cols, mask, n_words, BITS)
     gptr = rows64[:, None] * n_groups + (cols // group_size)[None, :]
     s = tl.load(s_ptr + gptr, mask=mask, other=0.0)
     z = tl.load(z_ptr + gptr, mask=mask, other=0.0)
@@ -96,14 +116,7 @@ def _uniform_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, n, d_out, d_in, n_wo
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < d_in
         mask = rmask[:, None] & cmask[None, :]
-        bit = cols * BITS
-        word, shift = bit >> 5, bit & 31
-        wptr = q_ptr + rows64[:, None] * n_words + word[None, :]
-        lo = tl.load(wptr, mask=mask, other=0)
-        hi_mask = mask & ((shift + BITS) > 32)[None, :]
-        hi = tl.load(wptr + 1, mask=hi_mask, other=0)
-        stream = lo.to(tl.uint32, bitcast=True).to(tl.int64) | (hi.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
-        q = (stream >> shift.to(tl.int64)[None, :]) & ((1 << BITS) - 1)
+        q = _decode_codes(q_ptr, rows64, cols, mask, n_words, BITS)
         gptr = rows64[:, None] * n_groups + (cols // group_size)[None, :]
         s = tl.load(s_ptr + gptr, mask=mask, other=0.0)
         z = tl.load(z_ptr + gptr, mask=mask, other=0.0)
@@ -122,14 +135,7 @@ def _lut_dequant_kernel(q_ptr, lut_ptr, out_ptr, d_out, d_in, n_words,
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rows64 = rows.to(tl.int64)
     mask = (rows < d_out)[:, None] & (cols < d_in)[None, :]
-    bit = cols * BITS
-    word, shift = bit >> 5, bit & 31
-    wptr = q_ptr + rows64[:, None] * n_words + word[None, :]
-    lo = tl.load(wptr, mask=mask, other=0)
-    hi_mask = mask & ((shift + BITS) > 32)[None, :]
-    hi = tl.load(wptr + 1, mask=hi_mask, other=0)
-    stream = lo.to(tl.uint32, bitcast=True).to(tl.int64) | (hi.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
-    q = (stream >> shift.to(tl.int64)[None, :]) & ((1 << BITS) - 1)
+    q = _decode_codes(q_ptr, rows64, cols, mask, n_words, BITS)
     w = tl.load(lut_ptr + rows64[:, None] * (1 << BITS) + q, mask=mask, other=0.0)
     tl.store(out_ptr + rows64[:, None] * d_in + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -146,14 +152,7 @@ def _lut_gemv_kernel(x_ptr, q_ptr, lut_ptr, y_ptr, n, d_out, d_in, n_words,
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < d_in
         mask = rmask[:, None] & cmask[None, :]
-        bit = cols * BITS
-        word, shift = bit >> 5, bit & 31
-        wptr = q_ptr + rows64[:, None] * n_words + word[None, :]
-        lo = tl.load(wptr, mask=mask, other=0)
-        hi_mask = mask & ((shift + BITS) > 32)[None, :]
-        hi = tl.load(wptr + 1, mask=hi_mask, other=0)
-        stream = lo.to(tl.uint32, bitcast=True).to(tl.int64) | (hi.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
-        q = (stream >> shift.to(tl.int64)[None, :]) & ((1 << BITS) - 1)
+        q = _decode_codes(q_ptr, rows64, cols, mask, n_words, BITS)
         w = tl.load(lut_ptr + rows64[:, None] * (1 << BITS) + q, mask=mask, other=0.0).to(tl.float32)
         xt = tl.load(x_ptr + xr[:, None] * d_in + cols[None, :], mask=xmask[:, None] & cmask[None, :],
                      other=0.0).to(tl.float32)
@@ -169,17 +168,7 @@ def _bcq_dequant_kernel(p_ptr, a_ptr, o_ptr, out_ptr, d_out, d_in, n_words, n_gr
     rows64 = rows.to(tl.int64)
     mask = (rows < d_out)[:, None] & (cols < d_in)[None, :]
     g = rows64[:, None] * n_groups + (cols // group_size)[None, :]
-    # The pointer steps one plane at a time, so no int32 product i * plane_stride can overflow.
-    wptr = p_ptr + rows64[:, None] * n_words + (cols >> 5)[None, :]
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for i in tl.static_range(NB):
-        word = tl.load(wptr, mask=mask, other=0)
-        # One bit never crosses a word; the low bit after the (arithmetic) shift is the wanted bit whatever the sign.
-        sign = ((word >> (cols & 31)[None, :]) & 1) * 2 - 1
-        a = tl.load(a_ptr + g * NB + i, mask=mask, other=0.0).to(tl.float32)
-        acc += a * sign.to(tl.float32)
-        wptr += plane_stride
-    acc += tl.load(o_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    acc = _bcq_weight(p_ptr, a_ptr, o_ptr, g, rows64, cols, mask, n_words, plane_stride, NB)
     tl.store(out_ptr + rows64[:, None] * d_in + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -196,15 +185,7 @@ def _bcq_gemv_kernel(x_ptr, p_ptr, a_ptr, o_ptr, y_ptr, n, d_out, d_in, n_words,
         cmask = cols < d_in
         mask = rmask[:, None] & cmask[None, :]
         g = rows64[:, None] * n_groups + (cols // group_size)[None, :]
-        wptr = p_ptr + rows64[:, None] * n_words + (cols >> 5)[None, :]
-        w = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for i in tl.static_range(NB):
-            word = tl.load(wptr, mask=mask, other=0)
-            sign = ((word >> (cols & 31)[None, :]) & 1) * 2 - 1
-            a = tl.load(a_ptr + g * NB + i, mask=mask, other=0.0).to(tl.float32)
-            w += a * sign.to(tl.float32)
-            wptr += plane_stride
-        w += tl.load(o_ptr + g, mask=mask, other=0.0).to(tl.float32)
+        w = _bcq_weight(p_ptr, a_ptr, o_ptr, g, rows64, cols, mask, n_words, plane_stride, NB)
         # Rounded to alpha's dtype like the dequantized weight, so GEMV agrees with x @ dequant(...).T.
         w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
         xt = tl.load(x_ptr + xr[:, None] * d_in + cols[None, :], mask=xmask[:, None] & cmask[None, :],
@@ -230,6 +211,9 @@ def _jit(fn):
 
 
 if AVAILABLE:
+    # The kernels call these by their global names (jitted the same way as the kernels).
+    _decode_codes = _jit(_decode_codes_fn)
+    _bcq_weight = _jit(_bcq_weight_fn)
     _KERNELS = {
         "uniform_dequant": _jit(_uniform_dequant_kernel), "uniform_gemv": _jit(_uniform_gemv_kernel),
         "lut_dequant": _jit(_lut_dequant_kernel), "lut_gemv": _jit(_lut_gemv_kernel),
