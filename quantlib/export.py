@@ -98,12 +98,31 @@ def is_quantized_dir(path: str | Path) -> bool:
     return cfg.exists() and json.loads(cfg.read_text()).get("quantization_config", {}).get("quant_method") == QUANT_METHOD
 
 
+def read_representations(path: str | Path, qcfg: dict) -> tuple[dict, dict]:
+    """(the unquantized tensors, {layer: representation}) of a checkpoint written by `save_quantized`, whose
+    config's `quantization_config` is `qcfg`."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(path) / "model.safetensors"))
+    reps = {}
+    for layer, meta in qcfg["layers"].items():
+        prefix = f"{layer}."
+        tensors = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)
+                                                           and k[len(prefix):] not in ("bias",)]}
+        try:
+            reps[layer] = load_representation(meta, tensors)
+        except (ValueError, KeyError) as exc:
+            raise DataError(f"{Path(path) / 'model.safetensors'}: layer '{layer}' does not match its metadata "
+                            f"({exc}); the checkpoint is damaged or was written by another version: delete it and "
+                            "rerun") from exc
+    return state, reps
+
+
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa",
                    with_representations: bool = False):
     """Rebuild the model with dequantized weights from a directory written by `save_quantized`; with
     `with_representations`, also {layer: representation} (what a later stage such as distillation trains)."""
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -115,18 +134,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: s
     # Parameters on the meta device (no random init); buffers such as rotary tables are built normally.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
-    state = load_file(str(path / "model.safetensors"))
-    reps = {}
-    for layer, meta in qcfg["layers"].items():
-        prefix = f"{layer}."
-        tensors = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)
-                                                           and k[len(prefix):] not in ("bias",)]}
-        try:
-            reps[layer] = load_representation(meta, tensors)
-        except (ValueError, KeyError) as exc:
-            raise DataError(f"{path / 'model.safetensors'}: layer '{layer}' does not match its metadata ({exc}); "
-                            "the checkpoint is damaged or was written by another version: delete it and rerun") from exc
-        state[f"{layer}.weight"] = reps[layer].dequantize()
+    state, reps = read_representations(path, qcfg)
+    for layer, rep in reps.items():
+        state[f"{layer}.weight"] = rep.dequantize()
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):

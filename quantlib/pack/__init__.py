@@ -74,7 +74,7 @@ def pack_checkpoint(src, out_dir, fmt: str, dtype: str = "float16", stat_dtype: 
     import torch
     from safetensors.torch import save_file
 
-    from ..export import QUANT_METHOD
+    from ..export import QUANT_METHOD, read_representations
     from ..integrity import verify
     from ..io import atomic_dir
     from ..models import _TOKENIZER_FILES
@@ -89,7 +89,7 @@ def pack_checkpoint(src, out_dir, fmt: str, dtype: str = "float16", stat_dtype: 
     if not qcfg or qcfg.get("quant_method") != QUANT_METHOD:
         raise ConfigError(f"{src} is not a quantized checkpoint (no quantlib quantization_config): an unquantized "
                           "model has nothing to pack")
-    state, reps = formats.read_quantlib(src, qcfg)
+    state, reps = read_representations(src, qcfg)
     writer = formats.WRITERS[fmt]()
     writer.check(reps)  # every refusal before any work
     packed_config = writer.config(reps, config, stat_dtype)

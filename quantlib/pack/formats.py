@@ -8,33 +8,15 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, DataError
-from ..formats import load_representation
 from ..formats.uniform import pack_codes, unpack_codes
 from .anyprec_layout import pack_planes, unpack_planes
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 log = logging.getLogger(__name__)
-
-
-def read_quantlib(src: Path, qcfg: dict) -> tuple[dict, dict]:
-    """(unquantized tensors, {layer: representation}) of a quantlib checkpoint."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(src) / "model.safetensors"))
-    reps = {}
-    for layer, meta in qcfg["layers"].items():
-        prefix = f"{layer}."
-        keys = [k for k in state if k.startswith(prefix) and k[len(prefix):] != "bias"]
-        try:
-            reps[layer] = load_representation(meta, {k[len(prefix):]: state.pop(k) for k in keys})
-        except (ValueError, KeyError) as exc:
-            raise DataError(f"{src}: layer '{layer}' does not match its metadata ({exc})") from exc
-    return state, reps
 
 
 def _refuse(fmt: str, layer: str, what: str) -> ConfigError:
