@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import capture
+from .capture import Stream
 from .errors import NumericalError
 from .formats.uniform import UniformGrid, UniformQuantized, group_index
 from .solvers import LayerSolver, SolveResult
@@ -82,58 +83,25 @@ class UniformFakeQuant(FakeQuantLinear):
         return SolveResult(rep, rep.dequantize(), stats or {})
 
 
-class Stream:
-    """Per-window activations of one stream, in memory or (`disk`) in files of a temporary folder, so that two
-    streams of n windows do not have to fit in memory."""
-
-    def __init__(self, where: str, folder: Path | None = None, device="cpu"):
-        if where not in ("memory", "disk"):
-            raise ValueError(f"block streams are kept in 'memory' or on 'disk', not '{where}'")
-        self.where, self.device = where, device
-        self.items: list = []
-        self.folder = folder
-        self._count = 0
-
-    def append(self, t: torch.Tensor) -> None:
-        if self.where == "memory":
-            self.items.append(t)
-        else:
-            path = self.folder / f"{id(self)}-{self._count}.pt"
-            torch.save(t.detach().cpu(), path)
-            self.items.append(path)
-        self._count += 1
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        item = self.items[i]
-        return item if self.where == "memory" else torch.load(item).to(self.device)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def drop(self) -> None:
-        if self.where == "disk":
-            for p in self.items:
-                p.unlink(missing_ok=True)
-        self.items = []
-
-
 def _swap(block, name: str, module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(block.get_submodule(parent) if parent else block, child, module)
 
 
 def quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress: bool, seed: int,
-                    streams: str = "memory") -> None:
-    """The block-wise mode of `quantlib.runner.quantize_model` (see the module's docstring)."""
+                    streams: str = "memory", access=None) -> None:
+    """The block-wise mode of `quantlib.runner.quantize_model` (see the module's docstring); `access` is the
+    runner's `BlockAccess`."""
+    if access is None:
+        from .runner import BlockAccess
+
+        access = BlockAccess(model)
     layer_solver = LayerSolver(spec)  # resolves the init (and the wrap function, as `solve`)
     wrap = layer_solver.solve
     blocks = adapter.block_list(model)
     folder = Path(tempfile.mkdtemp(prefix="quantlib-streams-")) if streams == "disk" else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), access.outer(device):
             # One window per entry: training steps take `batch` windows at a time.
             states = capture.block_inputs(model, blocks, tokens, 1, device)
         kwargs = [kw for _, kw in states]
@@ -142,9 +110,11 @@ def quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress
             x_q.append(h)
             x_fp.append(h)
         del states
-        for i, block in enumerate(tqdm(blocks, desc="reconstruct", disable=not progress, mininterval=5)):
+        for i in tqdm(range(len(blocks)), desc="reconstruct", disable=not progress, mininterval=5):
+            block = access.open(i, device)
             x_q, x_fp = _reconstruct_block(i, adapter, block, spec, layer_solver, wrap, x_q, x_fp, kwargs, device,
                                            report, sink, seed, streams, folder)
+            access.close(i, block)
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -155,7 +125,6 @@ def _reconstruct_block(i, adapter, block, spec, layer_solver, wrap, x_q, x_fp, k
     from .runner import weight_errors
 
     t0 = time.time()
-    block.to(device)
     for p in block.parameters():
         p.requires_grad_(False)  # norms and everything else stay as they are; only the quantizers train
     with torch.no_grad():
@@ -201,8 +170,6 @@ def _reconstruct_block(i, adapter, block, spec, layer_solver, wrap, x_q, x_fp, k
     after = num / den
     x_q.drop()
     x_fp.drop()
-    if device != "cpu":
-        block.to("cpu")
     took = time.time() - t0
     report.blocks.append({"block": i, "error_before": before, "error_after": after, "steps": len(losses),
                           "loss": _every_tenth(losses), "seconds": round(took, 2),

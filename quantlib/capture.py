@@ -3,6 +3,8 @@ block 0, a block's outputs, and the input Hessians of a block's linears."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .hessian import GuidedHessian, HessianAccumulator, WeightedHessianAccumulator
@@ -17,7 +19,7 @@ def place_outside_blocks(model, blocks, device) -> None:
     in_blocks = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
     for module in model.modules():
         for key, p in list(module._parameters.items()):
-            if p is not None and id(p) not in in_blocks:
+            if p is not None and id(p) not in in_blocks and p.device.type != "meta":  # meta: not loaded (lazy)
                 p.data = p.data.to(device)
         for key, b in list(module._buffers.items()):
             if b is not None and id(b) not in in_blocks:
@@ -27,9 +29,11 @@ def place_outside_blocks(model, blocks, device) -> None:
 def block_inputs(model, blocks, tokens: torch.Tensor, chunk: int, device) -> list[tuple[torch.Tensor, dict]]:
     """Inputs (hidden states and keyword arguments) of block 0 for each chunk of `chunk` calibration windows.
     Keyword arguments are kept per chunk: some families pass batch-shaped masks or ALiBi tensors."""
+    first_on_disk = next(blocks[0].parameters()).device.type == "meta"  # a lazy model: never read, not moved
     if device != "cpu":
         place_outside_blocks(model, blocks, device)
-        blocks[0].to(device)
+        if not first_on_disk:
+            blocks[0].to(device)
     captured = []
 
     def hook(module, args, kwargs):
@@ -50,7 +54,7 @@ def block_inputs(model, blocks, tokens: torch.Tensor, chunk: int, device) -> lis
                     pass
     finally:
         handle.remove()
-    if device != "cpu":
+    if device != "cpu" and not first_on_disk:
         blocks[0].to("cpu")
     return captured
 
@@ -125,3 +129,70 @@ def hessians(block, groups, states, device, stop: bool, weights: dict | None = N
         for h in handles:
             h.remove()
     return [acc.result() for acc in accs]
+
+
+class Stream:
+    """Per-window activations of one stream, in memory or (`disk`) in files of a temporary folder, so that two
+    streams of n windows do not have to fit in memory."""
+
+    def __init__(self, where: str, folder: Path | None = None, device="cpu"):
+        if where not in ("memory", "disk"):
+            raise ValueError(f"block streams are kept in 'memory' or on 'disk', not '{where}'")
+        self.where, self.device = where, device
+        self.items: list = []
+        self.folder = folder
+        self._count = 0
+
+    def append(self, t: torch.Tensor) -> None:
+        if self.where == "memory":
+            self.items.append(t)
+        else:
+            path = self.folder / f"{id(self)}-{self._count}.pt"
+            torch.save(t.detach().cpu(), path)
+            self.items.append(path)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.items[i]
+        return item if self.where == "memory" else torch.load(item).to(self.device)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def drop(self) -> None:
+        if self.where == "disk":
+            for p in self.items:
+                p.unlink(missing_ok=True)
+        self.items = []
+
+
+class States:
+    """The (hidden states, keyword arguments) of each calibration chunk at a block's input, the hidden states in a
+    `Stream` (memory or disk); iterates as the list of pairs the capture functions take."""
+
+    def __init__(self, pairs, where: str, folder: Path | None, device="cpu"):
+        self.hidden, self.kwargs = Stream(where, folder, device), []
+        for h, kw in pairs:
+            self.hidden.append(h)
+            self.kwargs.append(kw)
+
+    def __len__(self) -> int:
+        return len(self.kwargs)
+
+    def __getitem__(self, i: int):
+        return self.hidden[i], self.kwargs[i]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def through(self, block) -> "States":
+        """The block's outputs over every chunk, kept where these are; these are dropped."""
+        out = States((), self.hidden.where, self.hidden.folder, self.hidden.device)
+        for h, kw in self:
+            out.hidden.append(block_output(block, h, kw))
+            out.kwargs.append(kw)
+        self.hidden.drop()
+        return out

@@ -60,9 +60,12 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     """Quantize the model named by `name`. `inputs` maps each artifact the spec reads (`QuantSpec.inputs()`: the
     calibration windows and their manifest, statistics of the FP model) to its path."""
     from .export import CheckpointWriter
-    from .runner import quantize_model
+    from .lazy import LazyModel
+    from .memory import plan_quantize, release_freed_tensors
+    from .runner import BlockAccess, quantize_model
     from .stats import open_statistic
 
+    release_freed_tensors()
     spec = QuantSpec.parse(name)
     # Checks that need only config.json come before any weight or data is loaded.
     model_cfg = read_config(model_dir)
@@ -75,21 +78,28 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     torch.manual_seed(seed)
     device, dtype, attn = _compute(compute)
     t0 = time.time()
+    plan = plan_quantize(model_cfg, spec, compute, dtype)  # a budget too small fails here, before any work
     statistics = {stat: open_statistic(stat, inputs[stat], spec) for stat in spec.statistic_kinds()}
-    model = load_model(model_dir, dtype, attn)
     tokens = load_tensor(inputs["calib"]) if "calib" in inputs else None
+    # The model stays on disk: each block is read when the runner reaches it, written to its shard of the
+    # checkpoint when quantized and freed (peak memory: one block and its statistics, not the model).
+    lazy = LazyModel(model_dir, dtype, attn)
     writer = CheckpointWriter()
-    report = quantize_model(model, spec, tokens, device=device, chunk_tokens=compute.get("calib_chunk_tokens", 65536),
-                            statistics=statistics, on_layer=writer.add, seed=seed,
-                            streams=compute.get("block_streams", "memory"))
-    extra = {"compute": {"device": device, "dtype": str(dtype), "attn": attn,
-                         "threads": torch.get_num_threads()}, "total_seconds": None}
-    if inputs.get("calib_json"):
-        import json
-        extra["calibration"] = {k: v for k, v in json.loads(Path(inputs["calib_json"]).read_text()).items()
-                                if k != "draws"}
-    extra["total_seconds"] = round(time.time() - t0, 2)
-    writer.save(model, spec, report, out_dir, model_dir, extra)
+    prefix = lazy.prefix
+    access = BlockAccess(lazy.model, lazy=lazy,
+                         on_block=lambda i, block: writer.write_block(i, f"{prefix}.{i}", block.state_dict()))
+    with writer.writing(out_dir, len(lazy)):
+        report = quantize_model(lazy.model, spec, tokens, device=device, chunk_tokens=plan.chunk_tokens,
+                                statistics=statistics, on_layer=writer.add, seed=seed, streams=plan.streams,
+                                access=access)
+        extra = {"compute": {"device": device, "dtype": str(dtype), "attn": attn,
+                             "threads": torch.get_num_threads()}, "memory": plan.record(), "total_seconds": None}
+        if inputs.get("calib_json"):
+            import json
+            extra["calibration"] = {k: v for k, v in json.loads(Path(inputs["calib_json"]).read_text()).items()
+                                    if k != "draws"}
+        extra["total_seconds"] = round(time.time() - t0, 2)
+        writer.save(lazy.model, spec, report, out_dir, model_dir, extra, outer_state=lazy.outer_state())
     log.info("%s quantized in %.1fs", name, time.time() - t0)
 
 

@@ -19,10 +19,14 @@ pass stopped at that subgroup's input, then once more to propagate. Both give th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -56,15 +60,18 @@ def check_shapes(model, spec) -> None:
 
 def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str = "cpu", chunk_tokens: int = 65536,
                    progress: bool = True, statistics: dict | None = None,
-                   on_layer: Callable | None = None, seed: int = 0, streams: str = "memory") -> QuantizedModelReport:
+                   on_layer: Callable | None = None, seed: int = 0, streams: str = "memory",
+                   access: "BlockAccess | None" = None) -> QuantizedModelReport:
     """Quantize every decoder linear of `model` in place according to `spec`.
 
     `tokens` (n, seqlen) are the calibration windows (None when the spec reads none); `statistics` maps each
     statistic the spec needs to its opened artifact (`quantlib.stats.open_statistic`). Each layer's representation
-    goes to `on_layer(name, rep)`, or into the report's `reps`. `seed` and `streams` (`memory` or `disk`) are for
-    block-wise methods. Returns per-layer diagnostics.
+    goes to `on_layer(name, rep)`, or into the report's `reps`. `seed` is for block-wise methods;
+    `streams` (`memory` or `disk`) is where the calibration activations are kept between blocks. `access` reaches the blocks (default: all in memory; `BlockAccess(model, lazy=...)` reads
+    each from disk and frees it when done). Returns per-layer diagnostics.
     """
     adapter = adapter_for(model)
+    access = access or BlockAccess(model)
     check_shapes(model, spec)
     statistics = statistics or {}
     missing = [s for s in spec.statistic_kinds() if s not in statistics]
@@ -84,7 +91,7 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
     if mode == "block":
         from .blockwise import quantize_blocks
 
-        quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress, seed, streams)
+        quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress, seed, streams, access)
         report.seconds = time.time() - t0
         return report
 
@@ -93,13 +100,12 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
     if mode == "data_free" or not spec.needs_tokens:
         # No forward pass: Hessians (if any) from the FP model's statistics artifacts.
         source = statistics.get("guided_hessian") or statistics.get("fp_hessian")
-        for i, block in enumerate(tqdm(blocks, desc="quantize", disable=not progress, mininterval=5)):
-            block.to(device)
+        for i in tqdm(range(len(blocks)), desc="quantize", disable=not progress, mininterval=5):
+            block = access.open(i, device)
             for group in adapter.subgroups:
                 quant(i, adapter, block, group, None if source is None else _to(source.hessian(i, group), device),
                       device)
-            if device != "cpu":
-                block.to("cpu")
+            access.close(i, block)
             if source is not None:
                 _log_block(report, adapter, i, len(blocks))
         report.seconds = time.time() - t0
@@ -108,11 +114,14 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
     guided = spec.opt("guided_groups") if "guided_groups" in spec.option_defs() else 0
 
     chunk = max(1, min(len(tokens), chunk_tokens // tokens.shape[1]))
-    with torch.no_grad():
-        states = capture.block_inputs(model, blocks, tokens, chunk, device)
-        for i, block in enumerate(tqdm(blocks, desc="quantize", disable=not progress, mininterval=5)):
+    folder = Path(tempfile.mkdtemp(prefix="quantlib-streams-")) if streams == "disk" else None
+    with torch.no_grad(), _removed(folder):
+        with access.outer(device):
+            states = capture.States(capture.block_inputs(model, blocks, tokens, chunk, device), streams, folder,
+                                    device)
+        for i in tqdm(range(len(blocks)), desc="quantize", disable=not progress, mininterval=5):
             tb = time.time()
-            block.to(device)
+            block = access.open(i, device)
             # GuidedQuant's objective: each token's input weighted by the saliency of each layer's outputs.
             weights = {name: grads.saliency(i, name, guided) for g in adapter.subgroups for name in g} if guided \
                 else None
@@ -121,19 +130,65 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
                                             chunk=chunk)
                 for group, H in zip(adapter.subgroups, hessians):
                     quant(i, adapter, block, group, H, device)
-                states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
+                states = states.through(block)
             elif len(states) == 1:
-                states = [_single_pass(i, adapter, block, states[0], quant, device, weights)]
+                single = _single_pass(i, adapter, block, states[0], quant, device, weights)
+                states.hidden.drop()
+                states = capture.States([single], streams, folder, device)
             else:
                 for group in adapter.subgroups:
                     (H,) = capture.hessians(block, [group], states, device, stop=True, weights=weights, chunk=chunk)
                     quant(i, adapter, block, group, H, device)
-                states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
-            if device != "cpu":
-                block.to("cpu")
+                states = states.through(block)
+            access.close(i, block)
             _log_block(report, adapter, i, len(blocks), time.time() - tb)
     report.seconds = time.time() - t0
     return report
+
+
+class BlockAccess:
+    """How the runner reaches decoder block i. In memory (the default): the model's own block, moved to the compute
+    device and back. With `lazy` (a `quantlib.lazy.LazyModel`): read from the checkpoint when opened and freed when
+    closed, the embeddings loaded only while the calibration windows go through them. `on_block(i, block)` is
+    called when block i is done, before it is released (the checkpoint writer writes its shard)."""
+
+    def __init__(self, model, lazy=None, on_block: Callable | None = None):
+        self.blocks = adapter_for(model).block_list(model)
+        self.lazy, self.on_block = lazy, on_block
+
+    def open(self, i: int, device):
+        if self.lazy is not None:
+            return self.lazy.load_block(i, device)
+        return self.blocks[i].to(device)
+
+    def close(self, i: int, block) -> None:
+        if self.on_block is not None:
+            self.on_block(i, block)
+        if self.lazy is not None:
+            self.lazy.release_block(i)
+        elif str(next(block.parameters()).device) != "cpu":
+            block.to("cpu")
+
+    @contextlib.contextmanager
+    def outer(self, device):
+        """The embeddings and everything else a forward pass needs before block 0 (not the output head)."""
+        if self.lazy is None:
+            yield
+            return
+        self.lazy.load_outer(head=False, device=device)
+        try:
+            yield
+        finally:
+            self.lazy.release_outer()
+
+
+@contextlib.contextmanager
+def _removed(folder: Path | None):
+    try:
+        yield
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _log_block(report, adapter, i: int, n_blocks: int, seconds: float | None = None) -> None:

@@ -31,7 +31,7 @@ def test_readme_example_runs(tiny_dir, text_files, tmp_path, monkeypatch, capsys
     ppl, packed_ppl = map(float, capsys.readouterr().out.strip().splitlines()[-2:])
     assert 1 < ppl < 1e4
     assert packed_ppl == pytest.approx(ppl, rel=1e-3)  # float16 scales: a little rounding, no loss
-    assert (tmp_path / "out/ldlq.w4g64/model.safetensors").exists()
+    assert (tmp_path / "out/ldlq.w4g64/model.safetensors.index.json").exists()
     assert (tmp_path / "out/ldlq.w4g64.ct/pack_report.json").exists()
 
 

@@ -70,7 +70,7 @@ def _gq(work):
 
 def _corrupt_checkpoint(work):
     """Zeros over a stretch of the checkpoint's weights: the same size, other bytes."""
-    f = work / "results/quantized" / NAME / "model.safetensors"
+    f = work / "results/quantized" / NAME / "model-00001-of-00003.safetensors"
     data = bytearray(f.read_bytes())
     data[-4096:-2048] = bytes(2048)
     f.unlink()  # the fetched copy may be a hard link of the source
@@ -126,7 +126,7 @@ ROWS = [
     ("guided-groups", "dag", _gq, "gq 3 does not divide the output size 64"),
     ("refused-name", "dag", None, "'sym' (symmetric grid) does not apply to spqr",
      "results/quantized/tiny.toytrain.n8.L32.spqr.w3g16.sym"),
-    ("corrupt-checkpoint", "job", _corrupt_checkpoint, f"results/quantized/{NAME}/model.safetensors is damaged",
+    ("corrupt-checkpoint", "job", _corrupt_checkpoint, f"results/quantized/{NAME}/model-00001-of-00003.safetensors is damaged",
      f"results/ppl/toytest.L32.nw8/{NAME}.json"),
     ("truncated-model", "job", _truncate_model, "resources/models/tiny/model.safetensors is damaged",
      f"results/quantized/{NAME}"),

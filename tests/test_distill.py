@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import calib_tokens, tiny_model
 from quantlib.errors import ConfigError
 from quantlib.export import load_quantized, save_quantized
+from quantlib.lazy import WeightSource
 from quantlib.pipeline import distill
 from quantlib.runner import quantize_model
 from quantlib.spec import CalibSpec, QuantSpec
@@ -34,12 +34,12 @@ def _run(base, tiny_dir, out, kd="kd.c4.n8.L32", **kw):
     name = f"tiny.rtn.w3g32.{kd}"
     distill(name, tiny_dir, {"base": base / "base", "calib": base / "windows.pt"}, out,
             {"device": "cpu", "dtype": "float32", "seed": 0}, **kw)
-    return load_file(str(out / "model.safetensors")), json.loads((out / "diagnostics.json").read_text())
+    return WeightSource(out).state(), json.loads((out / "diagnostics.json").read_text())
 
 
 def test_zero_steps_change_nothing(base, tiny_dir, tmp_path):
     after, diag = _run(base, tiny_dir, tmp_path / "out", max_steps=0)
-    before = load_file(str(base / "base" / "model.safetensors"))
+    before = WeightSource(base / "base").state()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert diag["distill"]["steps"] == 0
@@ -47,7 +47,7 @@ def test_zero_steps_change_nothing(base, tiny_dir, tmp_path):
 
 def test_a_step_changes_only_scales_zeros_and_norm_gains(base, tiny_dir, tmp_path):
     after, diag = _run(base, tiny_dir, tmp_path / "out", max_steps=1)
-    before = load_file(str(base / "base" / "model.safetensors"))
+    before = WeightSource(base / "base").state()
     changed = {k for k in before if not torch.equal(after[k], before[k])}
     assert changed and all(k.endswith((".scales", ".zeros")) or "norm" in k for k in changed), changed
     assert any(k.endswith(".scales") for k in changed) and any(k.endswith(".zeros") for k in changed)

@@ -88,7 +88,8 @@ def test_end_to_end_tiny(tiny_run):
     assert record["protocol"]["windows"] == 8 and record["protocol"]["tokens_scored"] == 8 * 31
     assert record["protocol"]["join"] == "\n\n" and "torch" in record["versions"]
     qdir = work / "results/quantized/tiny.toytrain.n8.L32.ldlq.w3"
-    assert {"config.json", "model.safetensors", "quant_spec.json", "diagnostics.json"} <= {p.name for p in qdir.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "model-00001-of-00003.safetensors", "quant_spec.json",
+            "diagnostics.json"} <= {p.name for p in qdir.iterdir()}
     for rule in ("fetch_model", "fetch_dataset", "calibration", "eval_windows", "quantize", "perplexity", "lmeval",
                  "table"):
         assert any((work / "results/logs" / rule).rglob("*.log")), rule
@@ -170,7 +171,7 @@ def test_console_shows_progress_and_results_keep_the_umask(tiny_run, tmp_path):
     assert "[quantize tiny.toytrain.n8.L32.ldlq.w2g32] block 1/2 quantized" in out
     assert "[quantize tiny.toytrain.n8.L32.ldlq.w2g32] block 2/2 quantized" in out
     qdir = work / "results/quantized/tiny.toytrain.n8.L32.ldlq.w2g32"
-    assert (qdir / "model.safetensors").stat().st_mode & 0o044 == 0o044  # group and others can read (umask 022)
+    assert (qdir / "model-00001-of-00003.safetensors").stat().st_mode & 0o044 == 0o044  # group and others can read (umask 022)
 
 
 def test_unreachable_hub_fails_in_seconds_naming_the_offline_overlay(tmp_path):

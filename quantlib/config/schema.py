@@ -134,8 +134,12 @@ SCHEMA: dict[str, Any] = {
                                        "description": "calibration tokens per forward (memory; not part of any "
                                                       "result's identity)"},
                 "block_streams": {"enum": ["memory", "disk"], "default": "memory",
-                                  "description": "where block-wise methods keep their activation streams"},
+                                  "description": "where the calibration activations are kept between blocks"},
                 "seed": {"type": "integer", "minimum": 0, "default": 0},
+                "max_memory": {"type": ["string", "integer", "null"], "default": None,
+                               "description": "host memory budget of a quantize job (e.g. 24GB; an integer is MB): "
+                                              "chunk sizes and stream placement are chosen to stay under it, and a "
+                                              "budget below one block and its statistics fails before any work"},
             },
         },
         "models": {

@@ -1,0 +1,203 @@
+"""Models larger than memory: the decoder blocks stay in the checkpoint's safetensors (memory-mapped) until a job
+reaches them, and go back to the meta device when it is done with them.
+
+`WeightSource` reads single tensors from a checkpoint directory: one `model.safetensors`, or shards listed by
+`model.safetensors.index.json` (Hugging Face's sharded layout, which `quantlib.export` also writes). `LazyModel` is
+the model's skeleton on the meta device (no memory, no random init; buffers such as rotary tables are built) with
+`load_block(i)` / `release_block(i)` and `load_outer()` / `release_outer()` for everything outside the blocks
+(embeddings, final norm, head). A quantlib-quantized checkpoint is read the same way, each quantized layer
+dequantized from its stored tensors when its block is loaded.
+
+Peak memory is then one block (plus whatever the job holds per block: Hessians, activations) instead of the model;
+`quantlib.memory` gives the figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .adapters import get_adapter
+from .errors import DataError
+
+INDEX = "model.safetensors.index.json"
+
+
+class WeightSource:
+    """The tensors of a checkpoint directory by name, each read from its file (memory-mapped) when asked for."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise DataError(f"{self.path} holds no safetensors weights")
+            weight_map = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as handle:
+                    weight_map.update({k: f.name for k in handle.keys()})
+        self.files = weight_map  # tensor name -> file name
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def keys(self):
+        return self.files.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.read([key])[key]
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        """The named tensors, each file opened once and closed again: a file kept open stays mapped, and the pages
+        read from it would count in the process's resident memory until the end of the job."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.files[key], []).append(key)
+        out = {}
+        for name, names in by_file.items():
+            with safe_open(str(self.path / name), framework="pt") as handle:
+                out.update({k: handle.get_tensor(k) for k in names})
+        return out
+
+    def state(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Every tensor whose name starts with `prefix`."""
+        return self.read([k for k in self.files if k.startswith(prefix)])
+
+
+def quantized_layers(config: dict) -> dict:
+    """{layer: metadata} of a quantlib checkpoint's config (empty for a plain model)."""
+    from .export import QUANT_METHOD
+
+    qcfg = config.get("quantization_config") or {}
+    return qcfg.get("layers", {}) if qcfg.get("quant_method") == QUANT_METHOD else {}
+
+
+def _free(module: torch.nn.Module) -> None:
+    """Parameters back to the meta device (buffers stay: rotary tables and the like are not in the checkpoint)."""
+    for mod in module.modules():
+        for key, p in mod._parameters.items():
+            if p is not None and p.device.type != "meta":
+                mod._parameters[key] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+
+
+class LazyModel:
+    """A model of the checkpoint at `path` whose weights are read block by block (see the module's docstring)."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .integrity import verify
+
+        self.path, self.dtype = Path(path), dtype
+        verify(self.path)
+        raw = json.loads((self.path / "config.json").read_text())
+        self.adapter = get_adapter(raw.get("model_type", "?"))
+        self.quantized = quantized_layers(raw)
+        raw.pop("quantization_config", None)
+        config = AutoConfig.for_model(**raw)
+        config._attn_implementation = attn
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+        self.model.config.use_cache = False
+        self.model.eval()
+        self.source = WeightSource(self.path)
+        self.blocks = self.adapter.block_list(self.model)
+        self.prefix = self.adapter.blocks
+        # Some checkpoints (BLOOM) name tensors without the base model's prefix ("h.0..." for "transformer.h.0...").
+        base = getattr(self.model, "base_model_prefix", "")
+        self._strip = f"{base}." if base and not any(k.startswith(f"{base}.") for k in self.source.keys()) else ""
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def _key(self, name: str) -> str:
+        return name[len(self._strip):] if self._strip and name.startswith(self._strip) else name
+
+    def _read(self, names: list[str], where: str) -> dict[str, torch.Tensor]:
+        """The named tensors (model names), quantized layers dequantized, in the model's dtype, checked finite."""
+        from .formats import load_representation
+
+        wanted, quantized = {}, {}
+        for name in names:
+            layer, _, leaf = name.rpartition(".")
+            if leaf == "weight" and layer in self.quantized:
+                prefix = f"{self._key(layer)}."
+                quantized[name] = (layer, prefix, [k for k in self.source.keys()
+                                                   if k.startswith(prefix) and k[len(prefix):] != "bias"])
+                wanted.update({k: None for k in quantized[name][2]})
+            elif self._key(name) in self.source:
+                wanted[self._key(name)] = None
+            else:
+                raise DataError(f"{self.path}: tensor '{name}' of {where} is not in the checkpoint; the checkpoint "
+                                "does not match its config.json")
+        tensors = self.source.read(list(wanted))
+        state = {}
+        for name in names:
+            if name in quantized:
+                layer, prefix, keys = quantized[name]
+                value = load_representation(self.quantized[layer], {k[len(prefix):]: tensors[k] for k in keys}
+                                            ).dequantize()
+            else:
+                value = tensors[self._key(name)]
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+                if not torch.isfinite(value).all():
+                    raise DataError(f"tensor '{name}' of the model in {self.path} holds NaN or Inf values; the "
+                                    "checkpoint is damaged or was saved in a dtype too narrow for its values")
+            state[name] = value
+        return state
+
+    def _load(self, module: torch.nn.Module, prefix: str, names: list[str], device) -> None:
+        state = self._read([f"{prefix}{n}" for n in names], prefix.rstrip(".") or "the model")
+        state = {n: state[f"{prefix}{n}"].to(device) for n in names}
+        module.load_state_dict(state, strict=False, assign=True)
+
+    def load_block(self, i: int, device="cpu") -> torch.nn.Module:
+        block = self.blocks[i]
+        names = [n for n, _ in block.named_parameters()]
+        self._load(block, f"{self.prefix}.{i}.", names, device)
+        return block
+
+    def release_block(self, i: int) -> None:
+        _free(self.blocks[i])
+
+    def outer_names(self, head: bool = True) -> list[str]:
+        """Parameters outside the decoder blocks (without the output head unless `head`; a tied head is the
+        embedding and is never read on its own)."""
+        in_blocks = {id(p) for p in self.blocks.parameters()}
+        head_params = {id(p) for p in self.model.get_output_embeddings().parameters()}
+        names = []
+        for name, p in self.model.named_parameters(remove_duplicate=True):
+            if id(p) in in_blocks or (id(p) in head_params and (not head or self.tied)):
+                continue
+            names.append(name)
+        return names
+
+    def load_outer(self, head: bool = True, device="cpu") -> None:
+        """Embeddings, norms (and the head): what a forward pass needs besides the blocks."""
+        self._load(self.model, "", self.outer_names(head), device)
+        if self.tied:
+            self.model.tie_weights()
+
+    def release_outer(self) -> None:
+        in_blocks = {id(p) for p in self.blocks.parameters()}
+        for mod in self.model.modules():
+            for key, p in mod._parameters.items():
+                if p is not None and id(p) not in in_blocks and p.device.type != "meta":
+                    mod._parameters[key] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        """Everything outside the blocks as the checkpoint stores it (tied head left out), in the model's dtype."""
+        return self._read(self.outer_names(head=True), "the model")
+
