@@ -175,6 +175,7 @@ class States:
 
     def __init__(self, pairs, where: str, folder: Path | None, device="cpu"):
         self.hidden, self.kwargs = Stream(where, folder, device), []
+        self.tuple_output = False  # whether the block that made these returns a tuple (family-specific)
         for h, kw in pairs:
             self.hidden.append(h)
             self.kwargs.append(kw)
@@ -192,7 +193,9 @@ class States:
         """The block's outputs over every chunk, kept where these are; these are dropped."""
         out = States((), self.hidden.where, self.hidden.folder, self.hidden.device)
         for h, kw in self:
-            out.hidden.append(block_output(block, h, kw))
+            raw = block(h, **kw)
+            out.tuple_output = isinstance(raw, tuple)
+            out.hidden.append(raw[0] if out.tuple_output else raw)
             out.kwargs.append(kw)
         self.hidden.drop()
         return out

@@ -21,6 +21,7 @@ import torch
 
 from .adapters import get_adapter
 from .errors import DataError
+from .memory import return_freed_memory
 
 INDEX = "model.safetensors.index.json"
 
@@ -171,6 +172,7 @@ class LazyModel:
 
     def release_block(self, i: int) -> None:
         _free(self.blocks[i])
+        return_freed_memory()
 
     def outer_names(self, head: bool = True) -> list[str]:
         """Parameters outside the decoder blocks (without the output head unless `head`; a tied head is the

@@ -61,11 +61,10 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     calibration windows and their manifest, statistics of the FP model) to its path."""
     from .export import CheckpointWriter
     from .lazy import LazyModel
-    from .memory import plan_quantize, release_freed_tensors
+    from .memory import plan_quantize
     from .runner import BlockAccess, quantize_model
     from .stats import open_statistic
 
-    release_freed_tensors()
     spec = QuantSpec.parse(name)
     # Checks that need only config.json come before any weight or data is loaded.
     model_cfg = read_config(model_dir)
@@ -186,13 +185,24 @@ def storage_bits(model_path) -> float | None:
 def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs: dict, compute: dict,
                batch_size: int = 4) -> dict:
     """Evaluate one model under several protocols: `windows` and `outputs` map each protocol name
-    ({dataset}.L{seqlen}[.nw{n}]) to its window file and its result JSON. The model is loaded once."""
-    from .evaluate import perplexity as ppl
-    from .export import load_any
+    ({dataset}.L{seqlen}[.nw{n}]) to its window file and its result JSON. A full-precision or quantlib checkpoint
+    is read block by block (one block in memory at a time, `quantlib.lazy`); a packed one is loaded whole."""
+    from .evaluate import perplexity_by_block
+    from .runner import BlockAccess
 
     spec = QuantSpec.parse(name)
     device, dtype, attn = _compute(compute)
-    model = load_any(model_path, dtype, attn)
+    if (Path(model_path) / "pack_report.json").exists():
+        from .pack.load import load_packed
+
+        model = load_packed(model_path, dtype, attn)
+        access = BlockAccess(model)
+    else:
+        from .lazy import LazyModel
+
+        lazy = LazyModel(model_path, dtype, attn)
+        model, access = lazy.model, BlockAccess(lazy.model, lazy=lazy)
+    streams = compute.get("block_streams", "memory")
     records = {}
     for protocol, out_json in outputs.items():
         t0 = time.time()
@@ -200,7 +210,8 @@ def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs
         data = load_tensor(windows[protocol])
         if data["windows"].shape[1] != seqlen:
             raise ValueError(f"{windows[protocol]} holds windows of {data['windows'].shape[1]} tokens, not {seqlen}")
-        res = ppl(model, data["windows"], max_windows, batch_size, device)
+        res = perplexity_by_block(model, data["windows"], max_windows, batch_size, device, access=access,
+                                  streams=streams)
         ds_cfg = dataset_cfgs[dataset]
         records[protocol] = {
             "name": name, "model": spec.model, "spec": spec.short_name(), "metric": "ppl", "dataset": dataset,

@@ -170,12 +170,12 @@ class BlockAccess:
             block.to("cpu")
 
     @contextlib.contextmanager
-    def outer(self, device):
-        """The embeddings and everything else a forward pass needs before block 0 (not the output head)."""
+    def outer(self, device, head: bool = False):
+        """The embeddings and everything else a forward pass needs before block 0 (and the output head)."""
         if self.lazy is None:
             yield
             return
-        self.lazy.load_outer(head=False, device=device)
+        self.lazy.load_outer(head=head, device=device)
         try:
             yield
         finally:

@@ -5,7 +5,8 @@ from quantlib.workflow import run_script
 
 def main(smk):
     perplexity(smk.wildcards.anyname, smk.input.model, {p: smk.input[p] for p in smk.params.protocols},
-               smk.params.dataset_cfgs, dict(zip(smk.params.protocols, smk.output)), smk.params.compute,
+               smk.params.dataset_cfgs, dict(zip(smk.params.protocols, smk.output)),
+               {**smk.config.get("compute", {}), **smk.params.compute},
                smk.params.batch_size)
 
 
