@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from .errors import DataError, NumericalError
-from .integrity import verify
 from .io import atomic_dir, versions
 from .lazy import INDEX
 from .models import _TOKENIZER_FILES, adapter_for, load_model
@@ -184,30 +183,22 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: s
                    with_representations: bool = False):
     """Rebuild the model with dequantized weights from a directory written by `save_quantized`; with
     `with_representations`, also {layer: representation} (what a later stage such as distillation trains)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .lazy import LazyModel
 
-    path = Path(path)
-    verify(path)
-    raw = json.loads((path / "config.json").read_text())
-    qcfg = raw.pop("quantization_config")
-    config = AutoConfig.for_model(**raw)
-    config._attn_implementation = attn
-    # Parameters on the meta device (no random init); buffers such as rotary tables are built normally.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
-    state, reps = read_representations(path, qcfg)
-    for layer, rep in reps.items():
-        state[f"{layer}.weight"] = rep.dequantize()
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.config.use_cache = False
-    return (model.eval(), reps) if with_representations else model.eval()
+    lazy = LazyModel(path, dtype, attn)  # verifies the checksums
+    if not lazy.quantized:
+        raise DataError(f"{path} is not a quantlib checkpoint (its config.json has no quantlib quantization_config)")
+    lazy.load_outer()
+    for i in range(len(lazy)):
+        lazy.load_block(i)
+    missing = [n for n, p in lazy.model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:5]})")
+    model = lazy.model
+    if not with_representations:
+        return model
+    qcfg = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    return model, read_representations(path, qcfg)[1]
 
 
 def load_any(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):

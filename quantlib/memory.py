@@ -11,8 +11,9 @@ Peak = runtime + the largest of three phases (b: bytes per element of the comput
   block     one block's weights (P x b); the activation streams: the block's inputs and outputs over all N tokens
             (2 x N x hidden x b; four streams in block-wise mode: two inputs, the targets, the new outputs); one
             chunk's forward working set (T tokens x (6 hidden + 3 intermediate) x b); the largest subgroup's solve
-            (its Hessian and two working copies, 3 x d_in^2 x 4, and four copies of its stacked weight rows x d_in
-            x 4); the statistics read for the block (the FP Hessians of every subgroup; the Fisher, one float per
+            (5 x d_in^2 x 4 + 5 x rows x d_in x 4: the Hessian's float64 sum, its damped, permuted and factored
+            copies, the stacked weight and its working copies; measured for LDLQ on Llama-2-7B shapes, where
+            down_proj's 11008^2 Hessian makes it the largest term); the statistics read for the block (the FP Hessians of every subgroup; the Fisher, one float per
             weight); block-wise training: the weights' three more copies (the trainable quantizer, its gradient,
             Adam's two moments)
   finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard
@@ -28,6 +29,7 @@ from .adapters import get_adapter
 from .errors import ConfigError
 
 MB = 1 << 20
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Measured on the dev machine (Linux x86-64, torch 2.13 CPU, transformers 4.5x): the resident set of a Python
 # process that has imported torch, transformers and quantlib and built a model class, before any weight.
 RUNTIME_MB = 460
@@ -98,7 +100,7 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
     n_streams = 4 if mode == "block" else 2
     held = chunk if streams == "disk" else n_tokens
     activations = n_streams * held * h * b + chunk * (6 * h + 3 * shapes.intermediate) * b
-    solve = max(3 * d * d * 4 + 4 * rows * d * 4 for d, rows in shapes.subgroups)
+    solve = max(5 * d * d * 4 + 5 * rows * d * 4 for d, rows in shapes.subgroups)
     stats = 0
     kinds = spec.statistic_kinds()
     if "fp_hessian" in kinds or "guided_hessian" in kinds:
@@ -112,14 +114,12 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
             "finish": embeddings * (1 if shapes.tied else 2)}
 
 
-def plan_quantize(cfg: dict, spec, compute: dict, dtype) -> Plan:
+def plan_quantize(cfg: dict, spec, compute: dict, dtype_bytes: int = 4) -> Plan:
     """The chunk size and stream placement for a quantize job under `compute.max_memory` (none: the settings as
     given). Within a budget: smaller chunks first, then streams on disk; a budget that cannot hold one block, its
     statistics and one calibration window is refused before any work, with the figures."""
-    import torch
-
     shapes = Shapes.of(cfg)
-    b = torch.finfo(dtype).bits // 8
+    b = dtype_bytes
     chunk, streams = compute.get("calib_chunk_tokens", 65536), compute.get("block_streams", "memory")
     budget = parse_memory(compute.get("max_memory"))
     plan = Plan(chunk, streams, quantize_phases(shapes, spec, chunk, streams, b), budget)
@@ -192,3 +192,38 @@ def return_freed_memory() -> None:
 
 
 _LIBC = None
+
+
+# ------------------------------------------------------------------------------------------------ cluster requests
+
+MARGIN = 1.25  # over the estimate: allocator slack and what the model leaves out (measured within 1.2x, README)
+FLOOR_MB = 2000
+UNCAPPED_EVAL_TOKENS = 600_000  # a protocol without max_windows: WikiText-2 or C4's 256 x 2048 windows, about
+LMEVAL_TOKENS = 1024  # the longest request of a zero-shot task batch, about (lm-eval pads a batch to its longest)
+
+
+def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, fallback_mb: int) -> int:
+    """The `mem_mb` a rule asks a cluster for: the memory model's peak for `job` (quantize, perplexity, lmeval,
+    stats, distill, pack) with a margin, from the model's config.json (`model_cfg`) and the workflow's config
+    `cfg`. Before the model is fetched there is no config.json: `fallback_mb` (from the model's params_b)."""
+    if model_cfg is None:
+        return fallback_mb
+    compute = cfg.get("compute", {})
+    b = DTYPE_BYTES.get(compute.get("dtype", "auto"), 4)  # auto: float32, what a CPU job computes in
+    if job == "quantize":
+        plan = plan_quantize(model_cfg, spec, compute, b)
+        if plan.budget is not None:
+            return int(plan.budget / MB)
+        peak = plan.peak
+    elif job == "perplexity" and spec.pack is None:
+        ppl = cfg["perplexity"]
+        peak = 0
+        for dataset, opts in ppl["datasets"].items():
+            seqlen = ppl["seqlen"]
+            windows = (opts or {}).get("max_windows") or UNCAPPED_EVAL_TOKENS // seqlen
+            peak = max(peak, eval_peak(model_cfg, windows, seqlen, ppl["batch_size"], b))
+    elif job == "lmeval":
+        peak = whole_model_peak(model_cfg, LMEVAL_TOKENS, cfg["lm_eval"]["batch_size"], b)
+    else:  # a job that holds the whole model: statistics, packing, a packed model's perplexity; distillation two
+        peak = whole_model_peak(model_cfg, 2048, 1, b) * (2 if job == "distill" else 1)
+    return max(FLOOR_MB, int(MARGIN * peak / MB))

@@ -14,6 +14,7 @@ from .io import atomic_file, versions, write_json
 from .adapters import check_row_groups_fit
 from .models import (check_group_size_fits, load_model, load_tokenizer, read_config, resolve_attn, resolve_device,
                      resolve_dtype)
+from .errors import ConfigError
 from .spec import QuantSpec, parse_calib_name, parse_lmeval_protocol, parse_ppl_protocol
 
 log = logging.getLogger("quantlib")
@@ -77,7 +78,7 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     torch.manual_seed(seed)
     device, dtype, attn = _compute(compute)
     t0 = time.time()
-    plan = plan_quantize(model_cfg, spec, compute, dtype)  # a budget too small fails here, before any work
+    plan = plan_quantize(model_cfg, spec, compute, torch.finfo(dtype).bits // 8)  # a budget too small fails here, before any work
     statistics = {stat: open_statistic(stat, inputs[stat], spec) for stat in spec.statistic_kinds()}
     tokens = load_tensor(inputs["calib"]) if "calib" in inputs else None
     # The model stays on disk: each block is read when the runner reaches it, written to its shard of the

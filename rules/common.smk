@@ -1,13 +1,16 @@
 # Expansion of the config into short names and paths; every helper here is a thin call into quantlib (names and
 # path templates: quantlib.names; what a spec reads: QuantSpec.inputs(); the config: quantlib.config).
 
+import json
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
 from quantlib.config import Experiment, check_sources
 from quantlib.config.preflight import check_config_files, check_hub_for_download
 from quantlib.errors import QuantlibError
+from quantlib.memory import request_mb
 from quantlib.names import DATASET_KEY_RE, MODEL_KEY_RE, PATHS, STAT_RE, evaldata_path, parse_ppl_protocol
 from quantlib.stats import stat_dependencies
 from quantlib.spec import QuantSpec, parse_calib_name
@@ -107,8 +110,22 @@ def quantize_inputs(wildcards):
     return {"model": EXP.model_path(spec.model), **spec.inputs(EXP.gradient_groups)}
 
 
+def model_config(model):
+    """The model's config.json once fetched (the memory model reads its shapes), else None."""
+    path = Path(EXP.model_path(model)) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def job_mem(job, spec, factor):
+    """mem_mb from the memory model (quantlib.memory); before the model is fetched, from its params_b."""
+    try:
+        return request_mb(job, model_config(spec.model), spec, EXP.cfg, mem_mb_for(spec.model, factor))
+    except QuantlibError as exc:
+        sys.exit(f"Configuration error: {exc}")
+
+
 def quantize_mem(wildcards):
-    return mem_mb_for(spec_of(wildcards.name).model, 3)
+    return job_mem("quantize", spec_of(wildcards.name), 3)
 
 
 def quantize_runtime(wildcards):
@@ -122,7 +139,7 @@ def distill_inputs(wildcards):
 
 
 def distill_mem(wildcards):
-    return mem_mb_for(spec_of(f"{wildcards.base}.kd.{wildcards.kd}").model, 5)
+    return job_mem("distill", spec_of(f"{wildcards.base}.kd.{wildcards.kd}"), 5)
 
 
 def distill_runtime(wildcards):
@@ -140,7 +157,7 @@ def stats_inputs(wildcards):
 
 
 def stats_mem(wildcards):
-    return mem_mb_for(parse_calib_name(wildcards.calib)[0], 3)
+    return job_mem("stats", spec_of(f"{parse_calib_name(wildcards.calib)[0]}.fp"), 3)
 
 
 def ppl_runtime(wildcards):
@@ -163,7 +180,11 @@ def ppl_inputs(wildcards):
 
 
 def ppl_mem(wildcards):
-    return mem_mb_for(spec_of(wildcards.anyname).model, 3)
+    return job_mem("perplexity", spec_of(wildcards.anyname), 3)
+
+
+def lmeval_mem(wildcards):
+    return job_mem("lmeval", spec_of(wildcards.anyname), 3)
 
 
 def model_input(wildcards):
@@ -174,7 +195,7 @@ def model_input(wildcards):
 
 def pack_mem(wildcards):
     # The source checkpoint's codes are unpacked per layer and the packed copy is built beside them.
-    return mem_mb_for(spec_of(wildcards.unpacked).model, 2)
+    return job_mem("pack", spec_of(wildcards.unpacked), 2)
 
 
 def pack_input(wildcards):

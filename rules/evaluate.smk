@@ -49,7 +49,7 @@ if EXP.lmeval_protocols():
             PATHS.benchmark("lmeval", "{anyname}")
         threads: TORCH_THREADS
         resources:
-            mem_mb=ppl_mem,
+            mem_mb=lmeval_mem,
             runtime=lmeval_runtime,
         conda:
             "../envs/evaluate.yaml"

@@ -1,0 +1,192 @@
+"""Peak host memory of the quantize and perplexity jobs against the memory model (quantlib.memory).
+
+    # a synthetic model with Llama-2-7B's block shapes, 2 and then 8 blocks, written to disk in float16
+    python benchmarks/memory_bench.py synthetic --blocks 2 8 --work /tmp/membench --record benchmarks/results.jsonl
+    # a model directory of the workflow, with its calibration and evaluation windows
+    python benchmarks/memory_bench.py model --model-dir resources/models/smollm2-135m-instruct-q4_1 \\
+        --calib results/calibration/smollm2-135m-instruct-q4_1.c4.n32.L512.pt \\
+        --windows results/evaldata/smollm2-135m-instruct-q4_1/wikitext2.L512.pt --max-windows 40
+
+Each job runs in a fresh Python process that reports its own peak resident set (getrusage ru_maxrss): the quantize
+job of `quantlib.pipeline.quantize` (blocks read from disk one at a time, the checkpoint written one shard per
+block) and block-by-block perplexity (`quantlib.evaluate.perplexity_by_block` on the model read lazily). Figures
+depend on the machine's allocator and library versions: compare the estimate's ratio, not the megabytes, across
+machines. Run it alone: two torch processes on two cores slow each other, though peaks hardly move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import record as rec
+
+LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
+             "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+
+CHILD_QUANTIZE = """
+import json, resource, sys, time
+from quantlib.pipeline import quantize
+name, model_dir, calib, out, compute = sys.argv[1:6]
+t = time.time()
+quantize(name, model_dir, {"calib": calib} if calib != "-" else {}, out, json.loads(compute))
+print("RESULT", json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "seconds": time.time() - t,
+                            "estimate": json.load(open(out + "/diagnostics.json"))["memory"]}))
+"""
+
+CHILD_PPL = """
+import json, resource, sys, time, torch
+from quantlib.evaluate import perplexity_by_block
+from quantlib.lazy import LazyModel
+from quantlib.runner import BlockAccess
+path, windows, max_windows, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+w = torch.load(windows)
+w = w["windows"] if isinstance(w, dict) else w
+t = time.time()
+lazy = LazyModel(path)
+res = perplexity_by_block(lazy.model, w, max_windows, batch, access=BlockAccess(lazy.model, lazy=lazy), progress=False)
+print("RESULT", json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                           "seconds": time.time() - t, "ppl": res["ppl"], "windows": res["windows"]}))
+"""
+
+
+def run_child(code: str, *args) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def write_synthetic(folder: Path, blocks: int, seed: int = 0) -> Path:
+    """A Llama with Llama-2-7B's shapes and `blocks` decoder blocks, random float16 weights (std 0.02), one
+    shard per block plus one for the embeddings and head, built tensor by tensor (never the whole model)."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    c = LLAMA2_7B
+    h, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.float16)
+
+    weight_map = {}
+    n = blocks + 1
+    for i in range(blocks):
+        p = f"model.layers.{i}."
+        state = {p + "input_layernorm.weight": torch.ones(h, dtype=torch.float16),
+                 p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.float16)}
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            state[f"{p}self_attn.{name}.weight"] = rand(h, h)
+        state[p + "mlp.gate_proj.weight"] = rand(inter, h)
+        state[p + "mlp.up_proj.weight"] = rand(inter, h)
+        state[p + "mlp.down_proj.weight"] = rand(h, inter)
+        shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(state, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in state})
+        del state
+    state = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h, dtype=torch.float16),
+             "lm_head.weight": rand(vocab, h)}
+    shard = f"model-{n:05d}-of-{n:05d}.safetensors"
+    save_file(state, str(folder / shard), metadata={"format": "pt"})
+    weight_map.update({k: shard for k in state})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": blocks,
+           "torch_dtype": "float16", "tie_word_embeddings": False, "hidden_act": "silu", **c}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return folder
+
+
+def measure(model_dir: Path, name: str, calib: Path | None, windows: Path | None, max_windows: int, batch: int,
+            work: Path, compute: dict) -> dict:
+    import shutil
+
+    out = work / f"quantized-{model_dir.name}-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    q = run_child(CHILD_QUANTIZE, name, model_dir, calib or "-", out, json.dumps(compute))
+    row = {"quantize": {**q, "peak_over_estimate": q["peak_mb"] / q["estimate"]["estimated_peak_mb"]}}
+    if windows is not None:
+        from quantlib.memory import MB, eval_peak
+
+        cfg = json.loads((model_dir / "config.json").read_text())
+        for label, path in (("fp", model_dir), ("quantized", out)):
+            p = run_child(CHILD_PPL, path, windows, max_windows, batch)
+            seqlen = _seqlen(windows)
+            est = eval_peak(cfg, p["windows"], seqlen, batch) / MB
+            row[f"perplexity_{label}"] = {**p, "estimated_peak_mb": round(est), "peak_over_estimate": p["peak_mb"] / est}
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def _seqlen(windows: Path) -> int:
+    import torch
+
+    w = torch.load(windows)
+    return (w["windows"] if isinstance(w, dict) else w).shape[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("synthetic")
+    s.add_argument("--blocks", type=int, nargs="+", default=[2, 8])
+    s.add_argument("--nsamples", type=int, default=8)
+    s.add_argument("--seqlen", type=int, default=512)
+    s.add_argument("--method", default="ldlq.w4g128")
+    m = sub.add_parser("model")
+    m.add_argument("--model-dir", type=Path, required=True)
+    m.add_argument("--calib", type=Path, required=True, help="calibration windows (n, L) of the workflow")
+    m.add_argument("--method", default="ldlq.w3g64")
+    m.add_argument("--windows", type=Path, help="evaluation windows of the workflow (perplexity too)")
+    m.add_argument("--max-windows", type=int, default=40)
+    for p in (s, m):
+        p.add_argument("--work", type=Path, default=Path("/tmp/quantlib-membench"))
+        p.add_argument("--batch", type=int, default=4)
+        rec.add_argument(p)
+    args = ap.parse_args()
+    import torch
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    compute = {"device": "cpu", "dtype": "float32"}
+    runs = {}
+    if args.what == "synthetic":
+        calib = args.work / f"calib-n{args.nsamples}-L{args.seqlen}.pt"
+        g = torch.Generator().manual_seed(0)
+        torch.save(torch.randint(0, LLAMA2_7B["vocab_size"], (args.nsamples, args.seqlen), generator=g), calib)
+        windows = args.work / f"windows-L{args.seqlen}.pt"
+        torch.save(torch.randint(0, LLAMA2_7B["vocab_size"], (8, args.seqlen), generator=g), windows)
+        for blocks in args.blocks:
+            t = time.time()
+            model_dir = write_synthetic(args.work / f"llama2-7b-shapes-{blocks}blocks", blocks)
+            name = f"synthetic.c4.n{args.nsamples}.L{args.seqlen}.{args.method}"
+            runs[f"{blocks}_blocks"] = {"write_seconds": round(time.time() - t, 1),
+                                        **measure(model_dir, name, calib, windows, 8, args.batch, args.work,
+                                                  compute)}
+            print(json.dumps({blocks: runs[f"{blocks}_blocks"]}, indent=1), flush=True)
+        shapes = {"model": "synthetic Llama-2-7B block shapes", **LLAMA2_7B, "blocks": args.blocks,
+                  "weights_on_disk": "float16", "compute_dtype": "float32"}
+    else:
+        calib = torch.load(args.calib)
+        n, seqlen = calib.shape
+        name = f"model.c4.n{n}.L{seqlen}.{args.method}"
+        runs["model"] = measure(args.model_dir, name, args.calib, args.windows, args.max_windows, args.batch,
+                                args.work, compute)
+        print(json.dumps(runs, indent=1))
+        shapes = {"model": str(args.model_dir)}
+    rec.append({"benchmark": "memory", **shapes, "runs": runs, "machine": platform.machine(),
+                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+                "versions": __import__("quantlib.io", fromlist=["versions"]).versions()}, args.record)
+
+
+if __name__ == "__main__":
+    main()
