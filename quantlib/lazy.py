@@ -210,3 +210,26 @@ class LazyModel:
         """Everything outside the blocks as the checkpoint stores it (tied head left out), in the model's dtype."""
         return self._read(self.outer_names(head=True), "the model")
 
+
+
+def offloaded(lazy: LazyModel, folder: str | Path, device: str = "cpu"):
+    """The whole model for a library that runs it in one piece (lm-eval), with the decoder blocks on disk:
+    each block is written (dequantized, in the model's dtype) to `folder` as accelerate's offload files, and
+    accelerate's hooks read it back for its forward and free it after. Peak memory: the embeddings and head, one
+    block and one batch's activations; the price is reading every block from disk for every batch."""
+    from accelerate import dispatch_model
+    from accelerate.utils import offload_state_dict
+
+    folder = Path(folder)
+    for i in range(len(lazy)):
+        block = lazy.load_block(i)
+        offload_state_dict(folder, {f"{lazy.prefix}.{i}.{k}": v for k, v in block.state_dict().items()})
+        lazy.release_block(i)
+    lazy.load_outer(head=True, device=device)
+    device_map = {f"{lazy.prefix}.{i}": "disk" for i in range(len(lazy))}
+    in_blocks = {id(p) for p in lazy.blocks.parameters()}
+    for name, p in lazy.model.named_parameters(remove_duplicate=False):  # the rest (a tied head too) on `device`
+        if id(p) not in in_blocks:
+            device_map[name.rpartition(".")[0]] = device
+    return dispatch_model(lazy.model, device_map=device_map, main_device=device, offload_dir=str(folder),
+                          offload_buffers=False)

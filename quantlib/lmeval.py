@@ -303,7 +303,8 @@ def evaluate_tasks(model, tokenizer_dir: str | Path, taskset: TaskSet, device: s
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    model.to(device)
+    if not getattr(model, "hf_device_map", None):  # a model dispatched by accelerate (blocks on disk) stays put
+        model.to(device)
     # lm-eval reads the tokenizer from the model's folder itself, as `lm_eval --model hf` does.
     lm = HFLM(pretrained=model, tokenizer=str(tokenizer_dir), batch_size=batch_size, device=device)
     records = {}

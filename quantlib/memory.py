@@ -16,7 +16,8 @@ Peak = runtime + the largest of three phases (b: bytes per element of the comput
             down_proj's 11008^2 Hessian makes it the largest term); the statistics read for the block (the FP Hessians of every subgroup; the Fisher, one float per
             weight); block-wise training: the weights' three more copies (the trainable quantizer, its gradient,
             Adam's two moments)
-  finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard
+  finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard,
+            twice (safetensors serialises each tensor to bytes before writing)
 With streams on disk, the activation term is one chunk instead of N tokens.
 """
 
@@ -111,7 +112,7 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
     block = shapes.block_params * b + activations + (0 if mode == "block" else solve) + stats + training
     embeddings = shapes.vocab * h * b
     return {"capture": embeddings + n_tokens * h * b if n_tokens else 0, "block": block,
-            "finish": embeddings * (1 if shapes.tied else 2)}
+            "finish": 2 * embeddings * (1 if shapes.tied else 2)}  # save_file copies each tensor to bytes
 
 
 def plan_quantize(cfg: dict, spec, compute: dict, dtype_bytes: int = 4) -> Plan:
@@ -199,7 +200,14 @@ _LIBC = None
 MARGIN = 1.25  # over the estimate: allocator slack and what the model leaves out (measured within 1.2x, README)
 FLOOR_MB = 2000
 UNCAPPED_EVAL_TOKENS = 600_000  # a protocol without max_windows: WikiText-2 or C4's 256 x 2048 windows, about
-LMEVAL_TOKENS = 1024  # the longest request of a zero-shot task batch, about (lm-eval pads a batch to its longest)
+# The longest request of a batch of a zero-shot task (lm-eval pads a batch to its longest), about; each few-shot
+# example adds as much. ARC, PIQA, HellaSwag, WinoGrande and LAMBADA requests are well under it.
+LMEVAL_TOKENS = 256
+
+
+def lmeval_tokens(tasks: dict) -> int:
+    """The longest request lm-eval is expected to batch for these tasks ({task: {num_fewshot, ...}})."""
+    return LMEVAL_TOKENS * (1 + max([(t or {}).get("num_fewshot", 0) or 0 for t in tasks.values()] or [0]))
 
 
 def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, fallback_mb: int) -> int:
@@ -223,7 +231,7 @@ def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, fallback_mb: i
             windows = (opts or {}).get("max_windows") or UNCAPPED_EVAL_TOKENS // seqlen
             peak = max(peak, eval_peak(model_cfg, windows, seqlen, ppl["batch_size"], b))
     elif job == "lmeval":
-        peak = whole_model_peak(model_cfg, LMEVAL_TOKENS, cfg["lm_eval"]["batch_size"], b)
+        peak = whole_model_peak(model_cfg, lmeval_tokens(cfg["lm_eval"]["tasks"]), cfg["lm_eval"]["batch_size"], b)
     else:  # a job that holds the whole model: statistics, packing, a packed model's perplexity; distillation two
         peak = whole_model_peak(model_cfg, 2048, 1, b) * (2 if job == "distill" else 1)
     return max(FLOOR_MB, int(MARGIN * peak / MB))

@@ -228,6 +228,21 @@ def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs
     return records
 
 
+def _lmeval_offload(model_path, compute: dict, batch_size: int, tasks: dict, dtype) -> bool:
+    """lm-eval runs the model in one piece: when the whole model does not fit `compute.max_memory`, its blocks are
+    offloaded to disk (`quantlib.lazy.offloaded`). A packed checkpoint is always loaded whole."""
+    from .memory import MB, lmeval_tokens, parse_memory, whole_model_peak
+
+    budget = parse_memory(compute.get("max_memory"))
+    if budget is None or (Path(model_path) / "pack_report.json").exists():
+        return False
+    need = whole_model_peak(read_config(model_path), lmeval_tokens(tasks), batch_size, torch.finfo(dtype).bits // 8)
+    if need > budget:
+        log.info("the whole model needs about %.0f MB, over compute.max_memory (%.0f MB): its blocks are offloaded "
+                 "to disk for lm-eval", need / MB, budget / MB)
+    return need > budget
+
+
 def lm_eval_tasks(name: str, model_path, tasks: dict, outputs: dict, compute: dict, batch_size: int = 8,
                   bootstrap_iters: int = 1000) -> dict:
     """Evaluate one model on lm-eval tasks. `tasks` maps task names to {num_fewshot, limit, source}; `outputs` maps
@@ -249,7 +264,13 @@ def lm_eval_tasks(name: str, model_path, tasks: dict, outputs: dict, compute: di
         taskset = TaskSet(tasks, tmp)
         taskset.check_data()
         t0 = time.time()
-        model = load_any(model_path, dtype, attn)
+        offload = _lmeval_offload(model_path, compute, batch_size, tasks, dtype)
+        if offload:
+            from .lazy import LazyModel, offloaded
+
+            model = offloaded(LazyModel(model_path, dtype, attn), Path(tmp) / "offload", device)
+        else:
+            model = load_any(model_path, dtype, attn)
         records = evaluate_tasks(model, model_path, taskset, device, batch_size, bootstrap_iters)
     seconds = round(time.time() - t0, 2)
     for protocol, out_json in outputs.items():
@@ -258,7 +279,7 @@ def lm_eval_tasks(name: str, model_path, tasks: dict, outputs: dict, compute: di
             "name": name, "model": spec.model, "spec": spec.short_name(), "protocol": protocol, **records[task],
             "bits_per_weight": storage_bits(model_path),
             "compute": {"device": device, "dtype": str(dtype), "attn": attn, "batch_size": batch_size,
-                        "threads": torch.get_num_threads()},
+                        "threads": torch.get_num_threads(), "blocks_offloaded_to_disk": offload},
             "job_seconds": seconds, "versions": versions(),
         })
     return records

@@ -60,7 +60,8 @@ def _reps(path):
 
 
 @pytest.mark.parametrize("name,streams", [(NAME, "memory"), (NAME, "disk"), ("tiny.toy.n8.L32.ldlq.w3g32.noseq",
-                                                                              "disk"), ("tiny.rtn.w4g32", "memory")])
+                                                                              "disk"), ("tiny.rtn.w4g32", "memory"),
+                                         ("tiny.toy.n8.L32.lsq.w3g32.ep1", "disk")])
 def test_lazy_quantize_writes_the_in_memory_checkpoint_one_shard_per_block(sharded_dir, calib, tmp_path, name,
                                                                            streams):
     out = tmp_path / "lazy"
@@ -171,3 +172,16 @@ def test_memory_model_counts_what_grows():
     assert parse_memory("1.5GB") == 1536 << 20 and parse_memory(800) == 800 << 20
     with pytest.raises(ConfigError, match="no amount of memory"):
         parse_memory("lots")
+
+
+def test_offloaded_model_gives_the_whole_models_logits_with_blocks_on_disk(sharded_dir, tmp_path):
+    from quantlib.lazy import offloaded
+
+    x = calib_tokens(2, 16, seed=7)
+    model = offloaded(LazyModel(sharded_dir), tmp_path / "offload")
+    with torch.no_grad():
+        got = model(x).logits
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())  # read for the forward, freed
+    assert len(list((tmp_path / "offload").glob("*.dat"))) == 4 * 9  # every block tensor in accelerate's files
+    with torch.no_grad():
+        assert torch.equal(got, load_fp(sharded_dir)(x).logits)

@@ -6,7 +6,7 @@ from quantlib.workflow import run_script
 def main(smk):
     cfg = smk.params.lmeval
     lm_eval_tasks(smk.wildcards.anyname, smk.input.model, cfg["tasks"], dict(zip(smk.params.protocols, smk.output)),
-                  smk.params.compute, cfg["batch_size"], cfg["bootstrap_iters"])
+                  {**smk.config.get("compute", {}), **smk.params.compute}, cfg["batch_size"], cfg["bootstrap_iters"])
 
 
 run_script(snakemake, main)  # noqa: F821
