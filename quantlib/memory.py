@@ -11,9 +11,10 @@ Peak = runtime + the largest of three phases (b: bytes per element of the comput
   block     one block's weights (P x b); the activation streams: the block's inputs and outputs over all N tokens
             (2 x N x hidden x b; four streams in block-wise mode: two inputs, the targets, the new outputs); one
             chunk's forward working set (T tokens x (6 hidden + 3 intermediate) x b); the largest subgroup's solve
-            (5 x d_in^2 x 4 + 5 x rows x d_in x 4: the Hessian's float64 sum, its damped, permuted and factored
-            copies, the stacked weight and its working copies; measured for LDLQ on Llama-2-7B shapes, where
-            down_proj's 11008^2 Hessian makes it the largest term); the statistics read for the block (the FP Hessians of every subgroup; the Fisher, one float per
+            (5 x d_in^2 x 4 + rows x d_in x the solver's bytes per weight: the Hessian's float64 sum, its damped,
+            permuted and factored copies, the weights' working copies; measured for LDLQ on Llama-2-7B shapes,
+            where down_proj's 11008^2 Hessian makes it the largest term, and per solver family on the offline
+            model: `solve_bytes_per_weight`); the statistics read for the block (the FP Hessians of every subgroup; the Fisher, one float per
             weight); block-wise training: the weights' three more copies (the trainable quantizer, its gradient,
             Adam's two moments)
   finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard,
@@ -91,6 +92,18 @@ class Plan:
                 "streams": self.streams, "budget_mb": None if self.budget is None else round(self.budget / MB)}
 
 
+# Working memory of a solve per weight of the stacked subgroup, beyond the Hessian's copies (measured on the
+# offline model, peak during the solve minus before it, divided by the subgroup's weights): error-feedback and
+# coordinate-descent solvers keep ~5 float32 copies of the weights; the lookup-table fit (SqueezeLLM, LNQ) works in
+# float64 with per-row design matrices; ALTERNATING's sign planes and least squares grow with the bits.
+def solve_bytes_per_weight(spec) -> int:
+    if spec.format == "lut":
+        return 64
+    if spec.format == "bcq":
+        return 48 * spec.bits
+    return 20
+
+
 def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype_bytes: int = 4) -> dict:
     """Bytes of each phase of a quantize job (the module's docstring)."""
     b, h = dtype_bytes, shapes.hidden
@@ -101,7 +114,8 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
     n_streams = 4 if mode == "block" else 2
     held = chunk if streams == "disk" else n_tokens
     activations = n_streams * held * h * b + chunk * (6 * h + 3 * shapes.intermediate) * b
-    solve = max(5 * d * d * 4 + 5 * rows * d * 4 for d, rows in shapes.subgroups)
+    per_weight = solve_bytes_per_weight(spec)
+    solve = max(5 * d * d * 4 + per_weight * rows * d for d, rows in shapes.subgroups)
     stats = 0
     kinds = spec.statistic_kinds()
     if "fp_hessian" in kinds or "guided_hessian" in kinds:
@@ -197,7 +211,7 @@ _LIBC = None
 
 # ------------------------------------------------------------------------------------------------ cluster requests
 
-MARGIN = 1.25  # over the estimate: allocator slack and what the model leaves out (measured within 1.2x, README)
+MARGIN = 1.5  # over the estimate: allocator slack and what the model leaves out (measured 0.95-1.35x, README)
 FLOOR_MB = 2000
 UNCAPPED_EVAL_TOKENS = 600_000  # a protocol without max_windows: WikiText-2 or C4's 256 x 2048 windows, about
 # The longest request of a batch of a zero-shot task (lm-eval pads a batch to its longest), about; each few-shot

@@ -202,7 +202,7 @@ def result_fingerprint(work: Path) -> dict:
         fp[str(path.relative_to(work))] = (record["value"], record["protocol"])
     for path in sorted((work / "results/quantized").rglob("*.safetensors")):
         fp[str(path.relative_to(work))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert len(fp) == 1 + 3 + 2  # table, 3 perplexities (FP + 2 quantized), 2 quantized checkpoints
+    assert len(fp) == 1 + 3 + 2 * 3  # table, 3 perplexities (FP + 2 quantized), 2 checkpoints of 3 shards each
     return fp
 
 
