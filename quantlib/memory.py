@@ -14,8 +14,8 @@ Peak = runtime + the largest of three phases (b: bytes per element of the comput
             (5 x d_in^2 x 4 + rows x d_in x the solver's bytes per weight: the Hessian's float64 sum, its damped,
             permuted and factored copies, the weights' working copies; measured for LDLQ on Llama-2-7B shapes,
             where down_proj's 11008^2 Hessian makes it the largest term, and per solver family on the offline
-            model: `solve_bytes_per_weight`); the statistics read for the block (the FP Hessians of every subgroup; the Fisher, one float per
-            weight); block-wise training: the weights' three more copies (the trainable quantizer, its gradient,
+            model: `solve_bytes_per_weight`); the statistics read for the block (the FP Hessians of every
+            subgroup; the Fisher, one float per weight); block-wise training: the weights' three more copies (the trainable quantizer, its gradient,
             Adam's two moments)
   finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard,
             twice (safetensors serialises each tensor to bytes before writing)

@@ -78,7 +78,8 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     torch.manual_seed(seed)
     device, dtype, attn = _compute(compute)
     t0 = time.time()
-    plan = plan_quantize(model_cfg, spec, compute, torch.finfo(dtype).bits // 8)  # a budget too small fails here, before any work
+    # Chunk size and stream placement within compute.max_memory; a budget too small fails here, before any work.
+    plan = plan_quantize(model_cfg, spec, compute, torch.finfo(dtype).bits // 8)
     statistics = {stat: open_statistic(stat, inputs[stat], spec) for stat in spec.statistic_kinds()}
     tokens = load_tensor(inputs["calib"]) if "calib" in inputs else None
     # The model stays on disk: each block is read when the runner reaches it, written to its shard of the

@@ -66,9 +66,10 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
 
     `tokens` (n, seqlen) are the calibration windows (None when the spec reads none); `statistics` maps each
     statistic the spec needs to its opened artifact (`quantlib.stats.open_statistic`). Each layer's representation
-    goes to `on_layer(name, rep)`, or into the report's `reps`. `seed` is for block-wise methods;
-    `streams` (`memory` or `disk`) is where the calibration activations are kept between blocks. `access` reaches the blocks (default: all in memory; `BlockAccess(model, lazy=...)` reads
-    each from disk and frees it when done). Returns per-layer diagnostics.
+    goes to `on_layer(name, rep)`, or into the report's `reps`. `seed` is for block-wise methods; `streams`
+    (`memory` or `disk`) is where the calibration activations are kept between blocks. `access` reaches the blocks
+    (default: all in memory; `BlockAccess(model, lazy=...)` reads each from disk and frees it when done). Returns
+    per-layer diagnostics.
     """
     adapter = adapter_for(model)
     access = access or BlockAccess(model)
