@@ -173,7 +173,8 @@ class Gradients:
 
 
 def capture_guided_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict, inputs: dict,
-                            device: str = "cpu", chunk_tokens: int = 65536, progress: bool = True, **_) -> None:
+                            device: str = "cpu", chunk_tokens: int = 65536, progress: bool = True, access=None,
+                            **_) -> None:
     """Write the `guided_hessian.g{g}` artifact from the FP model's inputs and the `gradients` artifact."""
     from safetensors.torch import save_file
 
@@ -185,7 +186,8 @@ def capture_guided_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, pa
     blocks = adapter.block_list(model)
     t0 = time.time()
     with atomic_dir(out_dir, seal=True) as tmp:
-        for i, block, states, chunk in fp_blocks(model, tokens, device, chunk_tokens, progress, "guided hessians"):
+        for i, block, states, chunk in fp_blocks(model, tokens, device, chunk_tokens, progress, "guided hessians",
+                                                 access):
             weights = {name: grads.saliency(i, name, g) for group in adapter.subgroups for name in group}
             found = capture.hessians(block, adapter.subgroups, states, device, stop=False, weights=weights,
                                      chunk=chunk)

@@ -224,6 +224,26 @@ def lmeval_tokens(tasks: dict) -> int:
     return LMEVAL_TOKENS * (1 + max([(t or {}).get("num_fewshot", 0) or 0 for t in tasks.values()] or [0]))
 
 
+def stats_peak(model_cfg: dict, stat: str, spec, compute: dict, b: int) -> int:
+    """A statistics job: read block by block (`fp_hessian`, `guided_hessian`) it is a calibration pass like a
+    quantize job's, plus the float64 Hessian sums (g per layer for the guided ones); the gradients need the whole
+    model and a backward pass (weights, their gradients and the Fisher sums: three model sizes)."""
+    from . import methods
+
+    name, params = methods.parse_stat_name(stat)
+    if not methods.STATISTICS[name].block_by_block:
+        s = Shapes.of(model_cfg)
+        return whole_model_peak(model_cfg, spec.calib.seqlen, 1, b) + 2 * s.blocks * s.block_params * 4
+    shapes = Shapes.of(model_cfg)
+    phases = quantize_phases(shapes, spec, compute.get("calib_chunk_tokens", 65536), "memory", b)
+    groups = params.get("g", 0)
+    sums = sum(d * d * 8 for d, _ in shapes.subgroups)
+    if groups:
+        layers = max(len(g) for g in get_adapter(model_cfg.get("model_type", "?")).subgroups)
+        sums += groups * layers * max(d for d, _ in shapes.subgroups) ** 2 * 8
+    return RUNTIME_MB * MB + max(phases["capture"], phases["block"] + sums, phases["finish"])
+
+
 def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, fallback_mb: int) -> int:
     """The `mem_mb` a rule asks a cluster for: the memory model's peak for `job` (quantize, perplexity, lmeval,
     stats, distill, pack) with a margin, from the model's config.json (`model_cfg`) and the workflow's config
@@ -246,6 +266,8 @@ def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, fallback_mb: i
             peak = max(peak, eval_peak(model_cfg, windows, seqlen, ppl["batch_size"], b))
     elif job == "lmeval":
         peak = whole_model_peak(model_cfg, lmeval_tokens(cfg["lm_eval"]["tasks"]), cfg["lm_eval"]["batch_size"], b)
+    elif job.startswith("stats:"):  # stats:{statistic name}; `spec` is any spec of its calibration
+        peak = stats_peak(model_cfg, job.partition(":")[2], spec, compute, b)
     else:  # a job that holds the whole model: statistics, packing, a packed model's perplexity; distillation two
         peak = whole_model_peak(model_cfg, 2048, 1, b) * (2 if job == "distill" else 1)
     return max(FLOOR_MB, int(MARGIN * peak / MB))

@@ -133,6 +133,7 @@ class Statistic:
     help: str = ""
     params: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
+    block_by_block: bool = False  # computed one decoder block at a time: the job reads the model lazily
 
 
 @dataclass(frozen=True)
@@ -368,7 +369,7 @@ def check_distill(spec) -> None:
 register_statistic(Statistic(
     "fp_hessian", "quantlib.stats:capture_fp_hessians", "quantlib.stats:FPHessians", "input Hessians of the FP model",
     help="H = mean of x x^T over the calibration tokens, for every quantized layer, with the inputs propagated "
-         "through the unquantized model",
+         "through the unquantized model", block_by_block=True,
 ))
 register_statistic(Statistic(
     "gradients", "quantlib.gradients:capture_gradients", "quantlib.gradients:Gradients",
@@ -382,7 +383,7 @@ register_statistic(Statistic(
     "guided_hessian", "quantlib.gradients:capture_guided_hessians", "quantlib.gradients:GuidedHessians",
     "saliency-weighted Hessians of the FP model", params=("g",), needs=("gradients",),
     help="per quantized layer and block k of its output rows, H_k = mean over tokens of s_tk x x^T with the FP "
-         "model's inputs x and the saliency s averaged to g blocks (GuidedQuant)",
+         "model's inputs x and the saliency s averaged to g blocks (GuidedQuant)", block_by_block=True,
 ))
 
 

@@ -145,14 +145,23 @@ def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute:
     """Compute the statistics artifact `stat` (e.g. `fp_hessian`, `gradients.G4`) of the FP model on the calibration
     windows `calib_name`: an artifact shared by every method that needs it. `inputs` maps the statistics it is
     computed from to their artifacts."""
+    from . import methods
     from .stats import compute_statistic
 
     model_key, _ = parse_calib_name(calib_name)
     device, dtype, attn = _compute(compute)
-    model = load_model(model_dir, dtype, attn)
     tokens = load_tensor(calib_pt)
+    access = None
+    if methods.STATISTICS[methods.parse_stat_name(stat)[0]].block_by_block:
+        from .lazy import LazyModel
+        from .runner import BlockAccess
+
+        lazy = LazyModel(model_dir, dtype, attn)
+        model, access = lazy.model, BlockAccess(lazy.model, lazy=lazy)
+    else:  # the end-loss gradients need a backward pass through the whole model
+        model = load_model(model_dir, dtype, attn)
     compute_statistic(stat, model, tokens, out_dir, calib_name, model_key, inputs=inputs, device=device,
-                      chunk_tokens=compute.get("calib_chunk_tokens", 65536))
+                      chunk_tokens=compute.get("calib_chunk_tokens", 65536), access=access)
 
 
 def pack(name: str, src, out_dir, pack_cfg: dict) -> dict:

@@ -33,28 +33,32 @@ def block_file(i: int) -> str:
     return f"block{i:04d}.safetensors"
 
 
-def fp_blocks(model, tokens: torch.Tensor, device: str, chunk_tokens: int, progress: bool, desc: str):
+def fp_blocks(model, tokens: torch.Tensor, device: str, chunk_tokens: int, progress: bool, desc: str, access=None):
     """Walk the decoder blocks of the unquantized model: yields (index, block, states), the block on the device and
     `states` its inputs per chunk of windows (as `capture.block_inputs` gives them, `chunk` windows each); after each
-    step the block's outputs become the next block's inputs."""
+    step the block's outputs become the next block's inputs. `access` is the runner's `BlockAccess` (lazy: each
+    block read from disk and freed after)."""
+    from .runner import BlockAccess
+
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
+    access = access or BlockAccess(model)
     chunk = max(1, min(len(tokens), chunk_tokens // tokens.shape[1]))
     with torch.no_grad():
-        states = capture.block_inputs(model, blocks, tokens, chunk, device)
-        for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, mininterval=5)):
-            block.to(device)
+        with access.outer(device):
+            states = capture.block_inputs(model, blocks, tokens, chunk, device)
+        for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, mininterval=5):
+            block = access.open(i, device)
             t0 = time.time()
             yield i, block, states, chunk
             states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
             log.info("%s: block %d/%d in %.1fs", desc, i + 1, len(blocks), time.time() - t0)
-            if device != "cpu":
-                block.to("cpu")
+            access.close(i, block)
 
 
 def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict | None = None,
                         inputs: dict | None = None, device: str = "cpu", chunk_tokens: int = 65536,
-                        progress: bool = True) -> None:
+                        progress: bool = True, access=None) -> None:
     """Write the `fp_hessian` artifact: per block, the Hessian of each subgroup's input (keyed by the subgroup's
     first layer), the block's outputs from its unquantized weights going on to the next block."""
     from safetensors.torch import save_file
@@ -63,7 +67,7 @@ def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params
     blocks = adapter.block_list(model)
     t0 = time.time()
     with atomic_dir(out_dir, seal=True) as tmp:
-        for i, block, states, _ in fp_blocks(model, tokens, device, chunk_tokens, progress, "fp hessians"):
+        for i, block, states, _ in fp_blocks(model, tokens, device, chunk_tokens, progress, "fp hessians", access):
             found = capture.hessians(block, adapter.subgroups, states, device, stop=False)
             save_file({group[0]: H.cpu().contiguous() for group, H in zip(adapter.subgroups, found)},
                       str(tmp / block_file(i)))
@@ -139,13 +143,15 @@ def stat_dependencies(name: str, calib_name: str, gradient_groups: int = 4) -> d
 
 def compute_statistic(name: str, model, tokens: torch.Tensor, out_dir, calib_name: str, model_key: str,
                       inputs: dict | None = None, device: str = "cpu", chunk_tokens: int = 65536,
-                      progress: bool = True) -> None:
+                      progress: bool = True, access=None) -> None:
     """Compute the statistics artifact `name` (a statistic and its parameters, e.g. `guided_hessian.g4`); `inputs`
-    maps each statistic it is computed from to its artifact."""
+    maps each statistic it is computed from to its artifact. `access`: the blocks of a model read lazily (only for
+    a statistic whose catalog entry is `block_by_block`)."""
     stat, params = methods.parse_stat_name(name)
     missing = [n for n in methods.STATISTICS[stat].needs if n not in (inputs or {})]
     if missing:
         raise ValueError(f"{name} is computed from {missing}, which were not given")
     compute = methods.load_impl(methods.STATISTICS[stat].impl)
+    extra = {} if access is None else {"access": access}
     compute(model, tokens, out_dir, {"model": model_key, "calib": calib_name}, params=params, inputs=inputs or {},
-            device=device, chunk_tokens=chunk_tokens, progress=progress)
+            device=device, chunk_tokens=chunk_tokens, progress=progress, **extra)

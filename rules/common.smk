@@ -157,7 +157,8 @@ def stats_inputs(wildcards):
 
 
 def stats_mem(wildcards):
-    return job_mem("stats", spec_of(f"{parse_calib_name(wildcards.calib)[0]}.fp"), 3)
+    # Any spec reading this calibration stands for its shape (the number and length of the windows).
+    return job_mem(f"stats:{wildcards.stat}", spec_of(f"{wildcards.calib}.ldlq.w4"), 3)
 
 
 def ppl_runtime(wildcards):

@@ -185,3 +185,21 @@ def test_offloaded_model_gives_the_whole_models_logits_with_blocks_on_disk(shard
     assert len(list((tmp_path / "offload").glob("*.dat"))) == 4 * 9  # every block tensor in accelerate's files
     with torch.no_grad():
         assert torch.equal(got, load_fp(sharded_dir)(x).logits)
+
+
+def test_fp_hessians_read_block_by_block_equal_the_in_memory_ones(sharded_dir, calib, tmp_path):
+    from quantlib.pipeline import statistic
+    from quantlib.stats import compute_statistic
+
+    statistic("fp_hessian", "tiny.toy.n8.L32", sharded_dir, calib, tmp_path / "lazy",
+              {"device": "cpu", "dtype": "float32", "calib_chunk_tokens": 64})
+    compute_statistic("fp_hessian", load_fp(sharded_dir), torch.load(calib), tmp_path / "memory", "tiny.toy.n8.L32",
+                      "tiny", chunk_tokens=64, progress=False)
+    from safetensors.torch import load_file
+
+    files = sorted(p.name for p in (tmp_path / "lazy").glob("block*.safetensors"))
+    assert len(files) == 4
+    for name in files:  # one file per block, the Hessian of each subgroup
+        lazy, memory = load_file(tmp_path / "lazy" / name), load_file(tmp_path / "memory" / name)
+        assert len(lazy) == 4 and lazy.keys() == memory.keys()
+        assert all(torch.equal(lazy[k], memory[k]) for k in lazy)
