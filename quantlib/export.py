@@ -27,7 +27,7 @@ import torch
 
 from .errors import DataError, NumericalError
 from .io import atomic_dir, versions
-from .lazy import INDEX
+from .lazy import INDEX, LazyModel, all_finite
 from .models import _TOKENIZER_FILES, adapter_for, load_model
 from .formats import load_representation
 
@@ -73,7 +73,7 @@ class CheckpointWriter:
         from safetensors.torch import save_file
 
         for key, value in state.items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
+            if value.is_floating_point() and not all_finite(value):
                 raise NumericalError(f"tensor '{key}' contains NaN or Inf; nothing was saved")
         name = self._shard(k)
         save_file({k: v.contiguous() for k, v in state.items()}, str(self._tmp / name), metadata={"format": "pt"})
@@ -154,6 +154,13 @@ def average_bits(layers: dict) -> float:
     return sum(d["bits_per_weight"] * sizes[k] for k, d in layers.items()) / max(1, sum(sizes.values()))
 
 
+def is_packed_dir(path: str | Path) -> bool:
+    """A checkpoint written by the pack stage (`quantlib.pack`)."""
+    from .pack import REPORT
+
+    return (Path(path) / REPORT).exists()
+
+
 def is_quantized_dir(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
     return cfg.exists() and json.loads(cfg.read_text()).get("quantization_config", {}).get("quant_method") == QUANT_METHOD
@@ -183,18 +190,13 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: s
                    with_representations: bool = False):
     """Rebuild the model with dequantized weights from a directory written by `save_quantized`; with
     `with_representations`, also {layer: representation} (what a later stage such as distillation trains)."""
-    from .lazy import LazyModel
-
     lazy = LazyModel(path, dtype, attn)  # verifies the checksums
     if not lazy.quantized:
         raise DataError(f"{path} is not a quantlib checkpoint (its config.json has no quantlib quantization_config)")
-    lazy.load_outer()
-    for i in range(len(lazy)):
-        lazy.load_block(i)
-    missing = [n for n, p in lazy.model.named_parameters() if p.device.type == "meta"]
+    model = lazy.load_all()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:5]})")
-    model = lazy.model
     if not with_representations:
         return model
     qcfg = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
@@ -205,7 +207,7 @@ def load_any(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "
     """A quantized directory, a packed one (quantlib.pack) or a plain full-precision checkpoint."""
     if is_quantized_dir(path):
         return load_quantized(path, dtype, attn)
-    if (Path(path) / "pack_report.json").exists():
+    if is_packed_dir(path):
         from .pack.load import load_packed
 
         return load_packed(path, dtype, attn)

@@ -89,11 +89,12 @@ def quantized_layers(config: dict) -> dict:
     return qcfg.get("layers", {}) if qcfg.get("quant_method") == QUANT_METHOD else {}
 
 
-def _free(module: torch.nn.Module) -> None:
-    """Parameters back to the meta device (buffers stay: rotary tables and the like are not in the checkpoint)."""
+def _free(module: torch.nn.Module, keep: frozenset = frozenset()) -> None:
+    """Parameters back to the meta device, but for those whose id is in `keep` (buffers stay: rotary tables and the
+    like are not in the checkpoint)."""
     for mod in module.modules():
         for key, p in mod._parameters.items():
-            if p is not None and p.device.type != "meta":
+            if p is not None and p.device.type != "meta" and id(p) not in keep:
                 mod._parameters[key] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
 
 
@@ -200,16 +201,18 @@ class LazyModel:
             self.model.tie_weights()
 
     def release_outer(self) -> None:
-        in_blocks = {id(p) for p in self.blocks.parameters()}
-        for mod in self.model.modules():
-            for key, p in mod._parameters.items():
-                if p is not None and id(p) not in in_blocks and p.device.type != "meta":
-                    mod._parameters[key] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+        _free(self.model, keep=frozenset(id(p) for p in self.blocks.parameters()))
+
+    def load_all(self, device="cpu"):
+        """The whole model in memory (every block and everything outside them)."""
+        self.load_outer(head=True, device=device)
+        for i in range(len(self)):
+            self.load_block(i, device)
+        return self.model
 
     def outer_state(self) -> dict[str, torch.Tensor]:
         """Everything outside the blocks as the checkpoint stores it (tied head left out), in the model's dtype."""
         return self._read(self.outer_names(head=True), "the model")
-
 
 
 def offloaded(lazy: LazyModel, folder: str | Path, device: str = "cpu"):

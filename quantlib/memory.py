@@ -268,6 +268,6 @@ def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, fallback_mb: i
         peak = whole_model_peak(model_cfg, lmeval_tokens(cfg["lm_eval"]["tasks"]), cfg["lm_eval"]["batch_size"], b)
     elif job.startswith("stats:"):  # stats:{statistic name}; `spec` is any spec of its calibration
         peak = stats_peak(model_cfg, job.partition(":")[2], spec, compute, b)
-    else:  # a job that holds the whole model: statistics, packing, a packed model's perplexity; distillation two
+    else:  # a job that holds the whole model: packing, a packed model's perplexity; distillation two
         peak = whole_model_peak(model_cfg, 2048, 1, b) * (2 if job == "distill" else 1)
     return max(FLOOR_MB, int(MARGIN * peak / MB))

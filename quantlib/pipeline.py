@@ -199,11 +199,12 @@ def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs
     ({dataset}.L{seqlen}[.nw{n}]) to its window file and its result JSON. A full-precision or quantlib checkpoint
     is read block by block (one block in memory at a time, `quantlib.lazy`); a packed one is loaded whole."""
     from .evaluate import perplexity_by_block
+    from .export import is_packed_dir
     from .runner import BlockAccess
 
     spec = QuantSpec.parse(name)
     device, dtype, attn = _compute(compute)
-    if (Path(model_path) / "pack_report.json").exists():
+    if is_packed_dir(model_path):
         from .pack.load import load_packed
 
         model = load_packed(model_path, dtype, attn)
@@ -241,10 +242,11 @@ def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs
 def _lmeval_offload(model_path, compute: dict, batch_size: int, tasks: dict, dtype) -> bool:
     """lm-eval runs the model in one piece: when the whole model does not fit `compute.max_memory`, its blocks are
     offloaded to disk (`quantlib.lazy.offloaded`). A packed checkpoint is always loaded whole."""
+    from .export import is_packed_dir
     from .memory import MB, lmeval_tokens, parse_memory, whole_model_peak
 
     budget = parse_memory(compute.get("max_memory"))
-    if budget is None or (Path(model_path) / "pack_report.json").exists():
+    if budget is None or is_packed_dir(model_path):
         return False
     need = whole_model_peak(read_config(model_path), lmeval_tokens(tasks), batch_size, torch.finfo(dtype).bits // 8)
     if need > budget:

@@ -46,12 +46,13 @@ def fp_blocks(model, tokens: torch.Tensor, device: str, chunk_tokens: int, progr
     chunk = max(1, min(len(tokens), chunk_tokens // tokens.shape[1]))
     with torch.no_grad():
         with access.outer(device):
-            states = capture.block_inputs(model, blocks, tokens, chunk, device)
+            states = capture.States(capture.block_inputs(model, blocks, tokens, chunk, device), "memory", None,
+                                    device)
         for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, mininterval=5):
             block = access.open(i, device)
             t0 = time.time()
             yield i, block, states, chunk
-            states = [(capture.block_output(block, h, kw), kw) for h, kw in states]
+            states = states.through(block)
             log.info("%s: block %d/%d in %.1fs", desc, i + 1, len(blocks), time.time() - t0)
             access.close(i, block)
 
@@ -151,7 +152,8 @@ def compute_statistic(name: str, model, tokens: torch.Tensor, out_dir, calib_nam
     missing = [n for n in methods.STATISTICS[stat].needs if n not in (inputs or {})]
     if missing:
         raise ValueError(f"{name} is computed from {missing}, which were not given")
+    if access is not None and not methods.STATISTICS[stat].block_by_block:
+        raise ValueError(f"{name} is not computed block by block: it needs the whole model in memory")
     compute = methods.load_impl(methods.STATISTICS[stat].impl)
-    extra = {} if access is None else {"access": access}
     compute(model, tokens, out_dir, {"model": model_key, "calib": calib_name}, params=params, inputs=inputs or {},
-            device=device, chunk_tokens=chunk_tokens, progress=progress, **extra)
+            device=device, chunk_tokens=chunk_tokens, progress=progress, access=access)

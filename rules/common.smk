@@ -1,12 +1,12 @@
 # Expansion of the config into short names and paths; every helper here is a thin call into quantlib (names and
 # path templates: quantlib.names; what a spec reads: QuantSpec.inputs(); the config: quantlib.config).
 
-import json
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from quantlib.adapters import read_config
 from quantlib.config import Experiment, check_sources
 from quantlib.config.preflight import check_config_files, check_hub_for_download
 from quantlib.errors import QuantlibError
@@ -112,8 +112,8 @@ def quantize_inputs(wildcards):
 
 def model_config(model):
     """The model's config.json once fetched (the memory model reads its shapes), else None."""
-    path = Path(EXP.model_path(model)) / "config.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    folder = EXP.model_path(model)
+    return read_config(folder) if (Path(folder) / "config.json").exists() else None
 
 
 def job_mem(job, spec, factor):

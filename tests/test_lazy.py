@@ -43,14 +43,11 @@ def calib(tmp_path_factory):
 
 
 def _in_memory(model_dir, name, tmp_path):
-    model = LazyModel(model_dir)  # the same weights, loaded whole
-    for i in range(len(model)):
-        model.load_block(i)
-    model.load_outer()
+    model = LazyModel(model_dir).load_all()  # the same weights, loaded whole
     spec = QuantSpec.parse(name)
-    report = quantize_model(model.model, spec, calib_tokens(8, 32) if spec.needs_tokens else None, progress=False,
+    report = quantize_model(model, spec, calib_tokens(8, 32) if spec.needs_tokens else None, progress=False,
                             chunk_tokens=64)
-    save_quantized(model.model, spec, report, tmp_path / "memory", model_dir)
+    save_quantized(model, spec, report, tmp_path / "memory", model_dir)
     return tmp_path / "memory"
 
 
@@ -99,11 +96,7 @@ def test_perplexity_block_by_block_equals_the_whole_model(sharded_dir, streams):
     by_block = perplexity_by_block(lazy.model, windows, batch_size=4, access=BlockAccess(lazy.model, lazy=lazy),
                                    progress=False, streams=streams)
     assert all(p.device.type == "meta" for p in lazy.model.parameters())  # nothing left loaded
-    whole = LazyModel(sharded_dir)
-    for i in range(len(whole)):
-        whole.load_block(i)
-    whole.load_outer()
-    ref = perplexity(whole.model, windows, batch_size=4, progress=False)
+    ref = perplexity(load_fp(sharded_dir), windows, batch_size=4, progress=False)
     assert by_block["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
     assert by_block["tokens_scored"] == ref["tokens_scored"] == 6 * 31
 
@@ -121,11 +114,7 @@ def test_perplexity_of_a_quantized_checkpoint_on_disk(sharded_dir, calib, tmp_pa
 
 
 def load_fp(model_dir):
-    lazy = LazyModel(model_dir)
-    for i in range(len(lazy)):
-        lazy.load_block(i)
-    lazy.load_outer()
-    return lazy.model
+    return LazyModel(model_dir).load_all()
 
 
 def test_weight_source_reads_single_files_and_shards(sharded_dir, tiny_dir):
