@@ -8,7 +8,7 @@ such as rtn or alternating for comparison).
 
 The earlier blocks stay in full precision, so the block's inputs are the FP model's (the two streams of the block
 mode are equal and input mixing is moot): the figures isolate what the quantizer and its training do to one block.
-Training runs exactly as in a quantize job (`quantlib.blockwise`, same seed rule). The held-out error is
+Training runs exactly as in a quantize job (`quantlib.runner.blockwise`, same seed rule). The held-out error is
 sum (B_q(x) - B(x))^2 / sum B(x)^2 over the first `--heldout` windows of the evaluation text, windows of the
 calibration's length. Prints and appends one JSON line per name to results/benchmarks/records.jsonl (`--record`).
 """
@@ -24,14 +24,15 @@ import time
 
 import torch
 
-from quantlib import capture
-from quantlib.blockwise import Stream, _block_error, _reconstruct_block
-from quantlib.data import calibration_windows, eval_windows, read_texts
-from quantlib.io import versions
-from quantlib.models import adapter_for, load_model, load_tokenizer
-from quantlib.runner import QuantizedModelReport
-from quantlib.solvers import LayerSolver
-from quantlib.spec import QuantSpec
+from quantlib.stats import capture
+from quantlib.runner.blockwise import Stream, _block_error, _reconstruct_block
+from quantlib.access.datasets import calibration_windows, eval_windows, read_texts
+from quantlib.artifacts.atomic import versions
+from quantlib.access.adapters import adapter_for
+from quantlib.access.models import load_model, load_tokenizer
+from quantlib.runner.walk import QuantizedModelReport
+from quantlib.solvers.contract import LayerSolver
+from quantlib.catalog.spec import QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
 

@@ -19,13 +19,13 @@ import time
 
 import torch
 
-import quantlib.hessian as hessian
-from quantlib.data import calibration_windows, eval_windows, read_texts
-from quantlib.evaluate import perplexity
-from quantlib.io import versions
-from quantlib.models import load_model, load_tokenizer
-from quantlib.runner import quantize_model
-from quantlib.spec import QuantSpec
+import quantlib.stats.hessian as hessian
+from quantlib.access.datasets import calibration_windows, eval_windows, read_texts
+from quantlib.evaluation.perplexity import perplexity
+from quantlib.artifacts.atomic import versions
+from quantlib.access.models import load_model, load_tokenizer
+from quantlib.runner.walk import quantize_model
+from quantlib.catalog.spec import QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
 

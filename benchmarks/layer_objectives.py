@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from quantlib.data import eval_windows, read_texts
-from quantlib.hessian import HessianAccumulator, layer_error
-from quantlib.io import versions
-from quantlib.models import load_model, load_tokenizer
-from quantlib.solvers import solve_layer
-from quantlib.spec import CalibSpec, QuantSpec
+from quantlib.access.datasets import eval_windows, read_texts
+from quantlib.stats.hessian import HessianAccumulator, layer_error
+from quantlib.artifacts.atomic import versions
+from quantlib.access.models import load_model, load_tokenizer
+from quantlib.solvers.contract import solve_layer
+from quantlib.catalog.spec import CalibSpec, QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
 

@@ -1,4 +1,4 @@
-"""Peak host memory of the quantize and perplexity jobs against the memory model (quantlib.memory).
+"""Peak host memory of the quantize and perplexity jobs against the memory model (quantlib.jobs.memory).
 
     # a synthetic model with Llama-2-7B's block shapes, 2 and then 8 blocks, written to disk in float16
     python benchmarks/memory_bench.py synthetic --blocks 2 8 --work /tmp/membench --record benchmarks/results.jsonl
@@ -8,8 +8,8 @@
         --windows results/evaldata/smollm2-135m-instruct-q4_1/wikitext2.L512.pt --max-windows 40
 
 Each job runs in a fresh Python process that reports its own peak resident set (getrusage ru_maxrss): the quantize
-job of `quantlib.pipeline.quantize` (blocks read from disk one at a time, the checkpoint written one shard per
-block) and block-by-block perplexity (`quantlib.evaluate.perplexity_by_block` on the model read lazily). Figures
+job of `quantlib.jobs.steps.quantize` (blocks read from disk one at a time, the checkpoint written one shard per
+block) and block-by-block perplexity (`quantlib.evaluation.perplexity.perplexity_by_block` on the model read lazily). Figures
 depend on the machine's allocator and library versions: compare the estimate's ratio, not the megabytes, across
 machines. Run it alone: two torch processes on two cores slow each other, though peaks hardly move.
 """
@@ -31,7 +31,7 @@ LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_hea
 
 CHILD_QUANTIZE = """
 import json, resource, sys, time
-from quantlib.pipeline import quantize
+from quantlib.jobs.steps import quantize
 name, model_dir, calib, out, compute = sys.argv[1:6]
 t = time.time()
 quantize(name, model_dir, {"calib": calib} if calib != "-" else {}, out, json.loads(compute))
@@ -42,9 +42,9 @@ print("RESULT", json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).
 
 CHILD_PPL = """
 import json, resource, sys, time, torch
-from quantlib.evaluate import perplexity_by_block
-from quantlib.lazy import LazyModel
-from quantlib.runner import BlockAccess
+from quantlib.evaluation.perplexity import perplexity_by_block
+from quantlib.access.lazy import LazyModel
+from quantlib.access.blocks import BlockAccess
 path, windows, max_windows, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 w = torch.load(windows)
 w = w["windows"] if isinstance(w, dict) else w
@@ -116,7 +116,7 @@ def measure(model_dir: Path, name: str, calib: Path | None, windows: Path | None
     q = run_child(CHILD_QUANTIZE, name, model_dir, calib or "-", out, json.dumps(compute))
     row = {"quantize": {**q, "peak_over_estimate": q["peak_mb"] / q["estimate"]["estimated_peak_mb"]}}
     if windows is not None:
-        from quantlib.memory import MB, eval_peak
+        from quantlib.jobs.memory import MB, eval_peak
 
         cfg = json.loads((model_dir / "config.json").read_text())
         for label, path in (("fp", model_dir), ("quantized", out)):
@@ -185,7 +185,7 @@ def main() -> None:
         shapes = {"model": str(args.model_dir)}
     rec.append({"benchmark": "memory", **shapes, "runs": runs, "machine": platform.machine(),
                 "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-                "versions": __import__("quantlib.io", fromlist=["versions"]).versions()}, args.record)
+                "versions": __import__("quantlib.artifacts.atomic", fromlist=["versions"]).versions()}, args.record)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from quantlib.init import group_weights, init_grid, minmax_init, weighted_error
-from quantlib.io import versions
-from quantlib.spec import CalibSpec, QuantSpec
+from quantlib.solvers.grid_init import group_weights, init_grid, minmax_init, weighted_error
+from quantlib.artifacts.atomic import versions
+from quantlib.catalog.spec import CalibSpec, QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from quantlib.export import load_quantized
-from quantlib.io import versions
-from quantlib.pack import pack_checkpoint
-from quantlib.pack.load import PackedLinear, load_packed
+from quantlib.checkpoint.reader import load_quantized
+from quantlib.artifacts.atomic import versions
+from quantlib.checkpoint.pack.writer import pack_checkpoint
+from quantlib.checkpoint.pack.load import PackedLinear, load_packed
 
 import record as rec
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from quantlib.hessian import add_damping, layer_error
-from quantlib.io import versions
-from quantlib.solvers import solve_layer
-from quantlib.spec import CalibSpec, QuantSpec
+from quantlib.stats.hessian import add_damping, layer_error
+from quantlib.artifacts.atomic import versions
+from quantlib.solvers.contract import solve_layer
+from quantlib.catalog.spec import CalibSpec, QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
 

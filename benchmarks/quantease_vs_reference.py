@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 
 from layer_objectives import input_hessians, windows
-from quantlib.data import read_texts
-from quantlib.hessian import layer_error
-from quantlib.io import versions
-from quantlib.models import load_model, load_tokenizer
-from quantlib.solvers import quantease, solve_layer
-from quantlib.spec import CalibSpec, QuantSpec
+from quantlib.access.datasets import read_texts
+from quantlib.stats.hessian import layer_error
+from quantlib.artifacts.atomic import versions
+from quantlib.access.models import load_model, load_tokenizer
+from quantlib.solvers import quantease
+from quantlib.solvers.contract import solve_layer
+from quantlib.catalog.spec import CalibSpec, QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from quantlib.data import calibration_windows, fetch_dataset, read_texts
-from quantlib.io import versions
-from quantlib.models import fetch_model, load_tokenizer
-from quantlib.pipeline import quantize
-from quantlib.spec import QuantSpec
+from quantlib.access.datasets import calibration_windows, fetch_dataset, read_texts
+from quantlib.artifacts.atomic import versions
+from quantlib.access.models import fetch_model, load_tokenizer
+from quantlib.jobs.steps import quantize
+from quantlib.catalog.spec import QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
 

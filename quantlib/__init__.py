@@ -1,8 +1,8 @@
 """quantlib: post-training quantization of LLMs, one implementation of each method, usable without Snakemake.
 
 The Python API (quantlib.api, importable from here): load_model, load_tokenizer, read_texts, calibration_windows,
-eval_windows, quantize, save, load, perplexity, pack_checkpoint. The catalog of methods is quantlib.methods, short names
-quantlib.spec, the workflow's configuration quantlib.config. `import quantlib` loads torch only when an API
+eval_windows, quantize, save, load, perplexity, pack_checkpoint. The catalog of methods is quantlib.catalog.registry, short names
+quantlib.catalog.spec, the workflow's configuration quantlib.config. `import quantlib` loads torch only when an API
 function is first used, so the Snakefile's imports stay light.
 """
 
@@ -12,7 +12,7 @@ __all__ = ["calibration_windows", "eval_windows", "load", "load_model", "load_to
 
 def __getattr__(name):
     if name in __all__:
-        from . import api
+        from quantlib import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'quantlib' has no attribute '{name}'")

@@ -21,16 +21,18 @@ from pathlib import Path
 
 import torch
 
-from .data import calibration_windows as _calibration_windows
-from .data import eval_windows as _eval_windows
-from .data import read_texts  # noqa: F401  (part of the API)
-from .errors import ConfigError
-from .evaluate import perplexity as _perplexity
-from .export import load_any, save_quantized
-from .models import load_model as _load_model
-from .models import load_tokenizer  # noqa: F401  (part of the API)
-from .runner import QuantizedModelReport, quantize_model
-from .spec import QuantSpec
+from quantlib.access.datasets import calibration_windows as _calibration_windows
+from quantlib.access.datasets import eval_windows as _eval_windows
+from quantlib.access.datasets import read_texts  # noqa: F401  (part of the API)
+from quantlib.access.models import load_model as _load_model
+from quantlib.catalog.spec import QuantSpec
+from quantlib.checkpoint.pack.writer import pack_checkpoint as _pack
+from quantlib.checkpoint.reader import load_any
+from quantlib.checkpoint.writer import save_quantized
+from quantlib.errors import ConfigError
+from quantlib.evaluation.perplexity import perplexity as _perplexity
+from quantlib.runner.walk import QuantizedModelReport, quantize_model
+from quantlib.stats.artifacts import compute_statistic, open_statistic, stat_dependencies
 
 
 def _spec(spec) -> QuantSpec:
@@ -51,8 +53,6 @@ def load(path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
 def pack_checkpoint(src, out_dir, fmt: str = "ct", dtype: str = "float16", stat_dtype: str = "float16") -> dict:
     """Write the quantized checkpoint `src` in an external layout (ct: compressed-tensors, which transformers loads;
     gptq; anyprec; bcq: docs/packing.md) into `out_dir`; returns the pack report."""
-    from .pack import pack_checkpoint as _pack
-
     return _pack(src, out_dir, fmt, dtype, stat_dtype)
 
 
@@ -88,8 +88,6 @@ def quantize(model, spec, tokens: torch.Tensor | None = None, *, statistics: dic
     missing = [s for s in spec.statistic_kinds() if s not in statistics]
     with tempfile.TemporaryDirectory(prefix="quantlib-stats-") as tmp:
         if missing:
-            from .stats import compute_statistic, open_statistic, stat_dependencies
-
             folder = Path(tmp)
             for name in spec.statistics():  # catalog order: a statistic comes after the ones it is made from
                 kind = name.split(".")[0]

@@ -1,19 +1,20 @@
 # Expansion of the config into short names and paths; every helper here is a thin call into quantlib (names and
-# path templates: quantlib.names; what a spec reads: QuantSpec.inputs(); the config: quantlib.config).
+# path templates: quantlib.catalog.names; what a spec reads: QuantSpec.inputs(); the config: quantlib.config).
 
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from quantlib.adapters import read_config
-from quantlib.config import Experiment, check_sources
+from quantlib.access.adapters import read_config
+from quantlib.config.experiment import Experiment
+from quantlib.config.preflight import check_sources
 from quantlib.config.preflight import check_config_files, check_hub_for_download
 from quantlib.errors import QuantlibError
-from quantlib.memory import request_mb
-from quantlib.names import DATASET_KEY_RE, MODEL_KEY_RE, PATHS, STAT_RE, evaldata_path, parse_ppl_protocol
-from quantlib.stats import stat_dependencies
-from quantlib.spec import QuantSpec, parse_calib_name
+from quantlib.jobs.memory import request_mb
+from quantlib.catalog.names import DATASET_KEY_RE, MODEL_KEY_RE, PATHS, STAT_RE, evaldata_path, parse_ppl_protocol
+from quantlib.stats.artifacts import stat_dependencies
+from quantlib.catalog.spec import QuantSpec, parse_calib_name
 
 try:
     check_config_files([str(p) for p in workflow.configfiles])
@@ -117,7 +118,7 @@ def model_config(model):
 
 
 def job_mem(job, spec, factor):
-    """mem_mb from the memory model (quantlib.memory); before the model is fetched, from its params_b."""
+    """mem_mb from the memory model (quantlib.jobs.memory); before the model is fetched, from its params_b."""
     try:
         return request_mb(job, model_config(spec.model), spec, EXP.cfg, mem_mb_for(spec.model, factor))
     except QuantlibError as exc:

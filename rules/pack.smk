@@ -1,5 +1,5 @@
 # External checkpoint layouts: results/quantized/{name} -> results/packed/{format}/{name} (compressed-tensors
-# pack-quantized, GPTQ v2, Any-Precision lookup tables, binary coding; quantlib.pack, docs/packing.md). A packed
+# pack-quantized, GPTQ v2, Any-Precision lookup tables, binary coding; quantlib.checkpoint.pack, docs/packing.md). A packed
 # model is evaluated like any other under the name {name}.pack-{format}.
 
 

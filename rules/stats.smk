@@ -1,4 +1,4 @@
-# Statistics of the FP model ({stat}: a key of quantlib.methods.STATISTICS) on the calibration windows {calib},
+# Statistics of the FP model ({stat}: a key of quantlib.catalog.registry.STATISTICS) on the calibration windows {calib},
 # computed once and shared by every method whose spec reads them.
 
 

@@ -110,8 +110,9 @@ def quantize_save_reload(model, spec, tok_dir: Path, out: Path, **save_kwargs) -
     """Quantizes `model` in place on `calib_tokens(8)`, saves it with the tokenizer in `tok_dir` to `out`, loads it
     back and checks that the reloaded model gives exactly the same logits. Returns (the quantize report, the saved
     per-layer quantization metadata, the saved diagnostics)."""
-    from quantlib.export import load_quantized, save_quantized
-    from quantlib.runner import quantize_model
+    from quantlib.checkpoint.reader import load_quantized
+    from quantlib.checkpoint.writer import save_quantized
+    from quantlib.runner.walk import quantize_model
 
     report = quantize_model(model, spec, calib_tokens(8), progress=False)
     save_quantized(model, spec, report, out, tok_dir, **save_kwargs)

@@ -1,7 +1,3 @@
 """The workflow configuration, by job: its schema and messages (`schema`), its expansion into specs, artifact paths
 and tables (`experiment`), and the checks of its sources before any job (`preflight`). Pure Python: the Snakefile
 imports it at parse time."""
-
-from .experiment import Experiment, MethodEntry, TableDef  # noqa: F401
-from .preflight import check_sources  # noqa: F401
-from .schema import SCHEMA, validate  # noqa: F401

@@ -4,16 +4,16 @@ Snakefile imports it at parse time)."""
 from __future__ import annotations
 
 import dataclasses
-
 import re
 from dataclasses import dataclass
 
-from .. import methods, names
-from ..errors import ConfigError
-from ..metrics import is_lower_better
-from ..names import DATASET_KEY_RE, MODEL_KEY_RE, TASK_KEY_RE, lmeval_protocol_name, ppl_protocol_name
-from ..spec import CalibSpec, DistillSpec, QuantSpec
-from .schema import validate
+from quantlib.catalog import names, registry
+from quantlib.catalog.names import DATASET_KEY_RE, MODEL_KEY_RE, TASK_KEY_RE, lmeval_protocol_name, ppl_protocol_name
+from quantlib.catalog.pack_formats import packable
+from quantlib.catalog.spec import CalibSpec, DistillSpec, QuantSpec
+from quantlib.config.schema import validate
+from quantlib.errors import ConfigError
+from quantlib.evaluation.metrics import is_lower_better
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Experiment:
         for key in c["models"]:
             if not _fullmatch(MODEL_KEY_RE, key) or key.split(".")[-1] == "fp":
                 raise ConfigError(f"model key '{key}' must match {MODEL_KEY_RE} and not end in '.fp'")
-            if any(t in methods.SOLVERS or t in methods.PREPROCESSORS for t in key.split(".")):
+            if any(t in registry.SOLVERS or t in registry.PREPROCESSORS for t in key.split(".")):
                 raise ConfigError(f"model key '{key}' contains a method name; rename it")
         for key in c["datasets"]:
             if not _fullmatch(DATASET_KEY_RE, key):
@@ -282,8 +282,6 @@ class Experiment:
     def pack_targets(self) -> list[str]:
         """For every quantized model of the tables a plain run builds and every `pack.formats` entry that can hold
         it, the packed checkpoint (and, with `pack.perplexity`, its perplexity results)."""
-        from ..pack import packable
-
         out = []
         table_specs = [self.spec(m, row, *names.require_setting(st), seed) for key in self.default_tables()
                        for m, row, st, seed in self._replicates(self.tables[key]) if row != "fp"]

@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
-from .experiment import Experiment
+from quantlib.config.experiment import Experiment
+from quantlib.errors import ConfigError
 
 
 def check_sources(exp: Experiment, offline: bool | None = None) -> None:
@@ -76,7 +76,7 @@ def _check_task_names(exp: Experiment) -> None:
     used = exp.used_tasks()
     if not used:
         return
-    from ..lmeval import lm_eval_version, unknown_tasks
+    from quantlib.evaluation.lmeval import lm_eval_version, unknown_tasks
 
     missing = unknown_tasks(used)
     if missing:
@@ -89,7 +89,7 @@ def _check_task_sources(exp: Experiment) -> None:
     """Local copies of lm-eval task data must exist. Tasks that read the hub are not refused here, offline or not:
     whether lm-eval's datasets cache holds them is only known to lm-eval, and a dry run or a run whose lm-eval
     results are up to date needs no data. The lm-eval job checks every task's data before it loads the model and
-    fails with a message naming the task (quantlib.lmeval.TaskSet.check_data)."""
+    fails with a message naming the task (quantlib.evaluation.lmeval.TaskSet.check_data)."""
     for task, opts in exp.lmeval_tasks.items():
         src = opts.get("source") or {}
         files = src.get("data_files")
@@ -106,7 +106,7 @@ def _check_model_shapes(exp: Experiment, key: str) -> None:
     """When the model's config.json is on disk (pre-filled resources, a local source, or the hub's cache): supported
     architecture, and every group size divides every quantized layer's input size. Otherwise the download job
     checks it before the weights (`fetch_model(shape_checks=...)`)."""
-    from ..adapters import check_model_shapes
+    from quantlib.access.adapters import check_model_shapes
 
     m = exp.cfg["models"][key]
     candidates = [Path(exp.model_path(key)) / "config.json", Path(m["source"]).expanduser() / "config.json"]

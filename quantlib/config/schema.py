@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
+from quantlib.errors import ConfigError
 
 _DATASET = {
     "type": "object",

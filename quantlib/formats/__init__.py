@@ -1,4 +1,4 @@
-"""Stored representations of quantized layers. Each format is a module here, listed in `quantlib.methods.FORMATS`
+"""Stored representations of quantized layers. Each format is a module here, listed in `quantlib.catalog.registry.FORMATS`
 and imported only when a checkpoint or a solver uses it, so a fresh process loads any saved model.
 
 A representation offers: `format` (its catalog key), `meta()` and `to_tensors()` (what a checkpoint stores),
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import methods
+from quantlib.catalog import registry
 
 
 class ColumnProjection:
@@ -41,4 +41,4 @@ class ColumnProjection:
 
 def load_representation(meta: dict, tensors: dict):
     """Rebuild a layer's representation from a checkpoint's metadata and tensors."""
-    return methods.format_entry(meta["format"]).load().from_tensors(meta, tensors)
+    return registry.format_entry(meta["format"]).load().from_tensors(meta, tensors)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .uniform import group_index, pack_codes, unpack_codes
+from quantlib.formats.uniform import group_index, pack_codes, unpack_codes
 
 
 @dataclass

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ColumnProjection
-from .uniform import pack_codes, unpack_codes
+from quantlib.formats import ColumnProjection
+from quantlib.formats.uniform import pack_codes, unpack_codes
 
 
 @dataclass
@@ -65,7 +65,7 @@ class LutQuantized:
 
 
 class LutProjection(ColumnProjection):
-    """The nearest entry of each row's table, one column at a time, for the shared solving loops (quantlib.loops):
+    """The nearest entry of each row's table, one column at a time, for the shared solving loops (quantlib.solvers.loops):
     `project(k, values)` rounds the k-th column in processing order and records its codes."""
 
     def __init__(self, tables: torch.Tensor, perm: torch.Tensor):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .uniform import UniformQuantized
+from quantlib.formats.uniform import UniformQuantized
 
 INDEX_BITS = 16  # a column index (16-bit value + 16-bit index per outlier, as SpQR counts them)
 

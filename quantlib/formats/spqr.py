@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .outliers import SparseOutliers
-from .uniform import UniformGrid, pack_codes, unpack_codes
+from quantlib.formats.outliers import SparseOutliers
+from quantlib.formats.uniform import UniformGrid, pack_codes, unpack_codes
 
 
 @dataclass

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from . import ColumnProjection
+from quantlib.errors import ConfigError
+from quantlib.formats import ColumnProjection
+
 
 def num_groups(d_in: int, group_size: int) -> int:
     return 1 if group_size == -1 else d_in // group_size

@@ -11,7 +11,7 @@ from pathlib import Path
 
 __path__ = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2] / "kernels")]
 
-from .dispatch import (  # noqa: E402  (needs __path__ above)
+from quantlib.kernels.dispatch import (  # noqa: E402  (needs __path__ above)
     BACKENDS,
     MAX_GEMV_ROWS,
     dequant_bcq,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.bcq import BcqQuantized, levels, signs_of
-from . import LayerTask, SolveResult
+from quantlib.formats.bcq import BcqQuantized, levels, signs_of
+from quantlib.solvers.contract import LayerTask, SolveResult
 
 
 def nearest_level(x: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..blockwise import UniformFakeQuant, round_ste
-from . import LayerTask, SolveResult
+from quantlib.solvers.contract import LayerTask, SolveResult
+from quantlib.solvers.trainable import UniformFakeQuant, round_ste
 
 
 class FlexRoundLinear(UniformFakeQuant):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.uniform import UniformQuantized
-from ..loops import ErrorFeedback
-from . import LayerTask, SolveResult
+from quantlib.formats.uniform import UniformQuantized
+from quantlib.solvers.contract import LayerTask, SolveResult
+from quantlib.solvers.loops import ErrorFeedback
 
 
 def solve(W: torch.Tensor, task: LayerTask) -> SolveResult:

@@ -3,15 +3,15 @@
 Each linear of a block starts from the spec's init (min-max, or NeUQI's inits, which then need a Hessian) and trains
 one log-scale per (row, group), the zero point fixed, with straight-through rounding (LSQ, Esser et al. 2020,
 "Learned Step Size Quantization"), on the output error of the whole block (BRECQ, Li et al. 2021). Everything
-else, from the activation streams to the optimiser, is the core's block mode (`quantlib.blockwise`).
+else, from the activation streams to the optimiser, is the core's block mode (`quantlib.runner.blockwise`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..blockwise import UniformFakeQuant, round_ste
-from . import LayerTask, SolveResult
+from quantlib.solvers.contract import LayerTask, SolveResult
+from quantlib.solvers.trainable import UniformFakeQuant, round_ste
 
 
 class LearnedScaleLinear(UniformFakeQuant):

@@ -1,5 +1,5 @@
 """QuantEase (Behdin et al., 2023): cyclic coordinate descent on the layer objective f(W_hat) = tr(E H E^T),
-E = W - W_hat, with W_hat on the spec's grid. The loop is the core's `CoordinateDescent` (quantlib.loops) with the
+E = W - W_hat, with W_hat on the spec's grid. The loop is the core's `CoordinateDescent` (quantlib.solvers.loops) with the
 grid's projection; the accelerated schedule (Algorithm 2) interleaves relaxed sweeps, so `solve` returns the best
 quantized iterate.
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.outliers import ColumnOutliers, OutlierQuantized, SparseOutliers
-from ..formats.uniform import UniformQuantized
-from ..loops import CoordinateDescent
-from . import LayerTask, SolveResult
-from . import ldlq
+from quantlib.formats.outliers import ColumnOutliers, OutlierQuantized, SparseOutliers
+from quantlib.formats.uniform import UniformQuantized
+from quantlib.solvers import ldlq
+from quantlib.solvers.contract import LayerTask, SolveResult
+from quantlib.solvers.loops import CoordinateDescent
 
 
 def _stats(trace, relaxed, start_f, hess, **extra):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.uniform import UniformQuantized
-from . import LayerTask, SolveResult
+from quantlib.formats.uniform import UniformQuantized
+from quantlib.solvers.contract import LayerTask, SolveResult
 
 
 def solve(W: torch.Tensor, task: LayerTask) -> SolveResult:

@@ -31,12 +31,12 @@ import math
 
 import torch
 
-from ..formats.outliers import SparseOutliers
-from ..formats.spqr import QuantizedStatistic, SpqrQuantized
-from ..formats.uniform import UniformGrid, UniformProjection, group_index, num_groups
-from ..init import minmax_params
-from ..loops import ErrorFeedback
-from . import LayerTask, SolveResult
+from quantlib.formats.outliers import SparseOutliers
+from quantlib.formats.spqr import QuantizedStatistic, SpqrQuantized
+from quantlib.formats.uniform import UniformGrid, UniformProjection, group_index, num_groups
+from quantlib.solvers.contract import LayerTask, SolveResult
+from quantlib.solvers.grid_init import minmax_params
+from quantlib.solvers.loops import ErrorFeedback
 
 
 def _row_errors(X: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, dk: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from ..blockwise import FakeQuantLinear
-from ..formats.bcq import BcqQuantized, levels, signs_of
-from ..formats.uniform import group_index
-from . import LayerTask, SolveResult
-from .alternating import fit, nearest_level
+from quantlib.formats.bcq import BcqQuantized, levels, signs_of
+from quantlib.formats.uniform import group_index
+from quantlib.solvers.alternating import fit, nearest_level
+from quantlib.solvers.contract import LayerTask, SolveResult
+from quantlib.solvers.trainable import FakeQuantLinear
 
 
 def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

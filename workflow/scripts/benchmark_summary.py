@@ -1,8 +1,8 @@
 """Every job's benchmark TSV in one CSV and a per-rule plot, for the report."""
 from pathlib import Path
 
-from quantlib.report import summarize_benchmarks
-from quantlib.workflow import run_script
+from quantlib.evaluation.benchmarks import summarize_benchmarks
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

@@ -1,6 +1,6 @@
 """Sample the calibration windows named by the {calib} wildcard."""
-from quantlib.pipeline import calibrate
-from quantlib.workflow import run_script
+from quantlib.jobs.steps import calibrate
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

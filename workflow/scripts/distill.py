@@ -1,7 +1,7 @@
 """Distil the quantized model named by {base}.kd.{kd}: the base checkpoint's codes fixed, its scales, zeros and
 norm gains trained against the FP model."""
-from quantlib.pipeline import distill
-from quantlib.workflow import run_script
+from quantlib.jobs.steps import distill
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

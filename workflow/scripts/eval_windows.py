@@ -1,6 +1,6 @@
 """Tokenize an evaluation dataset into windows of {seqlen} tokens under its protocol."""
-from quantlib.pipeline import make_eval_windows
-from quantlib.workflow import run_script
+from quantlib.jobs.steps import make_eval_windows
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

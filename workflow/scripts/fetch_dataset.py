@@ -1,6 +1,6 @@
 """Write a dataset's text rows (hub id, local mirror or local files) to one parquet file in the resources folder."""
-from quantlib.data import fetch_dataset
-from quantlib.workflow import run_script
+from quantlib.access.datasets import fetch_dataset
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

@@ -1,6 +1,6 @@
 """Materialise a model (hub id, local directory or GGUF) as a plain checkpoint in the resources folder."""
-from quantlib.models import fetch_model
-from quantlib.workflow import run_script
+from quantlib.access.models import fetch_model
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

@@ -1,6 +1,6 @@
 """lm-eval tasks on one model, one result JSON per task protocol."""
-from quantlib.pipeline import lm_eval_tasks
-from quantlib.workflow import run_script
+from quantlib.jobs.steps import lm_eval_tasks
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

@@ -1,6 +1,6 @@
 """Write the quantized checkpoint {unpacked} in the external layout {packformat}."""
-from quantlib.pipeline import pack
-from quantlib.workflow import run_script
+from quantlib.jobs.steps import pack
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

@@ -1,6 +1,6 @@
 """Perplexity of one model under every protocol of the config, one result JSON each."""
-from quantlib.pipeline import perplexity
-from quantlib.workflow import run_script
+from quantlib.jobs.steps import perplexity
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

@@ -1,7 +1,7 @@
 """Quantize the model named by the {name} wildcard (every setting is in the short name; the inputs are what the
 spec reads, `QuantSpec.inputs()`, plus the model)."""
-from quantlib.pipeline import quantize
-from quantlib.workflow import run_script
+from quantlib.jobs.steps import quantize
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

@@ -1,6 +1,6 @@
 """A statistic of the FP model ({stat}) on the calibration windows {calib}, shared by every method that needs it."""
-from quantlib.pipeline import statistic
-from quantlib.workflow import run_script
+from quantlib.jobs.steps import statistic
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

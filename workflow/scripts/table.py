@@ -1,6 +1,6 @@
 """Aggregate a table's result JSONs into Markdown, CSV, LaTeX and a plot."""
-from quantlib.tables import write_table
-from quantlib.workflow import run_script
+from quantlib.evaluation.tables import write_table
+from quantlib.jobs.script import run_script
 
 
 def main(smk):

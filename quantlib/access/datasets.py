@@ -1,0 +1,195 @@
+"""Datasets: the explicit fetch step, calibration samplers and evaluation windows.
+
+A dataset in the config is `load_dataset` keyword arguments (`path`, `name`, `data_files`, `split`, `revision`)
+plus how to read it (`text_column`, `rows`, `join`, ...). The same call serves a hub id (online, or from the
+datasets cache with HF_DATASETS_OFFLINE=1), a local mirror directory, or `path: json|parquet|text` with local
+`data_files`. `fetch_dataset` writes the text column to one local parquet file under the workflow's resources, so
+every later step reads a small local file and an air-gapped machine can be served by a pre-filled folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from quantlib.artifacts.atomic import atomic_file
+from quantlib.artifacts.integrity import verify
+from quantlib.errors import DataError
+
+log = logging.getLogger("quantlib")
+
+LOAD_KEYS = ("path", "name", "data_files", "split", "revision")
+
+
+def fetch_dataset(cfg: dict, out_path: str | Path, key: str = "?") -> int:
+    """Load the dataset described by `cfg` and write its text rows to `out_path` (parquet). Returns the row count."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kwargs = {k: cfg[k] for k in LOAD_KEYS if cfg.get(k) is not None}
+    kwargs.setdefault("split", "train")
+    for f in _local_files(cfg):
+        if f.exists() and f.stat().st_size == 0:
+            raise DataError(f"dataset '{key}': data file {f} is empty")
+    try:
+        ds = datasets.load_dataset(**kwargs)
+    except Exception as exc:  # offline cache miss, missing file, unknown config: one message with what to do
+        local = [f for f in _local_files(cfg) if f.exists()]
+        if local:
+            raise DataError(f"dataset '{key}': {', '.join(map(str, local))} could not be read as '{cfg['path']}' data "
+                            f"({type(exc).__name__}: {exc}); the file is damaged, truncated or of another "
+                            "format: replace it") from exc
+        raise DataError(
+            f"dataset '{key}' could not be loaded with {kwargs}: {type(exc).__name__}: {exc}. "
+            "Without network access, point `datasets." + key + ".path` (or `data_files`) at local files, "
+            "or pre-fill the resources folder.") from exc
+    column = cfg.get("text_column", "text")
+    if column not in ds.column_names:
+        raise DataError(f"dataset '{key}' has no column '{column}'; its columns are {ds.column_names}. "
+                        f"Set `datasets.{key}.text_column`.")
+    texts = ds[column]
+    if cfg.get("rows"):
+        start, stop = cfg["rows"]
+        if stop > len(texts):
+            raise DataError(f"dataset '{key}' has {len(texts)} rows, fewer than rows: [{start}, {stop}]")
+        texts = texts[start:stop]
+    if not texts:
+        raise DataError(f"dataset '{key}' has no rows (source: {kwargs.get('data_files') or kwargs['path']})")
+    with atomic_file(out_path, seal=True) as tmp:
+        pq.write_table(pa.table({"text": texts}), tmp)
+    return len(texts)
+
+
+def _local_files(cfg: dict) -> list[Path]:
+    files = cfg.get("data_files")
+    if not files:
+        return []
+    flat = files.values() if isinstance(files, dict) else ([files] if isinstance(files, str) else files)
+    return [Path(f).expanduser() for v in flat for f in (v if isinstance(v, list) else [v])
+            if not any(ch in f for ch in "*?[")]
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The text rows of a dataset artifact (parquet written by `fetch_dataset`), verified first."""
+    import pyarrow.parquet as pq
+
+    verify(path)
+    try:
+        return pq.read_table(path).column("text").to_pylist()
+    except Exception as exc:
+        raise DataError(f"{path} is not a readable dataset file ({type(exc).__name__}: {exc}); delete it and rerun "
+                        "the workflow to fetch it again") from exc
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text).input_ids
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+
+def sample_documents(texts: list[str], tokenizer, n: int, seqlen: int, seed: int, accept: str = ">=",
+                     what: str = "calibration") -> tuple[torch.Tensor, dict]:
+    """GPTQ's C4 sampler: draw a document uniformly until one is long enough, then a uniform window of it.
+
+    `accept` is '>=' (GPTQ, NeUQI) or '>' (UniQuanF eval): which documents count as long enough. A document of
+    exactly `seqlen` tokens gives start 0 (the reference code would crash on that draw).
+    """
+    ok = (lambda m: m >= seqlen) if accept == ">=" else (lambda m: m > seqlen)
+    _require_enough(texts, tokenizer, n, seqlen, ok, what)
+    rng = random.Random(seed)
+    windows, docs = [], []
+    for _ in range(n):
+        while True:
+            i = rng.randint(0, len(texts) - 1)
+            ids = _encode(tokenizer, texts[i])
+            if ok(len(ids)):
+                break
+        start = rng.randint(0, len(ids) - seqlen - 1) if len(ids) > seqlen else 0
+        windows.append(ids[start:start + seqlen])
+        docs.append(i)
+    manifest = {"sampler": "documents", "accept": accept, "seed": seed, "documents": len(set(docs)),
+                "draws": docs}
+    return torch.tensor(windows, dtype=torch.long), manifest
+
+
+def _require_enough(texts, tokenizer, n, seqlen, ok, what) -> None:
+    """Fail loudly unless the long-enough documents hold n x seqlen tokens (scans only as far as needed)."""
+    need, have, eligible = n * seqlen, 0, 0
+    for i in range(0, len(texts), 256):
+        for ids in tokenizer(texts[i:i + 256]).input_ids:
+            if ok(len(ids)):
+                have += len(ids)
+                eligible += 1
+        if have >= need:
+            return
+    raise DataError(
+        f"the {what} text is too short for {n} windows of {seqlen} tokens: its {len(texts)} documents hold only "
+        f"{eligible} long enough ({have} tokens < {need}). Lower nsamples or seqlen, or use a larger dataset.")
+
+
+def sample_concat(texts: list[str], tokenizer, n: int, seqlen: int, seed: int, join: str = "\n\n",
+                  what: str = "calibration") -> tuple[torch.Tensor, dict]:
+    """Windows at uniform random starts in the joined, tokenized text (GPTQ's WikiText-2 calibration)."""
+    ids = _encode(tokenizer, join.join(texts))
+    if len(ids) < n * seqlen + 1:
+        raise DataError(f"the {what} text has {len(ids)} tokens, too few for {n} windows of {seqlen} tokens")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(n)]
+    windows = [ids[s:s + seqlen] for s in starts]
+    return torch.tensor(windows, dtype=torch.long), {"sampler": "concat", "seed": seed, "text_tokens": len(ids)}
+
+
+def sample_chunks(texts: list[str], tokenizer, n: int, seqlen: int, batch: int = 1000,
+                  what: str = "calibration") -> tuple[torch.Tensor, dict]:
+    """Hugging Face's run_clm grouping (UniQuanF's calibration): every document tokenized (with the tokenizer's
+    special tokens), concatenated within consecutive batches of `batch` documents, each batch cut into windows with
+    its remainder dropped; the first n windows, in order (no randomness)."""
+    windows = []
+    for b0 in range(0, len(texts), batch):
+        ids = [t for doc in tokenizer(texts[b0:b0 + batch]).input_ids for t in doc]
+        windows.extend(ids[s:s + seqlen] for s in range(0, len(ids) - seqlen + 1, seqlen))
+        if len(windows) >= n:
+            break
+    if len(windows) < n:
+        raise DataError(f"the {what} text holds {len(windows)} windows of {seqlen} tokens in batches of {batch} "
+                        f"documents, fewer than {n}")
+    return torch.tensor(windows[:n], dtype=torch.long), {"sampler": "chunks", "batch_documents": batch}
+
+
+def calibration_windows(texts: list[str], tokenizer, ds_cfg: dict, n: int, seqlen: int, seed: int):
+    sampler = ds_cfg.get("calibration_sampler", "documents")
+    if sampler == "documents":
+        return sample_documents(texts, tokenizer, n, seqlen, seed, ds_cfg.get("accept", ">="))
+    if sampler == "chunks":
+        return sample_chunks(texts, tokenizer, n, seqlen)
+    return sample_concat(texts, tokenizer, n, seqlen, seed, ds_cfg.get("join", "\n\n"))
+
+
+def eval_windows(texts: list[str], tokenizer, ds_cfg: dict, seqlen: int) -> tuple[torch.Tensor, dict]:
+    """All evaluation windows of a dataset under its protocol, shape (n_windows, seqlen).
+
+    contiguous: rows joined by `join`, tokenized once, optionally truncated to `max_tokens`, cut into
+    non-overlapping windows (remainder dropped) - GPTQ's WikiText-2 and c4_new protocols.
+    documents: `nwindows` random windows of random long-enough documents with `seed` - GPTQ's/NeUQI's C4.
+    """
+    mode = ds_cfg.get("eval_windows", "contiguous")
+    if mode == "documents":
+        windows, info = sample_documents(texts, tokenizer, ds_cfg.get("nwindows", 256), seqlen,
+                                         ds_cfg.get("seed", 0), ds_cfg.get("accept", ">="), what="evaluation")
+        info.pop("draws")
+        return windows, {"windows_from": "documents", **info}
+    join = ds_cfg.get("join", "\n\n")
+    ids = _encode(tokenizer, join.join(texts))
+    total = len(ids)
+    if ds_cfg.get("max_tokens"):
+        ids = ids[: ds_cfg["max_tokens"]]
+    count = len(ids) // seqlen
+    if count == 0:
+        raise DataError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    windows = torch.tensor(ids[: count * seqlen], dtype=torch.long).view(count, seqlen)
+    return windows, {"windows_from": "contiguous", "join": join, "text_tokens": total,
+                     "max_tokens": ds_cfg.get("max_tokens")}

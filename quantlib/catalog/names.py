@@ -1,0 +1,168 @@
+"""Every name token and every `results/` path template, rendered and parsed in one place. Pure Python (no torch):
+the Snakefile, the config and the specs all read names through this module.
+
+Tokens (dot-separated parts of a short name):
+    w{bits}[g{group}]                    a bit width and group size (no `g`: per channel, group size -1)
+    {dataset}.n{N}.L{L}[.s{seed}]        calibration windows
+    {token}{number}                      an option; numbers use `p` for the decimal point (0.01 -> 0p01)
+Protocols (parts of result paths): `{dataset}.L{seqlen}[.nw{n}]` (perplexity), `{task}.{shots}shot[.lim{n}]`
+(lm-eval).
+"""
+
+from __future__ import annotations
+
+import re
+
+from quantlib.errors import ConfigError
+
+MODEL_KEY_RE = r"[a-z0-9][a-z0-9_.-]*"
+DATASET_KEY_RE = r"[a-z0-9][a-z0-9_-]*"
+# lm-eval task and group names as lm-eval spells them (no dots: dots separate the parts of a protocol name).
+TASK_KEY_RE = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+# A statistic's name: its kind, then its own parameters as tokens (e.g. `hessian`, later `saliency.g4`).
+STAT_RE = r"[a-z][a-z0-9_]*(?:\.[A-Za-z]+[0-9]+)*"
+# The `quant_method` tag of a quantlib checkpoint's quantization_config, and the report file of a packed one.
+QUANT_METHOD = "quantlib"
+PACK_REPORT = "pack_report.json"
+NUMBER_RE = r"-?[0-9]+(?:p[0-9]+)?(?:e-?[0-9]+)?"
+_SETTING_RE = re.compile(r"w([0-9]+)(?:g([0-9]+))?")
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+def format_number(value: float | int) -> str:
+    """Render a number for a name token: no dots (names are dot-separated), so 0.01 -> '0p01', 1e-05 -> '1e-05'."""
+    if isinstance(value, bool):
+        raise TypeError("booleans are flags, not numbers")
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    text = format(float(value), ".10g")
+    return text.replace("e-0", "e-").replace("e+0", "e").replace("e+", "e").replace(".", "p")
+
+
+def parse_number(text: str, kind: type) -> float | int:
+    value = float(text.replace("p", "."))
+    if kind is int:
+        if not value.is_integer():
+            raise ValueError(text)
+        return int(value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+def setting_token(bits: int, group_size: int) -> str:
+    """`w3g64`, or `w3` per channel (group size -1)."""
+    return f"w{bits}" + (f"g{group_size}" if group_size > 0 else "")
+
+
+def parse_setting(token: str) -> tuple[int, int] | None:
+    """(bits, group_size) of a `w{bits}[g{group}]` token; None when the token is not one."""
+    m = _SETTING_RE.fullmatch(token)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)) if m.group(2) else -1
+
+
+def require_setting(token: str) -> tuple[int, int]:
+    parsed = parse_setting(token)
+    if parsed is None:
+        raise ConfigError(f"'{token}' is not a setting (w{{bits}} or w{{bits}}g{{group}})")
+    return parsed
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+
+def ppl_protocol_name(dataset: str, seqlen: int, max_windows: int | None) -> str:
+    """Names the perplexity protocol in result paths, e.g. `wikitext2.L512.nw40`."""
+    return f"{dataset}.L{seqlen}" + (f".nw{max_windows}" if max_windows else "")
+
+
+def parse_ppl_protocol(name: str) -> tuple[str, int, int | None]:
+    m = re.fullmatch(rf"({DATASET_KEY_RE})\.L([0-9]+)(?:\.nw([0-9]+))?", name)
+    if not m:
+        raise ConfigError(f"'{name}' is not a perplexity protocol name ({{dataset}}.L{{seqlen}}[.nw{{windows}}])")
+    return m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None
+
+
+def lmeval_protocol_name(task: str, num_fewshot: int, limit: int | None) -> str:
+    """Names an lm-eval evaluation in result paths, e.g. `arc_easy.0shot.lim25`, `mmlu.5shot`."""
+    return f"{task}.{num_fewshot}shot" + (f".lim{limit}" if limit else "")
+
+
+def parse_lmeval_protocol(name: str) -> tuple[str, int, int | None]:
+    m = re.fullmatch(rf"({TASK_KEY_RE})\.([0-9]+)shot(?:\.lim([0-9]+))?", name)
+    if not m:
+        raise ConfigError(f"'{name}' is not an lm-eval protocol name ({{task}}.{{shots}}shot[.lim{{limit}}])")
+    return m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None
+
+
+# ------------------------------------------------------------------------------------------------ paths
+# Templates with Snakemake wildcards in braces. The rules use them as they are; the helpers below fill them in.
+
+class PATHS:
+    models = "{resources}/models/{model}"
+    datasets = "{resources}/datasets/{dataset}.parquet"
+    calibration = "results/calibration/{calib}.pt"
+    calibration_manifest = "results/calibration/{calib}.json"
+    evaldata = "results/evaldata/{model}/{dataset}.L{seqlen}.pt"
+    stats = "results/stats/{stat}/{calib}"
+    quantized = "results/quantized/{name}"
+    packed = "results/packed/{format}/{name}"
+    ppl = "results/ppl/{protocol}/{anyname}.json"
+    lmeval = "results/lmeval/{protocol}/{anyname}.json"
+    tables = "results/tables/{table}.{ext}"
+    benchmark_summary = "results/benchmarks/summary.{ext}"
+
+    @staticmethod
+    def log(rule: str, job: str) -> str:
+        return f"results/logs/{rule}/{job}.log"
+
+    @staticmethod
+    def benchmark(rule: str, job: str) -> str:
+        return f"results/benchmarks/{rule}/{job}.tsv"
+
+
+def calibration_path(calib_name: str) -> str:
+    return PATHS.calibration.format(calib=calib_name)
+
+
+def calibration_manifest_path(calib_name: str) -> str:
+    return PATHS.calibration_manifest.format(calib=calib_name)
+
+
+def stats_path(stat: str, calib_name: str) -> str:
+    return PATHS.stats.format(stat=stat, calib=calib_name)
+
+
+def quantized_path(name: str) -> str:
+    return PATHS.quantized.format(name=name)
+
+
+def packed_path(fmt: str, name: str) -> str:
+    """The packed checkpoint of the quantized model `name` (without its `.pack-` token) in format `fmt`."""
+    return PATHS.packed.format(format=fmt, name=name)
+
+
+def ppl_path(protocol: str, name: str) -> str:
+    return PATHS.ppl.format(protocol=protocol, anyname=name)
+
+
+def lmeval_path(protocol: str, name: str) -> str:
+    return PATHS.lmeval.format(protocol=protocol, anyname=name)
+
+
+def evaldata_path(model: str, dataset: str, seqlen: int) -> str:
+    return PATHS.evaldata.format(model=model, dataset=dataset, seqlen=seqlen)
+
+
+def model_path(resources: str, model: str) -> str:
+    return PATHS.models.format(resources=resources, model=model)
+
+
+def dataset_path(resources: str, dataset: str) -> str:
+    return PATHS.datasets.format(resources=resources, dataset=dataset)
+
+
+def table_path(table: str, ext: str) -> str:
+    return PATHS.tables.format(table=table, ext=ext)

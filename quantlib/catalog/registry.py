@@ -1,0 +1,283 @@
+"""The catalog's machinery: what an entry is (`Component`, `Option`, `Statistic`, `Format`), the registries, and
+the lookups every other module uses. The entries themselves live beside it, one module per family
+(`quantlib.catalog.uniform`, `lookup_table`, `binary_coding`), with the statistics (`statistics`), the layer
+formats (`formats`) and the pack formats (`pack_formats`); `quantlib.catalog` imports them all, so importing any
+catalog module registers every entry. Pure Python (no torch), so the Snakefile validates names cheaply and every
+refusal of a combination happens when a name is parsed, before any job. Implementations are imported lazily from
+their `impl` paths ("module:attribute").
+
+A method declares (docs/adding-a-method.md walks through each case):
+- `needs`: what it reads. `calibration` (token windows), `hessian` (each layer's input Hessian, captured by the
+  runner), `fp_targets` (the unquantized block's outputs), or the name of a statistic of the FP model (an artifact
+  of `rules/stats.smk`, listed in STATISTICS).
+- `mode` (solvers): `data_free`, `layer` (one layer, or layers sharing an input, at a time) or `block` (a whole
+  decoder block trained at once).
+- `takes_init` (solvers): whether the parameter init (min-max, NeUQI, ...) chooses its grid.
+- `format` (solvers): how its result is stored, a key of FORMATS (or a function of the spec).
+- `check(spec)`: refusals of combinations of settings, each a ConfigError with a one-line message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from quantlib.catalog.names import NUMBER_RE, format_number, parse_number
+from quantlib.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting that a short name can carry.
+
+    Booleans write `token` when the value differs from the default; numbers write `token` + the number. A boolean
+    whose default differs between methods has two tokens: `token` for true, `false_token` for false.
+    `default` may be a callable of the spec when it depends on other settings (e.g. on the group size).
+    `removes_needs`: what the spec no longer reads when the option is not at its default.
+    """
+
+    key: str
+    default: Any
+    kind: type
+    token: str
+    help: str = ""
+    choices: tuple | None = None
+    false_token: str | None = None
+    removes_needs: tuple[str, ...] = ()
+
+    def default_for(self, spec) -> Any:
+        return self.default(spec) if callable(self.default) else self.default
+
+    def render(self, value: Any) -> str:
+        if self.kind is bool:
+            return self.token if value or self.false_token is None else self.false_token
+        return f"{self.token}{format_number(value)}"
+
+    def tokens(self) -> tuple[str, ...]:
+        return (self.token,) if self.false_token is None else (self.token, self.false_token)
+
+    def pattern(self) -> str:
+        if self.kind is bool:
+            return "|".join(re.escape(t) for t in self.tokens())
+        return re.escape(self.token) + f"(?:{NUMBER_RE})"
+
+    def match(self, tok: str, spec_default: Any) -> tuple[bool, Any]:
+        if self.kind is bool:
+            if self.false_token is not None:
+                return (tok in self.tokens(), tok == self.token)
+            return (tok == self.token, not spec_default)
+        m = re.fullmatch(re.escape(self.token) + f"({NUMBER_RE})", tok)
+        if not m:
+            return (False, None)
+        return (True, parse_number(m.group(1), self.kind))
+
+    def coerce(self, value: Any) -> Any:
+        """Check a value given in the config and convert it to the option's type."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"option '{self.key}' takes true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"option '{self.key}' takes a number, got {value!r}")
+        if self.kind is int and not float(value).is_integer():
+            raise ConfigError(f"option '{self.key}' takes an integer, got {value!r}")
+        value = self.kind(value)
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"option '{self.key}' must be one of {list(self.choices)}, got {value!r}")
+        return value
+
+    def describe(self) -> str:
+        return "/".join(self.tokens()) if self.kind is bool else f"{self.token}<number>"
+
+
+@dataclass(frozen=True)
+class Component:
+    """A solver, a parameter init or a preprocessing stage."""
+
+    name: str
+    kind: str  # "solver" | "init" | "preprocess"
+    impl: str  # "module:attribute", imported on first use
+    label: str
+    needs: tuple[str, ...] = ()
+    options: tuple[Option, ...] = ()
+    help: str = ""
+    mode: str = "layer"  # solvers: "data_free" | "layer" | "block"
+    takes_init: bool = True  # solvers: the init chooses the grid
+    format: str | Callable[[Any], str] = "uniform"  # solvers: a key of FORMATS
+    check: Callable[[Any], None] | None = None
+    # Solvers: defaults of the runner's options that differ for this method (e.g. {"fp_inputs": True}), whether the
+    # guided objective (`gq`) applies, and how a Hessian that is not positive definite is damped ("gptq": at least
+    # 1 %, doubled; "lnq": 1e-5, x10, up to 1).
+    defaults: tuple[tuple[str, Any], ...] = ()
+    takes_guided: bool = False
+    damp_ladder: str = "gptq"
+
+    def load(self) -> Callable:
+        return load_impl(self.impl)
+
+    def format_for(self, spec) -> str:
+        return self.format(spec) if callable(self.format) else self.format
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic of the unquantized model, computed once per model and calibration by `rules/stats.smk` and shared
+    by every method that needs it. `impl` computes it (`compute(model, tokens, out_dir, meta, params, inputs, ...)`),
+    `reader` opens a saved artifact for the runner. `params`: integer parameters written into the artifact's name
+    as `.{param}{value}` tokens (`guided_hessian.g4`); `needs`: other statistics it is computed from."""
+
+    name: str
+    impl: str
+    reader: str
+    label: str
+    help: str = ""
+    params: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    block_by_block: bool = False  # computed one decoder block at a time: the job reads the model lazily
+
+
+@dataclass(frozen=True)
+class Format:
+    """A stored representation of a quantized layer: `impl` names its class (`from_tensors`, `to_tensors`, `meta`,
+    `dequantize`, `bits_per_weight`)."""
+
+    name: str
+    impl: str
+    label: str
+    help: str = ""
+
+    def load(self):
+        return load_impl(self.impl)
+
+
+def load_impl(impl: str):
+    """The object an `impl` path ("module:attribute") names, imported on first use."""
+    module, _, attr = impl.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+SOLVERS: dict[str, Component] = {}
+INITS: dict[str, Component] = {}
+PREPROCESSORS: dict[str, Component] = {}
+STATISTICS: dict[str, Statistic] = {}
+FORMATS: dict[str, Format] = {}
+_REGISTRIES = {"solver": SOLVERS, "init": INITS, "preprocess": PREPROCESSORS}
+
+# What a component can need besides statistics.
+NEEDS = {
+    "calibration": "calibration token windows",
+    "hessian": "each layer's input Hessian, captured by the runner from the calibration windows",
+    "fp_targets": "the unquantized block's outputs on the calibration windows (block-wise reconstruction)",
+}
+MODES = ("data_free", "layer", "block")
+
+# Names that cannot be methods because they mean something else in a short name.
+RESERVED = {"fp", "kd"}
+
+# Every option token in the catalog -> its option: one token means one setting everywhere.
+_TOKENS: dict[str, Option] = {}
+
+
+def register_option(o: Option, owner: str) -> None:
+    for tok in o.tokens():
+        known = _TOKENS.get(tok)
+        if known is not None and (known.key, known.kind, known.tokens()) != (o.key, o.kind, o.tokens()):
+            raise ValueError(f"{owner}: option token '{tok}' already means '{known.key}'")
+    for other in _TOKENS.values():
+        if other.key == o.key and other.tokens() != o.tokens():
+            raise ValueError(f"{owner}: option '{o.key}' already has the token '{other.token}'")
+        # A rendered value of one option must never read as another option (e.g. a token that is another's prefix
+        # followed by a number).
+        if other.key != o.key and (any(re.fullmatch(other.pattern(), t) for t in _samples(o))
+                                   or any(re.fullmatch(o.pattern(), t) for t in _samples(other))):
+            raise ValueError(f"{owner}: option tokens '{o.token}' and '{other.token}' can be confused")
+    for tok in o.tokens():
+        _TOKENS[tok] = o
+
+
+def _samples(o: Option) -> list[str]:
+    return list(o.tokens()) if o.kind is bool else [o.render(o.kind(1))]
+
+
+def register(component: Component) -> Component:
+    registry = _REGISTRIES[component.kind]
+    if component.name in RESERVED or any(component.name in r for r in _REGISTRIES.values()):
+        raise ValueError(f"method name '{component.name}' is already taken")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", component.name):
+        raise ValueError(f"method name '{component.name}' must be lower case letters, digits and '_'")
+    if component.mode not in MODES:
+        raise ValueError(f"{component.name}: mode must be one of {MODES}")
+    for need in component.needs + tuple(n for o in component.options for n in o.removes_needs):
+        if need not in NEEDS and need not in STATISTICS:
+            raise ValueError(f"{component.name}: unknown need '{need}' (known: {', '.join([*NEEDS, *STATISTICS])})")
+    for o in component.options:
+        register_option(o, component.name)
+    registry[component.name] = component
+    return component
+
+
+def register_statistic(stat: Statistic) -> Statistic:
+    if stat.name in STATISTICS or stat.name in NEEDS or not re.fullmatch(r"[a-z][a-z0-9_]*", stat.name):
+        raise ValueError(f"statistic name '{stat.name}' is taken or not lower case letters, digits and '_'")
+    STATISTICS[stat.name] = stat
+    return stat
+
+
+def stat_name(stat: str, **params: int) -> str:
+    """The name of a statistics artifact: the statistic, then its parameters (`guided_hessian.g4`)."""
+    entry = STATISTICS[stat]
+    if set(params) != set(entry.params):
+        raise ValueError(f"statistic '{stat}' takes the parameters {entry.params}, got {sorted(params)}")
+    return ".".join([stat, *(f"{p}{params[p]}" for p in entry.params)])
+
+
+def parse_stat_name(name: str) -> tuple[str, dict[str, int]]:
+    """(statistic, parameters) of an artifact name; ConfigError when it names no statistic of the catalog."""
+    stat, *tokens = name.split(".")
+    if stat not in STATISTICS:
+        raise ConfigError(f"'{stat}' is not a statistic; known: {', '.join(sorted(STATISTICS))}")
+    entry = STATISTICS[stat]
+    params = {}
+    for p, tok in zip(entry.params, tokens):
+        m = re.fullmatch(re.escape(p) + r"([0-9]+)", tok)
+        if m:
+            params[p] = int(m.group(1))
+    if len(tokens) != len(entry.params) or len(params) != len(entry.params):
+        raise ConfigError(f"'{name}' is not a name of statistic '{stat}' (expected "
+                          f"{'.'.join([stat, *(p + '<n>' for p in entry.params)])})")
+    return stat, params
+
+
+def register_format(fmt: Format) -> Format:
+    if fmt.name in FORMATS:
+        raise ValueError(f"format '{fmt.name}' is already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def component(kind: str, name: str) -> Component:
+    registry = _REGISTRIES[kind]
+    if name not in registry:
+        raise ConfigError(f"unknown {kind} '{name}'; known: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def format_entry(name: str) -> Format:
+    if name not in FORMATS:
+        raise ConfigError(f"unknown storage format '{name}'; known: {', '.join(sorted(FORMATS))}")
+    return FORMATS[name]
+
+
+def known_option(key: str) -> Option | None:
+    """The catalog's option with this key, if any."""
+    return next((o for o in _TOKENS.values() if o.key == key), None)
+
+
+def option_for_token(tok: str) -> Option | None:
+    """The catalog's option whose token (with a number, for numeric options) this is."""
+    for o in _TOKENS.values():
+        if re.fullmatch(f"(?:{o.pattern()})", tok):
+            return o
+    return None

@@ -1,0 +1,249 @@
+"""The memory model: a job's peak host memory from the model's shapes (config.json), the calibration tokens, the
+dtype and the method, with the jobs reading the model block by block (`quantlib.access.lazy`). The figures size the
+rules' `mem_mb` (what a cluster job asks for) and the `compute.max_memory` budget, which picks chunk sizes and
+where activations are kept, and refuses up front a budget that cannot hold one block and its statistics.
+
+Peak = runtime + the largest of three phases (b: bytes per element of the compute dtype; float32 for statistics):
+  runtime   Python, torch and transformers themselves (RUNTIME_MB, measured: `python -c "import torch,
+            transformers"` plus a model class)
+  capture   the embeddings (vocab x hidden x b) while the calibration windows go through them, and the block-0
+            inputs (N tokens x hidden x b)
+  block     one block's weights (P x b); the activation streams: the block's inputs and outputs over all N tokens
+            (2 x N x hidden x b; four streams in block-wise mode: two inputs, the targets, the new outputs); one
+            chunk's forward working set (T tokens x (6 hidden + 3 intermediate) x b); the largest subgroup's solve
+            (5 x d_in^2 x 4 + rows x d_in x the solver's bytes per weight: the Hessian's float64 sum, its damped,
+            permuted and factored copies, the weights' working copies; measured for LDLQ on Llama-2-7B shapes,
+            where down_proj's 11008^2 Hessian makes it the largest term, and per solver family on the offline
+            model: `solve_bytes_per_weight`); the statistics read for the block (the FP Hessians of every
+            subgroup; the Fisher, one float per weight); block-wise training: the weights' three more copies (the trainable quantizer, its gradient,
+            Adam's two moments)
+  finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard,
+            twice (safetensors serialises each tensor to bytes before writing)
+With streams on disk, the activation term is one chunk instead of N tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from quantlib.access.adapters import get_adapter
+from quantlib.catalog import registry
+from quantlib.errors import ConfigError
+
+MB = 1 << 20
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Measured on the dev machine (Linux x86-64, torch 2.13 CPU, transformers 4.5x): the resident set of a Python
+# process that has imported torch, transformers and quantlib and built a model class, before any weight.
+RUNTIME_MB = 460
+
+
+def parse_memory(value) -> int | None:
+    """A memory setting in bytes: an integer (MB) or a string such as '800MB', '1.5GB', '24GiB'; None = no budget."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return int(value * MB)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(MB|MiB|GB|GiB|M|G)\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"compute.max_memory '{value}' is no amount of memory; write e.g. 800MB or 24GB")
+    scale = MB if m.group(2).upper().startswith("M") else 1024 * MB
+    return int(float(m.group(1)) * scale)
+
+
+@dataclass
+class Shapes:
+    """What the memory model needs from a config.json."""
+    hidden: int
+    intermediate: int
+    vocab: int
+    blocks: int
+    block_params: int
+    tied: bool
+    subgroups: list  # [(d_in, stacked output rows)] per subgroup of quantized layers
+
+    @classmethod
+    def of(cls, cfg: dict) -> "Shapes":
+        adapter = get_adapter(cfg.get("model_type", "?"))
+        d_in, d_out = adapter.input_dims(cfg), adapter.output_dims(cfg)
+        hidden = cfg["hidden_size"]
+        blocks = cfg.get("num_hidden_layers") or cfg.get("n_layer")
+        linear = sum(d_in[n] * d_out[n] for n in d_in)
+        return cls(hidden=hidden, intermediate=max(d_in.values()), vocab=cfg["vocab_size"], blocks=blocks,
+                   block_params=linear + 4 * hidden,  # norms (and biases, small beside the linears)
+                   tied=bool(cfg.get("tie_word_embeddings", False)),
+                   subgroups=[(d_in[g[0]], sum(d_out[n] for n in g)) for g in adapter.subgroups])
+
+
+@dataclass
+class Plan:
+    """How a quantize job runs and what it should hold at its peak (bytes per phase)."""
+    chunk_tokens: int
+    streams: str
+    phases: dict
+    budget: int | None = None
+
+    @property
+    def peak(self) -> int:
+        return RUNTIME_MB * MB + max(self.phases.values())
+
+    def record(self) -> dict:
+        return {"estimated_peak_mb": round(self.peak / MB), "runtime_mb": RUNTIME_MB,
+                **{f"{k}_mb": round(v / MB) for k, v in self.phases.items()}, "chunk_tokens": self.chunk_tokens,
+                "streams": self.streams, "budget_mb": None if self.budget is None else round(self.budget / MB)}
+
+
+# Working memory of a solve per weight of the stacked subgroup, beyond the Hessian's copies (measured on the
+# offline model, peak during the solve minus before it, divided by the subgroup's weights): error-feedback and
+# coordinate-descent solvers keep ~5 float32 copies of the weights; the lookup-table fit (SqueezeLLM, LNQ) works in
+# float64 with per-row design matrices; ALTERNATING's sign planes and least squares grow with the bits.
+def solve_bytes_per_weight(spec) -> int:
+    if spec.format == "lut":
+        return 64
+    if spec.format == "bcq":
+        return 48 * spec.bits
+    return 20
+
+
+def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype_bytes: int = 4) -> dict:
+    """Bytes of each phase of a quantize job (the module's docstring)."""
+    b, h = dtype_bytes, shapes.hidden
+    n_tokens = spec.calib.nsamples * spec.calib.seqlen if spec.calib is not None and spec.needs_tokens else 0
+    seqlen = spec.calib.seqlen if spec.calib is not None else 1
+    chunk = max(seqlen, min(n_tokens, chunk_tokens // seqlen * seqlen)) if n_tokens else 0
+    mode = spec.mode
+    n_streams = 4 if mode == "block" else 2
+    held = chunk if streams == "disk" else n_tokens
+    activations = n_streams * held * h * b + chunk * (6 * h + 3 * shapes.intermediate) * b
+    per_weight = solve_bytes_per_weight(spec)
+    solve = max(5 * d * d * 4 + per_weight * rows * d for d, rows in shapes.subgroups)
+    stats = 0
+    kinds = spec.statistic_kinds()
+    if "fp_hessian" in kinds or "guided_hessian" in kinds:
+        stats += sum(d * d * 4 for d, _ in shapes.subgroups)
+    if "gradients" in kinds:
+        stats += shapes.block_params * 4
+    training = 3 * shapes.block_params * 4 if mode == "block" else 0
+    block = shapes.block_params * b + activations + (0 if mode == "block" else solve) + stats + training
+    embeddings = shapes.vocab * h * b
+    return {"capture": embeddings + n_tokens * h * b if n_tokens else 0, "block": block,
+            "finish": 2 * embeddings * (1 if shapes.tied else 2)}  # save_file copies each tensor to bytes
+
+
+def plan_quantize(cfg: dict, spec, compute: dict, dtype_bytes: int = 4) -> Plan:
+    """The chunk size and stream placement for a quantize job under `compute.max_memory` (none: the settings as
+    given). Within a budget: smaller chunks first, then streams on disk; a budget that cannot hold one block, its
+    statistics and one calibration window is refused before any work, with the figures."""
+    shapes = Shapes.of(cfg)
+    b = dtype_bytes
+    chunk, streams = compute.get("calib_chunk_tokens", 65536), compute.get("block_streams", "memory")
+    budget = parse_memory(compute.get("max_memory"))
+    plan = Plan(chunk, streams, quantize_phases(shapes, spec, chunk, streams, b), budget)
+    if budget is None or plan.peak <= budget:
+        return plan
+    seqlen = spec.calib.seqlen if spec.calib is not None else 1
+    for where in ([streams, "disk"] if streams == "memory" else [streams]):
+        c = chunk
+        while True:
+            plan = Plan(c, where, quantize_phases(shapes, spec, c, where, b), budget)
+            if plan.peak <= budget or c <= seqlen:
+                break
+            c = max(seqlen, c // 2)
+        if plan.peak <= budget:
+            return plan
+    parts = ", ".join(f"{k} {v / MB:,.0f} MB" for k, v in plan.phases.items())
+    raise ConfigError(
+        f"compute.max_memory is {budget / MB:,.0f} MB, but quantizing {spec.short_name()} needs at least "
+        f"{plan.peak / MB:,.0f} MB even with one window per chunk and activations on disk: runtime "
+        f"{RUNTIME_MB} MB + the largest phase of ({parts}). Raise compute.max_memory to at least "
+        f"{plan.peak / MB:,.0f} MB (or quantize on a machine with more memory).")
+
+
+def eval_phases(shapes: Shapes, windows: int, seqlen: int, batch: int, dtype_bytes: int = 4,
+                streams: str = "memory") -> dict:
+    """Bytes of each phase of a perplexity job run block by block: the hidden states of every window (one batch
+    with streams on disk) twice (a block's inputs and outputs), a block and one batch's forward; then the head,
+    whose logits (batch x seqlen x vocab, float32) and their loss dominate."""
+    b, h = dtype_bytes, shapes.hidden
+    held = batch * seqlen if streams == "disk" else windows * seqlen
+    tokens = batch * seqlen
+    embeddings = shapes.vocab * h * b
+    return {"embed": embeddings + held * h * b,
+            "block": 2 * held * h * b + shapes.block_params * b + tokens * (6 * h + 3 * shapes.intermediate) * b,
+            "head": embeddings * (1 if shapes.tied else 2) + held * h * b + 2 * tokens * shapes.vocab * 4}
+
+
+def eval_peak(cfg: dict, windows: int, seqlen: int, batch: int, dtype_bytes: int = 4) -> int:
+    return RUNTIME_MB * MB + max(eval_phases(Shapes.of(cfg), windows, seqlen, batch, dtype_bytes).values())
+
+
+def whole_model_peak(cfg: dict, seqlen: int, batch: int, dtype_bytes: int = 4) -> int:
+    """A job that holds the whole model (lm-eval, statistics, distillation's two models count twice): the
+    weights plus one batch's forward and its logits."""
+    s = Shapes.of(cfg)
+    weights = s.blocks * s.block_params * dtype_bytes + s.vocab * s.hidden * dtype_bytes * (1 if s.tied else 2)
+    tokens = batch * seqlen
+    return RUNTIME_MB * MB + weights + tokens * (6 * s.hidden + 3 * s.intermediate) * dtype_bytes + \
+        2 * tokens * s.vocab * 4
+
+
+# ------------------------------------------------------------------------------------------------ cluster requests
+
+MARGIN = 1.5  # over the estimate: allocator slack and what the model leaves out (measured 0.95-1.35x, README)
+FLOOR_MB = 2000
+UNCAPPED_EVAL_TOKENS = 600_000  # a protocol without max_windows: WikiText-2 or C4's 256 x 2048 windows, about
+# The longest request of a batch of a zero-shot task (lm-eval pads a batch to its longest), about; each few-shot
+# example adds as much. ARC, PIQA, HellaSwag, WinoGrande and LAMBADA requests are well under it.
+LMEVAL_TOKENS = 256
+
+
+def lmeval_tokens(tasks: dict) -> int:
+    """The longest request lm-eval is expected to batch for these tasks ({task: {num_fewshot, ...}})."""
+    return LMEVAL_TOKENS * (1 + max([(t or {}).get("num_fewshot", 0) or 0 for t in tasks.values()] or [0]))
+
+
+def stats_peak(model_cfg: dict, stat: str, spec, compute: dict, b: int) -> int:
+    """A statistics job: read block by block (`fp_hessian`, `guided_hessian`) it is a calibration pass like a
+    quantize job's, plus the float64 Hessian sums (g per layer for the guided ones); the gradients need the whole
+    model and a backward pass (weights, their gradients and the Fisher sums: three model sizes)."""
+    name, params = registry.parse_stat_name(stat)
+    if not registry.STATISTICS[name].block_by_block:
+        s = Shapes.of(model_cfg)
+        return whole_model_peak(model_cfg, spec.calib.seqlen, 1, b) + 2 * s.blocks * s.block_params * 4
+    shapes = Shapes.of(model_cfg)
+    phases = quantize_phases(shapes, spec, compute.get("calib_chunk_tokens", 65536), "memory", b)
+    groups = params.get("g", 0)
+    sums = sum(d * d * 8 for d, _ in shapes.subgroups)
+    if groups:
+        layers = max(len(g) for g in get_adapter(model_cfg.get("model_type", "?")).subgroups)
+        sums += groups * layers * max(d for d, _ in shapes.subgroups) ** 2 * 8
+    return RUNTIME_MB * MB + max(phases["capture"], phases["block"] + sums, phases["finish"])
+
+
+def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, fallback_mb: int) -> int:
+    """The `mem_mb` a rule asks a cluster for: the memory model's peak for `job` (quantize, perplexity, lmeval,
+    stats, distill, pack) with a margin, from the model's config.json (`model_cfg`) and the workflow's config
+    `cfg`. Before the model is fetched there is no config.json: `fallback_mb` (from the model's params_b)."""
+    if model_cfg is None:
+        return fallback_mb
+    compute = cfg.get("compute", {})
+    b = DTYPE_BYTES.get(compute.get("dtype", "auto"), 4)  # auto: float32, what a CPU job computes in
+    if job == "quantize":
+        plan = plan_quantize(model_cfg, spec, compute, b)
+        if plan.budget is not None:
+            return int(plan.budget / MB)
+        peak = plan.peak
+    elif job == "perplexity" and spec.pack is None:
+        ppl = cfg["perplexity"]
+        peak = 0
+        for dataset, opts in ppl["datasets"].items():
+            seqlen = ppl["seqlen"]
+            windows = (opts or {}).get("max_windows") or UNCAPPED_EVAL_TOKENS // seqlen
+            peak = max(peak, eval_peak(model_cfg, windows, seqlen, ppl["batch_size"], b))
+    elif job == "lmeval":
+        peak = whole_model_peak(model_cfg, lmeval_tokens(cfg["lm_eval"]["tasks"]), cfg["lm_eval"]["batch_size"], b)
+    elif job.startswith("stats:"):  # stats:{statistic name}; `spec` is any spec of its calibration
+        peak = stats_peak(model_cfg, job.partition(":")[2], spec, compute, b)
+    else:  # a job that holds the whole model: packing, a packed model's perplexity; distillation two
+        peak = whole_model_peak(model_cfg, 2048, 1, b) * (2 if job == "distill" else 1)
+    return max(FLOOR_MB, int(MARGIN * peak / MB))

@@ -1,0 +1,149 @@
+"""End-loss gradients of the FP model and GuidedQuant's saliency-weighted Hessians: two statistics artifacts.
+
+`gradients.G{G}` (GuidedQuant, Kim et al. 2025, section 3; SqueezeLLM, Kim et al. 2024): one forward and backward
+pass of the unquantized model per calibration window, the loss the mean cross-entropy of its next-token predictions
+(labels = inputs). For every quantized linear it keeps
+- `fisher`: the diagonal Fisher information, sum over windows of (dl/dW)^2 (float32, the shape of W);
+- `saliency`: per window and token, the squared output gradient (10^3 dl/dz)^2 averaged over G contiguous blocks
+  of output channels (bfloat16, (windows, tokens, G)); g blocks for any g dividing G are averages of G/g adjacent
+  ones.
+Weight gradients are folded into the Fisher accumulators as backward produces them, so beyond the accumulators at
+most one layer's gradient is held at a time.
+
+`guided_hessian.g{g}`: per linear and block k of its output rows, H_k = (1/N) sum_t s_tk x_t x_t^T over the N
+calibration tokens, x the layer's inputs in the FP model (GuidedQuant propagates FP activations) and s the saliency
+averaged to g blocks; plus each subgroup's plain Hessian (for the plain layer error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from quantlib.access.adapters import adapter_for
+from quantlib.artifacts.atomic import atomic_dir, versions
+from quantlib.errors import ConfigError, DataError, NumericalError
+from quantlib.stats.artifacts import BlockFiles, block_file, read_manifest
+
+log = logging.getLogger("quantlib")
+SALIENCY_SCALE = 1e3  # GuidedQuant's: keeps the squared gradients away from bfloat16's underflow
+
+
+def tokens_digest(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _out_dims(model) -> dict[str, int]:
+    adapter = adapter_for(model)
+    block = adapter.block_list(model)[0]
+    return {name: lin.out_features for name, lin in adapter.linears(block)}
+
+
+def check_groups(model, groups: int, what: str) -> None:
+    for name, d_out in _out_dims(model).items():
+        if d_out % groups:
+            raise ConfigError(f"{what} {groups} does not divide the output size {d_out} of layer '{name}'; use a "
+                              f"divisor of {d_out}")
+
+
+def capture_gradients(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict, inputs: dict | None = None,
+                      device: str = "cpu", progress: bool = True, **_) -> None:
+    """Write the `gradients.G{G}` artifact (see the module's docstring)."""
+    from safetensors.torch import save_file
+
+    G = params["G"]
+    check_groups(model, G, "the saliency's group count G")
+    adapter = adapter_for(model)
+    blocks = adapter.block_list(model)
+    n, L = tokens.shape
+    model.to(device)
+    model.requires_grad_(False)
+    names = [(i, name, lin) for i, b in enumerate(blocks) for name, lin in adapter.linears(b)]
+    fisher = {(i, name): torch.zeros(lin.weight.shape, dtype=torch.float32, device=device) for i, name, lin in names}
+    saliency = {(i, name): torch.empty(n, L, G, dtype=torch.bfloat16) for i, name, _ in names}
+    window = {"n": 0}
+    handles = []
+    for i, name, lin in names:
+        key = (i, name)
+        lin.weight.requires_grad_(True)
+
+        def fold(p, key=key):  # the squared gradient of this window into the Fisher, then free the gradient
+            fisher[key].add_(p.grad.float().square())
+            p.grad = None
+
+        def keep_output(module, args, out, key=key):
+            def saliency_of(grad):
+                s = (grad.float() * SALIENCY_SCALE).square().reshape(grad.shape[0], L, G, -1).mean(-1)
+                saliency[key][window["n"]] = s[0].to(torch.bfloat16).cpu()
+            out.register_hook(saliency_of)
+
+        handles.append(lin.weight.register_post_accumulate_grad_hook(fold))
+        handles.append(lin.register_forward_hook(keep_output))
+    t0 = time.time()
+    losses = []
+    try:
+        for w in tqdm(range(n), desc="gradients", disable=not progress, mininterval=5):
+            window["n"] = w
+            ids = tokens[w:w + 1].to(device)
+            loss = model(ids, labels=ids, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise NumericalError(f"the loss of calibration window {w} is {float(loss)}; check the model's "
+                                     "weights and compute dtype")
+            loss.backward()
+            losses.append(loss.item())
+            if (w + 1) % max(1, n // 8) == 0 or w + 1 == n:
+                log.info("gradients: window %d/%d, loss %.4f, %.1fs", w + 1, n, losses[-1], time.time() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+        model.requires_grad_(False)
+    for (i, name), F in fisher.items():
+        if not torch.isfinite(F).all():
+            raise NumericalError(f"the gradients of layer '{adapter.blocks}.{i}.{name}' contain NaN or Inf")
+    with atomic_dir(out_dir, seal=True) as tmp:
+        for i in range(len(blocks)):
+            part = {}
+            for b, name, _ in names:
+                if b == i:
+                    part[f"{name}.fisher"] = fisher[(b, name)].cpu().contiguous()
+                    part[f"{name}.saliency"] = saliency[(b, name)].contiguous()
+            save_file(part, str(tmp / block_file(i)))
+        manifest = {"stat": "gradients", **meta, "G": G, "scale": SALIENCY_SCALE, "windows": n, "seqlen": L,
+                    "tokens_sha256": tokens_digest(tokens), "blocks": len(blocks), "block_path": adapter.blocks,
+                    "layers": sorted({name for _, name, _ in names}), "loss": [round(x, 6) for x in losses],
+                    "device": device, "dtype": str(next(model.parameters()).dtype),
+                    "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 2), "versions": versions()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    log.info("gradients: %d windows in %.1fs, mean loss %.4f", n, time.time() - t0, sum(losses) / n)
+
+
+class Gradients:
+    """Reads a `gradients` artifact: Fisher rows of a layer (or of layers stacked) and saliency at g groups."""
+
+    def __init__(self, path, expect: dict):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, "gradients", expect)
+        self.G = self.manifest["G"]
+        self.files = BlockFiles(self.path)
+
+    def fisher(self, block: int, names) -> torch.Tensor:
+        return torch.cat([self.files.get(block, f"{name}.fisher") for name in names])
+
+    def saliency(self, block: int, name: str, g: int) -> torch.Tensor:
+        """(windows, tokens, g) float32: the saliency averaged over G/g adjacent blocks."""
+        if self.G % g:
+            raise DataError(f"{self.path} holds saliency in {self.G} groups, which {g} groups cannot be averaged "
+                            f"from; set gradients.groups to a multiple of {g}")
+        s = self.files.get(block, f"{name}.saliency").float()
+        n, L, G = s.shape
+        return s.reshape(n, L, g, G // g).mean(-1)
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens_digest(tokens) != self.manifest["tokens_sha256"]:
+            raise DataError(f"{self.path} was computed on other calibration windows than these; delete it and rerun")

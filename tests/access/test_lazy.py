@@ -1,0 +1,196 @@
+"""Models read block by block (quantlib.access.lazy): the quantize job and perplexity give what the in-memory path gives,
+the checkpoint is written one shard per block, and the memory budget refuses what it cannot hold before any
+work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_tokenizer, calib_tokens, tiny_model
+from quantlib.errors import ConfigError
+from quantlib.evaluation.perplexity import perplexity, perplexity_by_block
+from quantlib.checkpoint.reader import load_quantized, read_representations
+from quantlib.checkpoint.writer import save_quantized
+from quantlib.access.lazy import LazyModel, WeightSource
+from quantlib.jobs.memory import Shapes, parse_memory, plan_quantize, quantize_phases
+from quantlib.jobs.steps import quantize
+from quantlib.access.blocks import BlockAccess
+from quantlib.runner.walk import quantize_model
+from quantlib.catalog.spec import QuantSpec
+
+NAME = "tiny.toy.n8.L32.ldlq.w3g32"
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+    """A tiny Llama of four blocks saved in shards (an index file and several safetensors), with its tokenizer."""
+    d = tmp_path_factory.mktemp("tiny-sharded")
+    build_tokenizer(d)
+    model = tiny_model("llama")
+    model.config.num_hidden_layers = 4
+    model = type(model)(model.config).eval()
+    model.save_pretrained(d, max_shard_size="40KB")
+    assert (d / "model.safetensors.index.json").exists() and len(list(d.glob("*.safetensors"))) > 2
+    return d
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "windows.pt"
+    torch.save(calib_tokens(8, 32), path)
+    return path
+
+
+def _in_memory(model_dir, name, tmp_path):
+    model = LazyModel(model_dir).load_all()  # the same weights, loaded whole
+    spec = QuantSpec.parse(name)
+    report = quantize_model(model, spec, calib_tokens(8, 32) if spec.needs_tokens else None, progress=False,
+                            chunk_tokens=64)
+    save_quantized(model, spec, report, tmp_path / "memory", model_dir)
+    return tmp_path / "memory"
+
+
+def _reps(path):
+    qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    return read_representations(path, qcfg)
+
+
+@pytest.mark.parametrize("name,streams", [(NAME, "memory"), (NAME, "disk"), ("tiny.toy.n8.L32.ldlq.w3g32.noseq",
+                                                                              "disk"), ("tiny.rtn.w4g32", "memory"),
+                                         ("tiny.toy.n8.L32.lsq.w3g32.ep1", "disk")])
+def test_lazy_quantize_writes_the_in_memory_checkpoint_one_shard_per_block(sharded_dir, calib, tmp_path, name,
+                                                                           streams):
+    out = tmp_path / "lazy"
+    inputs = {"calib": calib} if ".n8." in name else {}
+    quantize(name, sharded_dir, inputs, out, {"device": "cpu", "dtype": "float32", "block_streams": streams,
+                                              "calib_chunk_tokens": 64})  # 2 windows per chunk: 4 chunks
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert shards == [f"model-{k:05d}-of-00005.safetensors" for k in range(1, 6)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert all(v == "model-00002-of-00005.safetensors" for k, v in index.items() if k.startswith("model.layers.1."))
+    state, reps = _reps(out)
+    ref_state, ref_reps = _reps(_in_memory(sharded_dir, name, tmp_path))
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+    assert reps.keys() == ref_reps.keys() and len(reps) == 4 * 7
+    for layer, rep in reps.items():
+        for (k, a), (_, b) in zip(rep.to_tensors().items(), ref_reps[layer].to_tensors().items()):
+            assert torch.equal(a, b), (layer, k)
+    memory = json.loads((out / "diagnostics.json").read_text())["memory"]
+    assert memory["streams"] == streams and memory["estimated_peak_mb"] > 0
+
+
+def test_released_blocks_hold_no_memory(sharded_dir):
+    lazy = LazyModel(sharded_dir)
+    assert all(p.device.type == "meta" for p in lazy.model.parameters())
+    block = lazy.load_block(2)
+    assert all(p.device.type == "cpu" for p in block.parameters())
+    lazy.release_block(2)
+    assert all(p.device.type == "meta" for p in block.parameters())
+
+
+@pytest.mark.parametrize("streams", ["memory", "disk"])
+def test_perplexity_block_by_block_equals_the_whole_model(sharded_dir, streams):
+    windows = calib_tokens(6, 32, seed=3)
+    lazy = LazyModel(sharded_dir)
+    by_block = perplexity_by_block(lazy.model, windows, batch_size=4, access=BlockAccess(lazy.model, lazy=lazy),
+                                   progress=False, streams=streams)
+    assert all(p.device.type == "meta" for p in lazy.model.parameters())  # nothing left loaded
+    ref = perplexity(load_fp(sharded_dir), windows, batch_size=4, progress=False)
+    assert by_block["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
+    assert by_block["tokens_scored"] == ref["tokens_scored"] == 6 * 31
+
+
+def test_perplexity_of_a_quantized_checkpoint_on_disk(sharded_dir, calib, tmp_path):
+    quantize(NAME, sharded_dir, {"calib": calib}, tmp_path / "q", {"device": "cpu", "dtype": "float32"})
+    windows = calib_tokens(5, 32, seed=4)
+    lazy = LazyModel(tmp_path / "q")
+    by_block = perplexity_by_block(lazy.model, windows, batch_size=2, access=BlockAccess(lazy.model, lazy=lazy),
+                                   progress=False)
+    ref = perplexity(load_quantized(tmp_path / "q"), windows, batch_size=2, progress=False)
+    assert by_block["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
+    fp = perplexity(load_fp(sharded_dir), windows, batch_size=2, progress=False)
+    assert by_block["ppl"] != pytest.approx(fp["ppl"], rel=1e-6)  # the quantized weights were used
+
+
+def load_fp(model_dir):
+    return LazyModel(model_dir).load_all()
+
+
+def test_weight_source_reads_single_files_and_shards(sharded_dir, tiny_dir):
+    sharded, single = WeightSource(sharded_dir), WeightSource(tiny_dir)
+    assert "model.layers.3.mlp.down_proj.weight" in sharded
+    assert sharded.get("model.layers.3.mlp.down_proj.weight").shape == (64, 128)
+    assert set(single.state("model.layers.0.")) == {k for k in single.keys() if k.startswith("model.layers.0.")}
+
+
+def test_a_budget_below_one_block_fails_before_any_work_naming_the_numbers(sharded_dir, calib, tmp_path):
+    with pytest.raises(ConfigError, match=r"compute.max_memory is 100 MB, but quantizing .* needs at least [0-9,]+ MB"):
+        quantize(NAME, sharded_dir, {"calib": calib}, tmp_path / "q",
+                 {"device": "cpu", "dtype": "float32", "max_memory": "100MB"})
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.tmp-*"))
+
+
+def test_the_budget_picks_smaller_chunks_then_streams_on_disk():
+    cfg = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "num_hidden_layers": 32, "vocab_size": 32000}
+    spec = QuantSpec.parse("llama-2-7b.c4.n128.L2048.ldlq.w3g128")
+    compute = {"calib_chunk_tokens": 65536, "block_streams": "memory"}
+    free = plan_quantize(cfg, spec, compute, 2)
+    assert free.chunk_tokens == 65536 and free.streams == "memory" and free.budget is None
+    # n128 x 2048 tokens x 4096 x 2 bytes = 2 GiB per stream: 24 GB holds it with smaller chunks
+    mid = plan_quantize(cfg, spec, {**compute, "max_memory": "12GB"}, 2)
+    assert mid.peak <= parse_memory("12GB") < free.peak and mid.streams == "memory" and mid.chunk_tokens < 65536
+    tight = plan_quantize(cfg, spec, {**compute, "max_memory": "6GB"}, 2)
+    assert tight.peak <= parse_memory("6GB") and tight.streams == "disk"
+    with pytest.raises(ConfigError, match="Raise compute.max_memory to at least"):
+        plan_quantize(cfg, spec, {**compute, "max_memory": "2GB"}, 2)
+
+
+def test_memory_model_counts_what_grows():
+    cfg = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152, "tie_word_embeddings": True}
+    shapes = Shapes.of(cfg)
+    assert shapes.block_params == 576 * (576 + 2 * 192 + 576 + 3 * 1536) + 4 * 576
+    small = quantize_phases(shapes, QuantSpec.parse("m.c4.n32.L512.ldlq.w3g64"), 65536, "memory")
+    large = quantize_phases(shapes, QuantSpec.parse("m.c4.n128.L512.ldlq.w3g64"), 65536, "memory")
+    chunked = quantize_phases(shapes, QuantSpec.parse("m.c4.n128.L512.ldlq.w3g64"), 8192, "memory")
+    disk = quantize_phases(shapes, QuantSpec.parse("m.c4.n128.L512.ldlq.w3g64"), 8192, "disk")
+    assert large["block"] > chunked["block"] > disk["block"]  # smaller chunks, then streams of one chunk
+    assert large["block"] > small["block"]
+    assert parse_memory("1.5GB") == 1536 << 20 and parse_memory(800) == 800 << 20
+    with pytest.raises(ConfigError, match="no amount of memory"):
+        parse_memory("lots")
+
+
+def test_offloaded_model_gives_the_whole_models_logits_with_blocks_on_disk(sharded_dir, tmp_path):
+    from quantlib.access.lazy import offloaded
+
+    x = calib_tokens(2, 16, seed=7)
+    model = offloaded(LazyModel(sharded_dir), tmp_path / "offload")
+    with torch.no_grad():
+        got = model(x).logits
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())  # read for the forward, freed
+    assert len(list((tmp_path / "offload").glob("*.dat"))) == 4 * 9  # every block tensor in accelerate's files
+    with torch.no_grad():
+        assert torch.equal(got, load_fp(sharded_dir)(x).logits)
+
+
+def test_fp_hessians_read_block_by_block_equal_the_in_memory_ones(sharded_dir, calib, tmp_path):
+    from quantlib.jobs.steps import statistic
+    from quantlib.stats.artifacts import compute_statistic
+
+    statistic("fp_hessian", "tiny.toy.n8.L32", sharded_dir, calib, tmp_path / "lazy",
+              {"device": "cpu", "dtype": "float32", "calib_chunk_tokens": 64})
+    compute_statistic("fp_hessian", load_fp(sharded_dir), torch.load(calib), tmp_path / "memory", "tiny.toy.n8.L32",
+                      "tiny", chunk_tokens=64, progress=False)
+    from safetensors.torch import load_file
+
+    files = sorted(p.name for p in (tmp_path / "lazy").glob("block*.safetensors"))
+    assert len(files) == 4
+    for name in files:  # one file per block, the Hessian of each subgroup
+        lazy, memory = load_file(tmp_path / "lazy" / name), load_file(tmp_path / "memory" / name)
+        assert len(lazy) == 4 and lazy.keys() == memory.keys()
+        assert all(torch.equal(lazy[k], memory[k]) for k in lazy)

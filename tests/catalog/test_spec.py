@@ -1,0 +1,180 @@
+"""Short names: round trips for every method, canonical form, and errors that say what is wrong."""
+
+import itertools
+
+import pytest
+
+from quantlib.catalog import names, registry
+from quantlib.errors import ConfigError
+from quantlib.catalog.names import parse_ppl_protocol, ppl_protocol_name
+from quantlib.catalog.spec import CalibSpec, QuantSpec, parse_calib_name
+
+CAL = CalibSpec("c4", 128, 2048)
+
+
+# A valid value away from the default for every option (an option with companions gets them in COMPANIONS).
+TEST_VALUES = {"outliers": 0.01, "qdrop": 0.25, "stat_bits": 16, "batch": 2, "grid": 1024, "grid_coarse": 32}
+COMPANIONS = {"structured": {"outliers": 0.02}, "outlier_step": {"outliers": 0.02}, "true_sequential": {"fp_inputs": False}}
+
+
+def _test_value(o, spec):
+    if o.key in TEST_VALUES:
+        return TEST_VALUES[o.key]
+    default = o.default_for(spec)
+    if o.kind is bool:
+        return not default
+    return o.choices[0] if o.choices else default * 2 + 1
+
+
+def _specs():
+    """Every solver with every init it takes and, for layer-wise solvers, with and without each preprocessor; then
+    each of the spec's options at a non-default value."""
+    cal = CalibSpec("wikitext2", 32, 512, 7)
+    for solver in registry.SOLVERS.values():
+        inits = list(registry.INITS) if solver.takes_init else ["minmax"]
+        pres = [()] + ([(p,) for p in registry.PREPROCESSORS] if solver.mode != "block" else [])
+        per_row = solver.format == "lut"  # one lookup table per row: no group size
+        for init, pre in itertools.product(inits, pres):
+            for bits, gs in ((2, 128), (3, -1), (4, 64), (8, 32)):
+                yield QuantSpec.build("llama-2-7b", solver.name, bits, -1 if per_row else gs, init, pre, calib=CAL)
+            gs = -1 if per_row else 128
+            base = QuantSpec.build("qwen-2.5-7b", solver.name, 3, gs, init, pre, calib=cal)
+            for o in base.option_defs().values():
+                options = {**COMPANIONS.get(o.key, {}), o.key: _test_value(o, base)}
+                yield QuantSpec.build("qwen-2.5-7b", solver.name, 3, gs, init, pre, calib=cal, options=options)
+
+
+SPECS = list(dict.fromkeys(_specs()))
+
+
+def test_every_component_and_option_is_covered():
+    names = {s.short_name() for s in SPECS}
+    for comp in [*registry.SOLVERS, *registry.PREPROCESSORS, *registry.INITS]:
+        assert any(f".{comp}." in n for n in names) or comp == "minmax", comp
+    keys = {k for s in SPECS for k, _ in s.options}
+    assert keys == {o.key for s in SPECS for o in s.option_defs().values()}
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short_name())
+def test_round_trip_every_method(spec):
+    name = spec.short_name()
+    assert QuantSpec.parse(name) == spec
+    assert QuantSpec.parse(name).short_name() == name
+
+
+def test_examples_and_defaults_left_out():
+    spec = QuantSpec.build("llama-2-7b", "ldlq", 3, 128, calib=CAL)
+    assert spec.short_name() == "llama-2-7b.c4.n128.L2048.ldlq.w3g128"
+    assert spec.opt("act_order") is True and spec.opt("damp") == 0.01
+    # RTN with min-max needs no data: the calibration is dropped from the spec and the name
+    assert QuantSpec.build("m", "rtn", 4, 64, calib=CAL).short_name() == "m.rtn.w4g64"
+    assert QuantSpec.build("m", "ldlq", 4, -1, calib=CAL, options={"act_order": False, "damp": 0.1}
+                           ).short_name() == "m.c4.n128.L2048.ldlq.w4.noreorder.damp0p1"
+    assert QuantSpec.build("m").short_name() == "m.fp"
+    assert QuantSpec.parse("opt-1.3b.fp") == QuantSpec.build("opt-1.3b")
+
+
+def test_non_canonical_and_unknown_names_are_refused():
+    with pytest.raises(ConfigError, match="canonical"):
+        QuantSpec.parse("m.c4.n8.L32.ldlq.w4.damp0p1.noreorder")  # options out of order
+    with pytest.raises(ConfigError, match="canonical"):
+        QuantSpec.parse("m.c4.n8.L32.ldlq.w4.damp0p01")  # default written out
+    with pytest.raises(ConfigError, match="unknown option token 'foo'"):
+        QuantSpec.parse("m.c4.n8.L32.ldlq.w4.foo")
+    with pytest.raises(ConfigError, match="known solvers"):
+        QuantSpec.parse("m.c4.n8.L32.gptx.w4")
+    with pytest.raises(ConfigError, match="uses no calibration"):
+        QuantSpec.parse("m.c4.n8.L32.rtn.w4")
+    with pytest.raises(ConfigError, match="bits must be between 2 and 8"):
+        QuantSpec.parse("m.rtn.w1")
+    with pytest.raises(ConfigError, match="needs calibration"):
+        QuantSpec.parse("m.ldlq.w4")
+
+
+def test_bad_settings_rejected_at_build():
+    with pytest.raises(ConfigError, match="bits must be between 2 and 8"):
+        QuantSpec.build("m", "rtn", 1, 64)
+    with pytest.raises(ConfigError, match="group_size"):
+        QuantSpec.build("m", "rtn", 4, 0)
+    with pytest.raises(ConfigError, match="unknown solver 'magic'"):
+        QuantSpec.build("m", "magic", 4, 64)
+    with pytest.raises(ConfigError, match="unknown option 'iters'"):
+        QuantSpec.build("m", "ldlq", 4, 64, calib=CAL, options={"iters": 3})
+    with pytest.raises(ConfigError, match="takes true or false"):
+        QuantSpec.build("m", "ldlq", 4, 64, calib=CAL, options={"act_order": 1})
+
+
+def test_calibration_and_protocol_names():
+    assert parse_calib_name("llama-2-7b.c4.n128.L2048") == ("llama-2-7b", CAL)
+    assert parse_calib_name("a.b.wikitext2.n8.L64.s3") == ("a.b", CalibSpec("wikitext2", 8, 64, 3))
+    with pytest.raises(ConfigError):
+        parse_calib_name("llama.c4.n128")
+    assert parse_ppl_protocol(ppl_protocol_name("wikitext2", 512, 40)) == ("wikitext2", 512, 40)
+    assert parse_ppl_protocol(ppl_protocol_name("c4-val", 2048, None)) == ("c4-val", 2048, None)
+
+
+def test_number_tokens_have_no_dots():
+    for v in (0.01, 1e-5, 2.5e-7, 0.125, 3.0, 1234):
+        tok = names.format_number(v)
+        assert "." not in tok
+        assert names.parse_number(tok, float) == pytest.approx(v)
+
+
+def test_both_alphas_round_trip_and_do_not_collide():
+    """MagR's penalty and QuantEase's outlier step are different settings with different tokens."""
+    s = QuantSpec.build("m", "quantease", 3, -1, preprocess=["magr"], calib=CAL,
+                        options={"magr_alpha": 0.002, "outliers": 0.01, "outlier_step": 0.5})
+    assert s.short_name() == "m.c4.n128.L2048.magr.quantease.w3.malpha0p002.olstep0p5.ol0p01"
+    assert QuantSpec.parse(s.short_name()) == s
+    assert s.opt("magr_alpha") == 0.002 and s.opt("outlier_step") == 0.5
+
+
+@pytest.mark.parametrize("name,message", [
+    ("m.rtn.w4g64.damp0p1", "'damp0p1' .Hessian damping. does not apply to rtn"),
+    ("m.rtn.w4g64.noseq", "'noseq' .* does not apply to rtn"),
+    ("m.c4.n8.L32.spqr.w3g16.sym", "'sym' .symmetric grid. does not apply to spqr"),
+    ("m.c4.n8.L32.ldlq.neuqi.w3.sym", "'sym' .* does not apply to ldlq .neuqi init."),
+    ("m.c4.n8.L32.ldlq.neuqii.w4g64", "'neuqii' is not an init"),
+    ("m.c4.n8.L32.quantease.w3.cols", "'structured' applies only with outliers"),
+    ("m.c4.n8.L32.quantease.w3.olstep2", "'outlier_step' applies only with outliers"),
+    ("m.c4.n8.L32.ldlq.neuqi.w3.grid100", "grid .100. must be a multiple of grid_coarse .64."),
+    ("m.c4.n8.L32.ldlq.w4.fpin.noseq", "'noseq' has no effect with 'fpin'"),
+    ("m.c4.n8.L32.spqr.w3g16.noot.ot0p1", "'outlier_threshold' has no effect without outliers"),
+    ("m.c4.n8.L32.spqr.neuqi.w3g16", "takes no init"),
+])
+def test_refused_combinations_name_the_problem_in_one_line(name, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        QuantSpec.parse(name)
+    assert "\n" not in str(info.value)
+
+
+def test_options_exist_only_where_they_have_an_effect():
+    rtn = QuantSpec.build("m", "rtn", 4, 64)
+    assert set(rtn.option_defs()) == {"sym"}
+    for key in ("damp", "true_sequential"):
+        with pytest.raises(ConfigError, match="does not apply to rtn"):
+            QuantSpec.build("m", "rtn", 4, 64, options={key: 0.1 if key == "damp" else False})
+    # RTN with a diag(H)-weighted init reads a Hessian, so damping and its source matter there
+    assert {"damp", "true_sequential", "fp_inputs"} <= set(QuantSpec.build("m", "rtn", 4, 64, "neuqi", calib=CAL)
+                                                           .option_defs())
+    assert "sym" not in QuantSpec.build("m", "spqr", 3, 16, calib=CAL).option_defs()
+
+
+def test_option_tokens_are_unique_across_the_catalog():
+    tokens = {}
+    for comp in [*registry.SOLVERS.values(), *registry.INITS.values(), *registry.PREPROCESSORS.values()]:
+        for o in comp.options:
+            assert tokens.setdefault(o.token, o.key) == o.key, o.token
+    with pytest.raises(ValueError, match="already means"):
+        registry.register_option(registry.Option("other", 1, int, "it"), "a test")
+    with pytest.raises(ValueError, match="already has the token"):
+        registry.register_option(registry.Option("iterations", 1, int, "sweeps"), "a test")
+
+
+def test_inputs_follow_the_catalog():
+    assert QuantSpec.build("m", "rtn", 4, 64).inputs() == {}
+    assert QuantSpec.build("m", "ldlq", 4, 64, calib=CAL).inputs() == {
+        "calib_json": "results/calibration/m.c4.n128.L2048.json", "calib": "results/calibration/m.c4.n128.L2048.pt"}
+    fpin = QuantSpec.build("m", "ldlq", 4, 64, calib=CAL, options={"fp_inputs": True})
+    assert fpin.inputs() == {"calib_json": "results/calibration/m.c4.n128.L2048.json",
+                             "fp_hessian": "results/stats/fp_hessian/m.c4.n128.L2048"}
