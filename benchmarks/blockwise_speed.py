@@ -30,7 +30,7 @@ from quantlib.access.datasets import calibration_windows, eval_windows, read_tex
 from quantlib.artifacts.atomic import versions
 from quantlib.access.adapters import adapter_for
 from quantlib.access.models import load_model, load_tokenizer
-from quantlib.runner.walk import QuantizedModelReport
+from quantlib.runner.group import QuantizedModelReport
 from quantlib.solvers.contract import LayerSolver
 from quantlib.catalog.spec import QuantSpec
 

@@ -26,7 +26,8 @@ from quantlib.stats.hessian import HessianAccumulator, layer_error
 from quantlib.artifacts.atomic import versions
 from quantlib.access.models import load_model, load_tokenizer
 from quantlib.solvers.contract import solve_layer
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
 

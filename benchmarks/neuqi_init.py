@@ -20,7 +20,8 @@ import torch
 
 from quantlib.solvers.grid_init import group_weights, init_grid, minmax_init, weighted_error
 from quantlib.artifacts.atomic import versions
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
 

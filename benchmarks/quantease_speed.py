@@ -22,7 +22,8 @@ import torch
 from quantlib.stats.hessian import add_damping, layer_error
 from quantlib.artifacts.atomic import versions
 from quantlib.solvers.contract import solve_layer
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
 

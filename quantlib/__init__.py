@@ -12,7 +12,7 @@ __all__ = ["calibration_windows", "eval_windows", "load", "load_model", "load_to
 
 def __getattr__(name):
     if name in __all__:
-        from quantlib import api
+        from quantlib import api  # here, not at the top: `import quantlib` stays free of torch
 
         return getattr(api, name)
     raise AttributeError(f"module 'quantlib' has no attribute '{name}'")

@@ -25,14 +25,17 @@ from quantlib.access.datasets import calibration_windows as _calibration_windows
 from quantlib.access.datasets import eval_windows as _eval_windows
 from quantlib.access.datasets import read_texts  # noqa: F401  (part of the API)
 from quantlib.access.models import load_model as _load_model
+from quantlib.access.models import load_tokenizer  # noqa: F401  (part of the API)
+from quantlib.catalog.registry import stat_dependencies
 from quantlib.catalog.spec import QuantSpec
 from quantlib.checkpoint.pack.writer import pack_checkpoint as _pack
 from quantlib.checkpoint.reader import load_any
 from quantlib.checkpoint.writer import save_quantized
 from quantlib.errors import ConfigError
 from quantlib.evaluation.perplexity import perplexity as _perplexity
-from quantlib.runner.walk import QuantizedModelReport, quantize_model
-from quantlib.stats.artifacts import compute_statistic, open_statistic, stat_dependencies
+from quantlib.runner.group import QuantizedModelReport
+from quantlib.runner.walk import quantize_model
+from quantlib.stats.artifacts import compute_statistic, open_statistic
 
 
 def _spec(spec) -> QuantSpec:
@@ -87,16 +90,21 @@ def quantize(model, spec, tokens: torch.Tensor | None = None, *, statistics: dic
     statistics = dict(statistics or {})
     missing = [s for s in spec.statistic_kinds() if s not in statistics]
     with tempfile.TemporaryDirectory(prefix="quantlib-stats-") as tmp:
-        if missing:
-            folder = Path(tmp)
-            for name in spec.statistics():  # catalog order: a statistic comes after the ones it is made from
-                kind = name.split(".")[0]
-                if kind not in missing:
-                    continue
-                needs = {k: folder / Path(p).parent.name for k, p in
-                         stat_dependencies(name, spec.calib_name()).items()}
-                compute_statistic(name, model, tokens, folder / name, spec.calib_name(), spec.model, inputs=needs,
-                                  device=device, progress=progress)
+        folder = Path(tmp)
+
+        def compute(name: str) -> None:  # a statistic after the ones it is computed from
+            needs = {k: folder / Path(p).parent.name for k, p in stat_dependencies(name, spec.calib_name(), {}).items()}
+            for path in needs.values():
+                if not path.exists():
+                    compute(path.name)
+            compute_statistic(name, model, tokens, folder / name, spec.calib_name(), spec.model, inputs=needs,
+                              device=device, progress=progress)
+
+        for name in spec.statistics():
+            kind = name.split(".")[0]
+            if kind in missing:
+                if not (folder / name).exists():
+                    compute(name)
                 statistics[kind] = open_statistic(kind, folder / name, spec)
         return quantize_model(model, spec, tokens if spec.needs_tokens else None, device=device, progress=progress,
                               statistics=statistics, seed=seed)

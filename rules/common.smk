@@ -11,10 +11,12 @@ from quantlib.config.experiment import Experiment
 from quantlib.config.preflight import check_sources
 from quantlib.config.preflight import check_config_files, check_hub_for_download
 from quantlib.errors import QuantlibError
-from quantlib.jobs.memory import request_mb
+from quantlib.jobs.memory import request_mb, runtime_minutes
 from quantlib.catalog.names import DATASET_KEY_RE, MODEL_KEY_RE, PATHS, STAT_RE, evaldata_path, parse_ppl_protocol
-from quantlib.stats.artifacts import stat_dependencies
-from quantlib.catalog.spec import QuantSpec, parse_calib_name
+from quantlib.catalog.pack_formats import wildcard_pattern
+from quantlib.catalog.registry import stat_dependencies
+from quantlib.catalog.names import parse_calib_name
+from quantlib.catalog.spec import QuantSpec
 
 try:
     check_config_files([str(p) for p in workflow.configfiles])
@@ -40,7 +42,7 @@ wildcard_constraints:
     # A quantized model's short name (never the unquantized "{model}.fp", nor a distilled one: rule distill, nor a
     # packed one: rule pack).
     name=r"(?!.*\.kd\.)(?!.*\.pack-)[a-z0-9][A-Za-z0-9_.-]*(?<!\.fp)",
-    packformat=r"ct|gptq|anyprec|bcq",
+    packformat=wildcard_pattern(),  # the catalog's pack formats
     unpacked=r"(?!.*\.pack-)[a-z0-9][A-Za-z0-9_.-]*(?<!\.fp)",
     base=r"[a-z0-9][A-Za-z0-9_.-]*",
     kd=r"[a-z0-9][a-z0-9_-]*\.n[0-9]+\.L[0-9]+(\.[A-Za-z0-9_-]+)*",
@@ -83,16 +85,6 @@ def model_params_b(model):
     return EXP.model_cfg(model).get("params_b", 1.0)
 
 
-def mem_mb_for(model, factor):
-    """Memory request from the model size: float32 weights are 4 bytes per parameter."""
-    return int(max(4000, factor * 4 * 1024 * model_params_b(model)))
-
-
-def runtime_for(model, minutes_per_b, floor):
-    """Wall-time request (minutes) from the model size: the work grows about linearly with the parameter count."""
-    return int(max(floor, minutes_per_b * model_params_b(model)))
-
-
 def calib_inputs(wildcards):
     model, calib = parse_calib_name(wildcards.calib)
     return {
@@ -108,7 +100,7 @@ def calib_dataset_cfg(wildcards):
 def quantize_inputs(wildcards):
     """The model and whatever the spec's catalog entries say it reads (calibration, statistics artifacts)."""
     spec = spec_of(wildcards.name)
-    return {"model": EXP.model_path(spec.model), **spec.inputs(EXP.gradient_groups)}
+    return {"model": EXP.model_path(spec.model), **spec.inputs(EXP.stat_settings)}
 
 
 def model_config(model):
@@ -117,20 +109,25 @@ def model_config(model):
     return read_config(folder) if (Path(folder) / "config.json").exists() else None
 
 
-def job_mem(job, spec, factor):
+def job_mem(job, model, spec):
     """mem_mb from the memory model (quantlib.jobs.memory); before the model is fetched, from its params_b."""
     try:
-        return request_mb(job, model_config(spec.model), spec, EXP.cfg, mem_mb_for(spec.model, factor))
+        return request_mb(job, model_config(model), spec, EXP.cfg, model_params_b(model))
     except QuantlibError as exc:
         sys.exit(f"Configuration error: {exc}")
 
 
+def job_runtime(job, model):
+    return runtime_minutes(job, model_params_b(model))
+
+
 def quantize_mem(wildcards):
-    return job_mem("quantize", spec_of(wildcards.name), 3)
+    spec = spec_of(wildcards.name)
+    return job_mem("quantize", spec.model, spec)
 
 
 def quantize_runtime(wildcards):
-    return runtime_for(spec_of(wildcards.name).model, 10, 60)
+    return job_runtime("quantize", spec_of(wildcards.name).model)
 
 
 def distill_inputs(wildcards):
@@ -140,11 +137,12 @@ def distill_inputs(wildcards):
 
 
 def distill_mem(wildcards):
-    return job_mem("distill", spec_of(f"{wildcards.base}.kd.{wildcards.kd}"), 5)
+    spec = spec_of(f"{wildcards.base}.kd.{wildcards.kd}")
+    return job_mem("distill", spec.model, spec)
 
 
 def distill_runtime(wildcards):
-    return runtime_for(spec_of(f"{wildcards.base}.kd.{wildcards.kd}").model, 60, 60)
+    return job_runtime("distill", spec_of(f"{wildcards.base}.kd.{wildcards.kd}").model)
 
 
 def stats_inputs(wildcards):
@@ -152,23 +150,26 @@ def stats_inputs(wildcards):
     try:
         return {"model": EXP.model_path(parse_calib_name(wildcards.calib)[0]),
                 "tokens": PATHS.calibration.format(calib=wildcards.calib),
-                **stat_dependencies(wildcards.stat, wildcards.calib, EXP.gradient_groups)}
+                **stat_dependencies(wildcards.stat, wildcards.calib, EXP.stat_settings)}
     except QuantlibError as exc:
         sys.exit(f"Error: {exc}")
 
 
 def stats_mem(wildcards):
-    # Any spec reading this calibration stands for its shape (the number and length of the windows).
-    return job_mem(f"stats:{wildcards.stat}", spec_of(f"{wildcards.calib}.ldlq.w4"), 3)
+    model, calib = parse_calib_name(wildcards.calib)
+    return job_mem(f"stats:{wildcards.stat}", model, calib)
+
+
+def stats_runtime(wildcards):
+    return job_runtime("stats", parse_calib_name(wildcards.calib)[0])
 
 
 def ppl_runtime(wildcards):
-    return runtime_for(spec_of(wildcards.anyname).model, 5, 30)
+    return job_runtime("perplexity", spec_of(wildcards.anyname).model)
 
 
 def lmeval_runtime(wildcards):
-    # Every task of the config in one job: on a 2-core CPU ~10 min for 6 tasks x 25 documents of a 135M model.
-    return runtime_for(spec_of(wildcards.anyname).model, 20, 60)
+    return job_runtime("lmeval", spec_of(wildcards.anyname).model)
 
 
 def ppl_inputs(wildcards):
@@ -182,11 +183,13 @@ def ppl_inputs(wildcards):
 
 
 def ppl_mem(wildcards):
-    return job_mem("perplexity", spec_of(wildcards.anyname), 3)
+    spec = spec_of(wildcards.anyname)
+    return job_mem("perplexity", spec.model, spec)
 
 
 def lmeval_mem(wildcards):
-    return job_mem("lmeval", spec_of(wildcards.anyname), 3)
+    spec = spec_of(wildcards.anyname)
+    return job_mem("lmeval", spec.model, spec)
 
 
 def model_input(wildcards):
@@ -197,7 +200,8 @@ def model_input(wildcards):
 
 def pack_mem(wildcards):
     # The source checkpoint's codes are unpacked per layer and the packed copy is built beside them.
-    return job_mem("pack", spec_of(wildcards.unpacked), 2)
+    spec = spec_of(wildcards.unpacked)
+    return job_mem("pack", spec.model, spec)
 
 
 def pack_input(wildcards):

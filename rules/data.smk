@@ -20,7 +20,7 @@ rule fetch_model:
         PATHS.benchmark("fetch_model", "{model}")
     threads: TORCH_THREADS
     resources:
-        mem_mb=lambda wc: mem_mb_for(wc.model, 2),
+        mem_mb=lambda wc: job_mem("fetch", wc.model, None),
         runtime=60,
     priority: 100
     conda:

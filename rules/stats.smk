@@ -16,7 +16,7 @@ rule stats:
     threads: TORCH_THREADS
     resources:
         mem_mb=stats_mem,
-        runtime=60,
+        runtime=stats_runtime,
     conda:
         "../envs/quantize.yaml"
     script:

@@ -12,6 +12,7 @@ Protocols (parts of result paths): `{dataset}.L{seqlen}[.nw{n}]` (perplexity), `
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from quantlib.errors import ConfigError
 
@@ -69,6 +70,58 @@ def require_setting(token: str) -> tuple[int, int]:
     if parsed is None:
         raise ConfigError(f"'{token}' is not a setting (w{{bits}} or w{{bits}}g{{group}})")
     return parsed
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Calibration data: n windows of L tokens drawn from a dataset with a seed."""
+
+    dataset: str
+    nsamples: int
+    seqlen: int
+    seed: int = 0
+
+    def __post_init__(self):
+        if not re.fullmatch(DATASET_KEY_RE, self.dataset):
+            raise ConfigError(f"dataset key '{self.dataset}' must match {DATASET_KEY_RE}")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ConfigError(f"calibration needs nsamples >= 1 and seqlen >= 2, got n={self.nsamples} L={self.seqlen}")
+        if self.seed < 0:
+            raise ConfigError(f"calibration seed must be >= 0, got {self.seed}")
+
+    def short_name(self) -> str:
+        name = f"{self.dataset}.n{self.nsamples}.L{self.seqlen}"
+        return name + (f".s{self.seed}" if self.seed else "")
+
+
+def parse_calib_name(name: str) -> tuple[str, CalibSpec]:
+    """`{model}.{dataset}.n{n}.L{L}[.s{seed}]` -> (model, CalibSpec)."""
+    tokens = name.split(".")
+    found = find_calib(tokens)
+    if found is None:
+        raise ConfigError(f"'{name}' is not a calibration name ({{model}}.{{dataset}}.n{{n}}.L{{L}}[.s{{seed}}])")
+    start, end, calib = found
+    if end != len(tokens) or start == 0:
+        raise ConfigError(f"'{name}' is not a calibration name ({{model}}.{{dataset}}.n{{n}}.L{{L}}[.s{{seed}}])")
+    model = ".".join(tokens[:start])
+    if f"{model}.{calib.short_name()}" != name:
+        raise ConfigError(f"'{name}' is not in canonical form; expected '{model}.{calib.short_name()}'")
+    return model, calib
+
+
+def find_calib(tokens: list[str]):
+    """Locate `{dataset}.n{n}.L{L}[.s{seed}]`; returns (index of dataset, index after it, CalibSpec)."""
+    for i in range(1, len(tokens) - 2):
+        n = re.fullmatch(r"n([0-9]+)", tokens[i + 1])
+        L = re.fullmatch(r"L([0-9]+)", tokens[i + 2])
+        if n and L and re.fullmatch(DATASET_KEY_RE, tokens[i]):
+            end, seed = i + 3, 0
+            if end < len(tokens) and (s := re.fullmatch(r"s([0-9]+)", tokens[end])):
+                end, seed = end + 1, int(s.group(1))
+            return i, end, CalibSpec(tokens[i], int(n.group(1)), int(L.group(1)), seed)
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ protocols

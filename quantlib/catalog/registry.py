@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from quantlib.catalog.names import NUMBER_RE, format_number, parse_number
+from quantlib.catalog.names import NUMBER_RE, format_number, parse_number, stats_path
 from quantlib.errors import ConfigError
 
 
@@ -121,12 +121,36 @@ class Component:
         return self.format(spec) if callable(self.format) else self.format
 
 
+HANDS = ("hessian", "layer_stats", "token_weights")
+
+
+def _no_params(spec, settings) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Statistic:
     """A statistic of the unquantized model, computed once per model and calibration by `rules/stats.smk` and shared
-    by every method that needs it. `impl` computes it (`compute(model, tokens, out_dir, meta, params, inputs, ...)`),
-    `reader` opens a saved artifact for the runner. `params`: integer parameters written into the artifact's name
-    as `.{param}{value}` tokens (`guided_hessian.g4`); `needs`: other statistics it is computed from."""
+    by every method that reads it. The entry carries the statistic's whole meaning; no other module names it.
+
+    - `impl` computes it: `compute(model, tokens, out_dir, meta, params, inputs, device, chunk_tokens, progress,
+      access)`; `reader` opens a saved artifact (a `quantlib.stats.artifacts.StatisticReader`).
+    - `params`: integer parameters written into the artifact's name as `.{param}{value}` tokens (`guided_hessian.g4`);
+      `choose(spec, settings)` picks them for a spec, or for none (`spec` None: the statistic is another's
+      dependency) from `settings`, the config's settings of the statistics ({statistic: {key: value}}; None when they
+      are not known, as in a quantize job, where only what the spec decides is returned and checked).
+    - `needs`: other statistics it is computed from. `check(spec, params, settings)` refuses combinations with a
+      ConfigError (spec None for a dependency).
+    - `read_by(spec)`: whether a spec reads it although no component names it in its `needs` (what the runner's
+      contract options imply, e.g. the FP model's Hessians under `fpin`).
+    - `hands`: what the runner gives the solver from it, through the reader: `hessian` (a layer's Hessian, in place
+      of the runner's own capture), `layer_stats` (per-weight tensors merged into the layer task's `stats`),
+      `token_weights` (per-token weights of the runner's own Hessian capture).
+    - `block_by_block`: computed one decoder block at a time (the job reads the model lazily); else the job holds the
+      whole model. Memory model: `read_bytes(shapes, params)` is what a quantize job holds of it per block,
+      `compute_bytes(shapes, params)` what its own job holds beyond a calibration pass of one block (block by block)
+      or beyond the whole model and one window's forward pass (whole model); `shapes` is a `quantlib.jobs.memory.Shapes`.
+    """
 
     name: str
     impl: str
@@ -134,8 +158,14 @@ class Statistic:
     label: str
     help: str = ""
     params: tuple[str, ...] = ()
+    choose: Callable[[Any, dict | None], dict] = _no_params
     needs: tuple[str, ...] = ()
-    block_by_block: bool = False  # computed one decoder block at a time: the job reads the model lazily
+    check: Callable[[Any, dict, dict | None], None] | None = None
+    read_by: Callable[[Any], bool] | None = None
+    hands: tuple[str, ...] = ()
+    block_by_block: bool = False
+    read_bytes: Callable[[Any, dict], int] = lambda shapes, params: 0
+    compute_bytes: Callable[[Any, dict], int] = lambda shapes, params: 0
 
 
 @dataclass(frozen=True)
@@ -221,6 +251,10 @@ def register(component: Component) -> Component:
 def register_statistic(stat: Statistic) -> Statistic:
     if stat.name in STATISTICS or stat.name in NEEDS or not re.fullmatch(r"[a-z][a-z0-9_]*", stat.name):
         raise ValueError(f"statistic name '{stat.name}' is taken or not lower case letters, digits and '_'")
+    unknown = [n for n in stat.needs if n not in STATISTICS] + [h for h in stat.hands if h not in HANDS]
+    if unknown:
+        raise ValueError(f"statistic '{stat.name}': unknown {unknown} (needs: statistics registered before it; "
+                         f"hands: {', '.join(HANDS)})")
     STATISTICS[stat.name] = stat
     return stat
 
@@ -248,6 +282,27 @@ def parse_stat_name(name: str) -> tuple[str, dict[str, int]]:
         raise ConfigError(f"'{name}' is not a name of statistic '{stat}' (expected "
                           f"{'.'.join([stat, *(p + '<n>' for p in entry.params)])})")
     return stat, params
+
+
+def statistic_params(stat: str, spec, settings: dict | None) -> dict[str, int]:
+    """The parameters of statistic `stat` for `spec` (None: as a dependency) under `settings`, checked."""
+    entry = STATISTICS[stat]
+    params = entry.choose(spec, settings)
+    if settings is not None and set(params) != set(entry.params):
+        raise ValueError(f"statistic '{stat}' chose the parameters {sorted(params)}, not {list(entry.params)}")
+    if entry.check is not None:
+        entry.check(spec, params, settings)
+    return params
+
+
+def stat_dependencies(name: str, calib_name: str, settings: dict) -> dict[str, str]:
+    """{statistic: artifact path} of the statistics that artifact `name` is computed from, each checked against it."""
+    stat, params = parse_stat_name(name)
+    entry = STATISTICS[stat]
+    if entry.check is not None:
+        entry.check(None, params, settings)
+    return {need: stats_path(stat_name(need, **statistic_params(need, None, settings)), calib_name)
+            for need in entry.needs}
 
 
 def register_format(fmt: Format) -> Format:

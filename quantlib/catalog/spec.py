@@ -18,31 +18,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from quantlib.catalog import contract, names, registry
-from quantlib.catalog.names import DATASET_KEY_RE, MODEL_KEY_RE
+from quantlib.catalog.names import MODEL_KEY_RE, CalibSpec, find_calib
 from quantlib.catalog.pack_formats import packable
 from quantlib.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class CalibSpec:
-    """Calibration data: n windows of L tokens drawn from a dataset with a seed."""
-
-    dataset: str
-    nsamples: int
-    seqlen: int
-    seed: int = 0
-
-    def __post_init__(self):
-        if not re.fullmatch(DATASET_KEY_RE, self.dataset):
-            raise ConfigError(f"dataset key '{self.dataset}' must match {DATASET_KEY_RE}")
-        if self.nsamples < 1 or self.seqlen < 2:
-            raise ConfigError(f"calibration needs nsamples >= 1 and seqlen >= 2, got n={self.nsamples} L={self.seqlen}")
-        if self.seed < 0:
-            raise ConfigError(f"calibration seed must be >= 0, got {self.seed}")
-
-    def short_name(self) -> str:
-        name = f"{self.dataset}.n{self.nsamples}.L{self.seqlen}"
-        return name + (f".s{self.seed}" if self.seed else "")
 
 
 @dataclass(frozen=True)
@@ -190,15 +168,10 @@ class QuantSpec:
 
     @property
     def needs(self) -> frozenset[str]:
-        """Everything the spec reads (statistics by their catalog name): its components' needs, and where the
-        runner takes Hessians from (the FP model's statistics with `fpin`; guided Hessians with `gq`)."""
+        """Everything the spec reads (statistics by their catalog name): its components' needs, and the statistics
+        whose catalog entry says the spec reads them (`read_by`: where the runner takes Hessians from, say)."""
         out = self._component_needs()
-        if self.needs_hessian and self.mode == "layer":
-            guided = self.opt("guided_groups") if "guided_groups" in self.option_defs() else 0
-            if self.opt("fp_inputs"):
-                out.add("guided_hessian" if guided else "fp_hessian")
-            elif guided:
-                out.add("gradients")  # the saliency that weights the runner's own captures
+        out |= {name for name, entry in registry.STATISTICS.items() if entry.read_by and entry.read_by(self)}
         return frozenset(out)
 
     @property
@@ -224,21 +197,12 @@ class QuantSpec:
         """The catalog keys of the statistics of the FP model that the spec reads, in catalog order."""
         return [s for s in registry.STATISTICS if s in self.needs]
 
-    def statistics(self, gradient_groups: int = 4) -> list[str]:
-        """Names of the statistics artifacts of the FP model that the spec reads, in catalog order. The gradients'
-        saliency is captured with `gradient_groups` blocks (the config's `gradients.groups`), which must be a
-        multiple of the spec's `gq`."""
-        out = []
-        for stat in registry.STATISTICS:
-            if stat not in self.needs:
-                continue
-            if stat == "gradients":
-                out.append(registry.stat_name(stat, G=gradient_groups))
-            elif stat == "guided_hessian":
-                out.append(registry.stat_name(stat, g=self.opt("guided_groups")))
-            else:
-                out.append(stat)
-        return out
+    def statistics(self, settings: dict | None = None) -> list[str]:
+        """Names of the statistics artifacts of the FP model that the spec reads, in catalog order (a statistic after
+        the ones it is computed from), their parameters chosen by each catalog entry from the spec and `settings`
+        (the config's settings of the statistics, {statistic: {key: value}}; None: their defaults)."""
+        return [registry.stat_name(stat, **registry.statistic_params(stat, self, settings or {}))
+                for stat in self.statistic_kinds()]
 
     @property
     def needs_tokens(self) -> bool:
@@ -251,16 +215,16 @@ class QuantSpec:
     def format(self) -> str:
         return registry.component("solver", self.solver).format_for(self)
 
-    def inputs(self, gradient_groups: int = 4) -> dict[str, str]:
-        """The artifacts the quantize job reads, {kind: path} (statistics under their catalog name); the model
-        itself comes from the config."""
+    def inputs(self, settings: dict | None = None) -> dict[str, str]:
+        """The artifacts the quantize job reads, {kind: path} (statistics under their catalog name, `settings` as in
+        `statistics`); the model itself comes from the config."""
         if self.calib is None:
             return {}
         calib = self.calib_name()
         out = {"calib_json": names.calibration_manifest_path(calib)}
         if self.needs_tokens:
             out["calib"] = names.calibration_path(calib)
-        for stat in self.statistics(gradient_groups):
+        for stat in self.statistics(settings):
             out[stat.split(".")[0]] = names.stats_path(stat, calib)
         return out
 
@@ -378,7 +342,7 @@ class QuantSpec:
 
 def _parse_distill(name: str, tokens: list[str]) -> DistillSpec:
     """`{dataset}.n{N}.L{L}[.s{seed}][.{option}...]` after a name's `kd` token."""
-    found = _find_calib(["_", *tokens])
+    found = find_calib(["_", *tokens])
     if found is None or found[0] != 1:
         raise ConfigError(f"cannot read short name '{name}': 'kd' must be followed by the distillation windows "
                           "{dataset}.n{N}.L{L}[.s{seed}]")
@@ -394,40 +358,12 @@ def _parse_distill(name: str, tokens: list[str]) -> DistillSpec:
     return DistillSpec.build(calib, options)
 
 
-def parse_calib_name(name: str) -> tuple[str, CalibSpec]:
-    """`{model}.{dataset}.n{n}.L{L}[.s{seed}]` -> (model, CalibSpec)."""
-    tokens = name.split(".")
-    found = _find_calib(tokens)
-    if found is None:
-        raise ConfigError(f"'{name}' is not a calibration name ({{model}}.{{dataset}}.n{{n}}.L{{L}}[.s{{seed}}])")
-    start, end, calib = found
-    if end != len(tokens) or start == 0:
-        raise ConfigError(f"'{name}' is not a calibration name ({{model}}.{{dataset}}.n{{n}}.L{{L}}[.s{{seed}}])")
-    model = ".".join(tokens[:start])
-    if f"{model}.{calib.short_name()}" != name:
-        raise ConfigError(f"'{name}' is not in canonical form; expected '{model}.{calib.short_name()}'")
-    return model, calib
-
-
-def _find_calib(tokens: list[str]):
-    """Locate `{dataset}.n{n}.L{L}[.s{seed}]`; returns (index of dataset, index after it, CalibSpec)."""
-    for i in range(1, len(tokens) - 2):
-        n = re.fullmatch(r"n([0-9]+)", tokens[i + 1])
-        L = re.fullmatch(r"L([0-9]+)", tokens[i + 2])
-        if n and L and re.fullmatch(DATASET_KEY_RE, tokens[i]):
-            end, seed = i + 3, 0
-            if end < len(tokens) and (s := re.fullmatch(r"s([0-9]+)", tokens[end])):
-                end, seed = end + 1, int(s.group(1))
-            return i, end, CalibSpec(tokens[i], int(n.group(1)), int(L.group(1)), seed)
-    return None
-
-
 def _parse_quantized(name: str, tokens: list[str]) -> QuantSpec:
     def fail(why: str):
         raise ConfigError(f"cannot read short name '{name}': {why}")
 
     known_solvers = ", ".join(sorted(registry.SOLVERS))
-    found = _find_calib(tokens)
+    found = find_calib(tokens)
     if found is not None:
         start, pos, calib = found
         model_tokens = tokens[:start]

@@ -8,9 +8,16 @@ import re
 from dataclasses import dataclass
 
 from quantlib.catalog import names, registry
-from quantlib.catalog.names import DATASET_KEY_RE, MODEL_KEY_RE, TASK_KEY_RE, lmeval_protocol_name, ppl_protocol_name
+from quantlib.catalog.names import (
+    DATASET_KEY_RE,
+    MODEL_KEY_RE,
+    TASK_KEY_RE,
+    CalibSpec,
+    lmeval_protocol_name,
+    ppl_protocol_name,
+)
 from quantlib.catalog.pack_formats import packable
-from quantlib.catalog.spec import CalibSpec, DistillSpec, QuantSpec
+from quantlib.catalog.spec import DistillSpec, QuantSpec
 from quantlib.config.schema import validate
 from quantlib.errors import ConfigError
 from quantlib.evaluation.metrics import is_lower_better
@@ -75,7 +82,8 @@ class Experiment:
         self.cfg = validate(cfg)
         c = self.cfg
         self.resources = c["resources"]
-        self.gradient_groups = c["gradients"]["groups"]
+        # The settings of the statistics ({statistic: {key: value}}), from the config's key of each statistic.
+        self.stat_settings = {name: c[name] for name in registry.STATISTICS if name in c}
         for key in c["models"]:
             if not _fullmatch(MODEL_KEY_RE, key) or key.split(".")[-1] == "fp":
                 raise ConfigError(f"model key '{key}' must match {MODEL_KEY_RE} and not end in '.fp'")
@@ -151,10 +159,10 @@ class Experiment:
         if spec.uses_calibration and calib is None:
             raise ConfigError(f"methods entry '{method_id}' needs calibration data: add a top-level "
                               "`calibration:` or one in the entry")
-        guided = spec.opt_or("guided_groups", 0)
-        if guided and self.gradient_groups % guided:
-            raise ConfigError(f"methods entry '{method_id}': gq{guided} needs the saliency in a multiple of {guided} "
-                              f"groups; set gradients.groups (now {self.gradient_groups}) to one")
+        try:
+            spec.statistics(self.stat_settings)  # each statistic's entry checks its parameters
+        except ConfigError as exc:
+            raise ConfigError(f"methods entry '{method_id}': {exc}") from None
         return spec
 
     def _distill(self, d: dict, calib: CalibSpec | None, method_id: str) -> DistillSpec:

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from quantlib.access.adapters import check_model_shapes
 from quantlib.config.experiment import Experiment
 from quantlib.errors import ConfigError
 
@@ -76,6 +77,7 @@ def _check_task_names(exp: Experiment) -> None:
     used = exp.used_tasks()
     if not used:
         return
+    # Only when a table reads lm-eval tasks: importing lm-eval takes seconds and loads torch (the Snakefile runs this).
     from quantlib.evaluation.lmeval import lm_eval_version, unknown_tasks
 
     missing = unknown_tasks(used)
@@ -106,8 +108,6 @@ def _check_model_shapes(exp: Experiment, key: str) -> None:
     """When the model's config.json is on disk (pre-filled resources, a local source, or the hub's cache): supported
     architecture, and every group size divides every quantized layer's input size. Otherwise the download job
     checks it before the weights (`fetch_model(shape_checks=...)`)."""
-    from quantlib.access.adapters import check_model_shapes
-
     m = exp.cfg["models"][key]
     candidates = [Path(exp.model_path(key)) / "config.json", Path(m["source"]).expanduser() / "config.json"]
     if not m.get("gguf_file") and "/" in m["source"] and not Path(m["source"]).expanduser().exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from quantlib.catalog.pack_formats import DTYPES, PACK_FORMATS
 from quantlib.errors import ConfigError
 
 _DATASET = {
@@ -180,11 +181,11 @@ SCHEMA: dict[str, Any] = {
             "description": "external checkpoint layouts (rules/pack.smk, docs/packing.md)",
             "properties": {
                 "formats": {"type": "array", "default": [], "uniqueItems": True,
-                            "items": {"enum": ["ct", "gptq", "anyprec", "bcq"]},
+                            "items": {"enum": list(PACK_FORMATS)},
                             "description": "every table model that a format can hold is packed in it"},
-                "dtype": {"enum": ["float16", "bfloat16", "float32"], "default": "float16",
+                "dtype": {"enum": list(DTYPES), "default": "float16",
                           "description": "dtype of the unquantized tensors (embeddings, norms, head)"},
-                "stat_dtype": {"enum": ["float16", "bfloat16", "float32"], "default": "float16",
+                "stat_dtype": {"enum": list(DTYPES), "default": "float16",
                                "description": "dtype of scales, zero points and lookup tables"},
                 "perplexity": {"type": "boolean", "default": True,
                                "description": "also evaluate each packed model's perplexity (name + .pack-{format})"},

@@ -61,6 +61,7 @@ class Shapes:
     block_params: int
     tied: bool
     subgroups: list  # [(d_in, stacked output rows)] per subgroup of quantized layers
+    max_layers_per_subgroup: int = 1
 
     @classmethod
     def of(cls, cfg: dict) -> "Shapes":
@@ -72,7 +73,8 @@ class Shapes:
         return cls(hidden=hidden, intermediate=max(d_in.values()), vocab=cfg["vocab_size"], blocks=blocks,
                    block_params=linear + 4 * hidden,  # norms (and biases, small beside the linears)
                    tied=bool(cfg.get("tie_word_embeddings", False)),
-                   subgroups=[(d_in[g[0]], sum(d_out[n] for n in g)) for g in adapter.subgroups])
+                   subgroups=[(d_in[g[0]], sum(d_out[n] for n in g)) for g in adapter.subgroups],
+                   max_layers_per_subgroup=max(len(g) for g in adapter.subgroups))
 
 
 @dataclass
@@ -117,12 +119,7 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
     activations = n_streams * held * h * b + chunk * (6 * h + 3 * shapes.intermediate) * b
     per_weight = solve_bytes_per_weight(spec)
     solve = max(5 * d * d * 4 + per_weight * rows * d for d, rows in shapes.subgroups)
-    stats = 0
-    kinds = spec.statistic_kinds()
-    if "fp_hessian" in kinds or "guided_hessian" in kinds:
-        stats += sum(d * d * 4 for d, _ in shapes.subgroups)
-    if "gradients" in kinds:
-        stats += shapes.block_params * 4
+    stats = sum(statistic_bytes(shapes, name, "read_bytes") for name in spec.statistics())
     training = 3 * shapes.block_params * 4 if mode == "block" else 0
     block = shapes.block_params * b + activations + (0 if mode == "block" else solve) + stats + training
     embeddings = shapes.vocab * h * b
@@ -202,30 +199,58 @@ def lmeval_tokens(tasks: dict) -> int:
     return LMEVAL_TOKENS * (1 + max([(t or {}).get("num_fewshot", 0) or 0 for t in tasks.values()] or [0]))
 
 
-def stats_peak(model_cfg: dict, stat: str, spec, compute: dict, b: int) -> int:
-    """A statistics job: read block by block (`fp_hessian`, `guided_hessian`) it is a calibration pass like a
-    quantize job's, plus the float64 Hessian sums (g per layer for the guided ones); the gradients need the whole
-    model and a backward pass (weights, their gradients and the Fisher sums: three model sizes)."""
-    name, params = registry.parse_stat_name(stat)
-    if not registry.STATISTICS[name].block_by_block:
-        s = Shapes.of(model_cfg)
-        return whole_model_peak(model_cfg, spec.calib.seqlen, 1, b) + 2 * s.blocks * s.block_params * 4
+def statistic_bytes(shapes: Shapes, name: str, which: str) -> int:
+    """A statistics artifact's bytes per block from its catalog entry (`read_bytes`: what a quantize job holds of it;
+    `compute_bytes`: what its own job holds beyond a calibration pass or the whole model)."""
+    stat, params = registry.parse_stat_name(name)
+    return getattr(registry.STATISTICS[stat], which)(shapes, params)
+
+
+def stats_peak(model_cfg: dict, name: str, calib, compute: dict, b: int) -> int:
+    """A statistics job on the calibration `calib` (a CalibSpec). Read block by block, it is a calibration pass
+    like a quantize job's (the embeddings while the windows go through them; one block, its inputs and outputs over
+    every token and one chunk's forward) plus what its catalog entry computes per block; otherwise the whole model
+    and one window's forward plus the entry's figure (gradients: their accumulators)."""
     shapes = Shapes.of(model_cfg)
-    phases = quantize_phases(shapes, spec, compute.get("calib_chunk_tokens", 65536), "memory", b)
-    groups = params.get("g", 0)
-    sums = sum(d * d * 8 for d, _ in shapes.subgroups)
-    if groups:
-        layers = max(len(g) for g in get_adapter(model_cfg.get("model_type", "?")).subgroups)
-        sums += groups * layers * max(d for d, _ in shapes.subgroups) ** 2 * 8
-    return RUNTIME_MB * MB + max(phases["capture"], phases["block"] + sums, phases["finish"])
+    stat, _ = registry.parse_stat_name(name)
+    extra = statistic_bytes(shapes, name, "compute_bytes")
+    if not registry.STATISTICS[stat].block_by_block:
+        return whole_model_peak(model_cfg, calib.seqlen, 1, b) + extra
+    h, n_tokens = shapes.hidden, calib.nsamples * calib.seqlen
+    chunk = max(calib.seqlen, min(n_tokens, compute.get("calib_chunk_tokens", 65536) // calib.seqlen * calib.seqlen))
+    embeddings = shapes.vocab * h * b
+    block = shapes.block_params * b + 2 * n_tokens * h * b + chunk * (6 * h + 3 * shapes.intermediate) * b
+    return RUNTIME_MB * MB + max(embeddings + n_tokens * h * b, block + extra)
 
 
-def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, fallback_mb: int) -> int:
+# Before the model is fetched there is no config.json: rules of thumb from its size in billions of parameters (the
+# config's params_b), float32 weights at 4 bytes per parameter times the copies a job holds.
+FALLBACK_COPIES = {"fetch": 2, "quantize": 3, "distill": 5, "stats": 3, "perplexity": 3, "lmeval": 3, "pack": 2}
+FALLBACK_FLOOR_MB = 4000
+# Wall time (minutes) a cluster job asks for: per billion parameters (the work grows about linearly with the
+# parameter count), and a floor. lm-eval runs every task of the config in one job: on a 2-core CPU ~10 min for
+# 6 tasks x 25 documents of a 135M model.
+RUNTIME_MINUTES = {"quantize": (10, 60), "distill": (60, 60), "stats": (10, 60), "perplexity": (5, 30),
+                   "lmeval": (20, 60)}
+
+
+def _kind(job: str) -> str:
+    return job.partition(":")[0]
+
+
+def runtime_minutes(job: str, params_b: float) -> int:
+    """The wall time (minutes) a cluster job of kind `job` asks for, from the model's size."""
+    per_b, floor = RUNTIME_MINUTES[_kind(job)]
+    return int(max(floor, per_b * params_b))
+
+
+def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, params_b: float = 1.0) -> int:
     """The `mem_mb` a rule asks a cluster for: the memory model's peak for `job` (quantize, perplexity, lmeval,
-    stats, distill, pack) with a margin, from the model's config.json (`model_cfg`) and the workflow's config
-    `cfg`. Before the model is fetched there is no config.json: `fallback_mb` (from the model's params_b)."""
+    stats:{statistic}, distill, pack) with a margin, from the model's config.json (`model_cfg`) and the workflow's
+    config `cfg`; `spec` is the job's spec (for a statistic, its calibration, a CalibSpec). Before the model is
+    fetched there is no config.json: a rule of thumb from `params_b`."""
     if model_cfg is None:
-        return fallback_mb
+        return int(max(FALLBACK_FLOOR_MB, FALLBACK_COPIES[_kind(job)] * 4 * 1024 * params_b))
     compute = cfg.get("compute", {})
     b = DTYPE_BYTES.get(compute.get("dtype", "auto"), 4)  # auto: float32, what a CPU job computes in
     if job == "quantize":
@@ -242,7 +267,7 @@ def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, fallback_mb: i
             peak = max(peak, eval_peak(model_cfg, windows, seqlen, ppl["batch_size"], b))
     elif job == "lmeval":
         peak = whole_model_peak(model_cfg, lmeval_tokens(cfg["lm_eval"]["tasks"]), cfg["lm_eval"]["batch_size"], b)
-    elif job.startswith("stats:"):  # stats:{statistic name}; `spec` is any spec of its calibration
+    elif job.startswith("stats:"):  # stats:{statistic name}; `spec` is the calibration (a CalibSpec)
         peak = stats_peak(model_cfg, job.partition(":")[2], spec, compute, b)
     else:  # a job that holds the whole model: packing, a packed model's perplexity; distillation two
         peak = whole_model_peak(model_cfg, 2048, 1, b) * (2 if job == "distill" else 1)

@@ -17,7 +17,8 @@ from quantlib.artifacts.atomic import atomic_file, versions, write_json
 from quantlib.artifacts.integrity import verify
 from quantlib.catalog import registry
 from quantlib.catalog.names import parse_lmeval_protocol, parse_ppl_protocol
-from quantlib.catalog.spec import QuantSpec, parse_calib_name
+from quantlib.catalog.names import parse_calib_name
+from quantlib.catalog.spec import QuantSpec
 from quantlib.checkpoint.pack.load import load_packed
 from quantlib.checkpoint.pack.writer import pack_checkpoint
 from quantlib.checkpoint.reader import is_packed_dir, load_any, load_quantized
@@ -27,7 +28,8 @@ from quantlib.evaluation.lmeval import TaskSet, evaluate_tasks
 from quantlib.evaluation.perplexity import perplexity_by_block
 from quantlib.jobs.memory import MB, lmeval_tokens, parse_memory, plan_quantize, whole_model_peak
 from quantlib.runner.distill import distill as train
-from quantlib.runner.walk import QuantizedModelReport, quantize_model
+from quantlib.runner.group import QuantizedModelReport
+from quantlib.runner.walk import quantize_model
 from quantlib.stats.artifacts import compute_statistic, open_statistic
 
 log = logging.getLogger("quantlib")

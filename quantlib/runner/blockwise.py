@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from quantlib.access.blocks import BlockAccess
 from quantlib.errors import NumericalError
+from quantlib.runner.training import cosine, train
 from quantlib.solvers.contract import LayerSolver
 from quantlib.stats import capture
 from quantlib.stats.capture import Stream
@@ -148,36 +149,23 @@ def _every_tenth(losses: list[float]) -> list[list]:
 
 def _train(block, modules, x_q, x_fp, y_fp, kwargs, spec, generator, block_idx) -> list[float]:
     """Adam on the modules' parameter groups, cosine schedule to 0, `epochs` passes over the windows in a seeded
-    order, `batch` windows per step. Returns the loss of every step."""
+    order, `batch` windows per step (the loop is `quantlib.runner.training.train`; the QDrop mixing, which draws from
+    the same generator after each epoch's order, is here). Returns the loss of every step."""
     epochs, batch, qdrop = spec.opt("epochs"), spec.opt("batch"), spec.opt("qdrop")
     groups = [g for m in modules.values() for g in m.param_groups(spec)]
-    n = len(x_q)
-    total = epochs * math.ceil(n / batch)
-    if total == 0 or not groups:
+    if not groups:
         return []
-    optimiser = torch.optim.Adam(groups)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    losses = []
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator).tolist()
-            for b0 in range(0, n, batch):
-                idx = order[b0:b0 + batch]
-                xq = torch.cat([x_q[j] for j in idx])
-                y = torch.cat([y_fp[j] for j in idx])
-                if qdrop >= 1:
-                    x = xq
-                else:
-                    xf = torch.cat([x_fp[j] for j in idx])
-                    keep_q = torch.rand(xq.shape, generator=generator).to(xq.device) < qdrop
-                    x = torch.where(keep_q, xq, xf)
-                loss = F.mse_loss(capture.block_output(block, x, kwargs[idx[0]]), y)
-                if not torch.isfinite(loss):
-                    raise NumericalError(f"block {block_idx}: the reconstruction loss is {float(loss)} at step "
-                                         f"{len(losses) + 1}; lower the learning rate (option lr)")
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                losses.append(loss.item())
-    return losses
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        xq = torch.cat([x_q[j] for j in idx])
+        y = torch.cat([y_fp[j] for j in idx])
+        if qdrop >= 1:
+            x = xq
+        else:
+            xf = torch.cat([x_fp[j] for j in idx])
+            keep_q = torch.rand(xq.shape, generator=generator).to(xq.device) < qdrop
+            x = torch.where(keep_q, xq, xf)
+        return F.mse_loss(capture.block_output(block, x, kwargs[idx[0]]), y)
+
+    return train(groups, torch.optim.Adam, cosine, loss_of, len(x_q), epochs, batch, generator,
+                 f"block {block_idx} reconstruction").losses

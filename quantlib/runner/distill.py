@@ -8,17 +8,14 @@ The result is a checkpoint in the base's format: the same codes, the trained sca
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 
 import torch
 import torch.nn.functional as F
 
 from quantlib.errors import ConfigError, NumericalError
+from quantlib.runner.training import train, warmup_cosine
 from quantlib.solvers.trainable import TrainableUniformLinear
-
-log = logging.getLogger("quantlib")
 
 
 def _swap(model, name: str, module) -> None:
@@ -29,14 +26,6 @@ def _swap(model, name: str, module) -> None:
 def _norm_gains(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(f"{n}.weight", m.weight) for n, m in model.named_modules()
             if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), torch.nn.Parameter)]
-
-
-def schedule(step: int, total: int) -> float:
-    """The learning rate's factor: 10 % linear warm-up, then cosine to 0."""
-    warm = max(1, math.ceil(0.1 * total))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 def distill(student, reps: dict, teacher, tokens: torch.Tensor, spec, seed: int = 0, device: str = "cpu",
@@ -69,38 +58,23 @@ def distill(student, reps: dict, teacher, tokens: torch.Tensor, spec, seed: int 
         targets = torch.cat([target_body(tokens[i:i + 1].to(device), use_cache=False).last_hidden_state.cpu()
                              for i in range(n)])
     batch, epochs = d.opt("batch"), d.opt("epochs")
-    total = epochs * math.ceil(n / batch) if max_steps is None else max_steps
-    optimiser = torch.optim.AdamW(params, lr=d.opt("lr"), betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: schedule(s, total))
-    generator = torch.Generator().manual_seed(seed)
-    losses, lrs, step, t0 = [], [], 0, time.time()
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator).tolist()
-            for b0 in range(0, n, batch):
-                if step >= total:
-                    break
-                idx = order[b0:b0 + batch]
-                x = tokens[idx].to(device)
-                out = body(x, use_cache=False).last_hidden_state
-                loss = F.mse_loss(out, targets[idx].to(device))
-                if not torch.isfinite(loss):
-                    raise NumericalError(f"distillation loss is {float(loss)} at step {step + 1}; lower the "
-                                         "learning rate (option lr)")
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                lrs.append(optimiser.param_groups[0]["lr"])
-                optimiser.step()
-                lr_schedule.step()
-                losses.append(loss.item())
-                step += 1
-                for name, m in modules.items():
-                    if not bool((m.scale > 0).all()):
-                        raise NumericalError(f"a scale of layer '{name}' reached {float(m.scale.detach().min()):.3g} at step "
-                                             f"{step}; lower the learning rate (option lr)")
-                if step % progress_every == 0 or step == total:
-                    log.info("distill: step %d/%d, loss %.5f, %.1fs", step, total, losses[-1], time.time() - t0)
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        out = body(tokens[idx].to(device), use_cache=False).last_hidden_state
+        return F.mse_loss(out, targets[idx].to(device))
+
+    def check(step: int) -> None:
+        for name, m in modules.items():
+            if not bool((m.scale > 0).all()):
+                raise NumericalError(f"a scale of layer '{name}' reached {float(m.scale.detach().min()):.3g} at step "
+                                     f"{step}; lower the learning rate (option lr)")
+
+    def adamw(ps) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(ps, lr=d.opt("lr"), betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+
+    t0 = time.time()
+    history = train(params, adamw, warmup_cosine, loss_of, n, epochs, batch, torch.Generator().manual_seed(seed),
+                    "distill", clip=1.0, max_steps=max_steps, check=check, progress_every=progress_every)
     new_reps = {}
     for name, m in modules.items():
         new_reps[name] = m.representation()
@@ -108,8 +82,9 @@ def distill(student, reps: dict, teacher, tokens: torch.Tensor, spec, seed: int 
         lin.weight.data.copy_(new_reps[name].dequantize().to(lin.weight.dtype))
         _swap(student, name, lin)
     student.requires_grad_(False)
-    diagnostics = {"base": spec.base().short_name(), "steps": step, "loss": [round(x, 8) for x in losses],
-                   "lr": [float(f"{x:.6g}") for x in lrs], "seconds": round(time.time() - t0, 2),
+    diagnostics = {"base": spec.base().short_name(), "steps": history.steps,
+                   "loss": [round(x, 8) for x in history.losses], "lr": [float(f"{x:.6g}") for x in history.lrs],
+                   "seconds": round(time.time() - t0, 2),
                    "trained": {"scales_and_zeros" if d.opt("train_zero") else "scales": len(modules),
                                "norm_gains": len(_norm_gains(student)) if d.opt("train_norm") else 0},
                    "dtype": "float32", "windows": n, "seed": seed}

@@ -1,13 +1,11 @@
 """Statistics of the unquantized model: computed once per model and calibration (rule `stats`, artifacts under
 `results/stats/{stat}/{model}.{calibration}/`) and shared by every method that needs them. Each statistic is a
-catalog entry (`quantlib.catalog.registry.STATISTICS`) naming a compute function and a reader.
+catalog entry (`quantlib.catalog.statistics`) naming a compute function and a reader; this module holds what they
+share: the walk over the FP model's blocks, the artifact's manifest, the one-block reader and the reader interface
+through which the runner hands a statistic to the solvers.
 
 An artifact is a folder with `manifest.json` (the statistic, model, calibration, what else it holds) and one
 safetensors file per decoder block, so a reader holds one block at a time.
-
-`fp_hessian`: the input Hessian of every quantized layer, H = mean of x x^T over the calibration tokens, with the
-inputs propagated through the *unquantized* model (GuidedQuant's convention; the runner's default instead takes
-them from the already quantized prefix).
 """
 
 from __future__ import annotations
@@ -18,14 +16,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from quantlib.access.adapters import adapter_for
 from quantlib.access.blocks import BlockAccess
 from quantlib.artifacts.integrity import verify
 from quantlib.catalog import registry
-from quantlib.catalog.names import stats_path
-from quantlib.errors import ConfigError, DataError
+from quantlib.errors import DataError
 from quantlib.stats import capture
 
 log = logging.getLogger("quantlib")
@@ -65,8 +63,6 @@ class BlockFiles:
         self._block, self._tensors = None, None
 
     def block(self, i: int) -> dict:
-        from safetensors.torch import load_file
-
         if i != self._block:
             self._tensors, self._block = load_file(str(self.path / block_file(i))), i
         return self._tensors
@@ -94,30 +90,45 @@ def read_manifest(path: Path, stat: str, expect: dict) -> dict:
     return manifest
 
 
-def open_statistic(stat: str, path, spec):
+class StatisticReader:
+    """An opened statistics artifact, as the runner reads it. A subclass sets `stat` (its catalog name) and implements
+    what its catalog entry `hands` the solver; the defaults hand nothing.
+
+    - `hessian(block, group)`: the Hessian of a subgroup's shared input (a tensor, or a `GuidedHessian`), in place of
+      the runner's own capture;
+    - `layer_stats(block, group, spec)`: per-weight tensors of the subgroup's layers stacked by rows ({key: (rows,
+      d_in)}), merged into the layer task's `stats` (a solver reads them with `task.stat(key)`);
+    - `token_weights(block, name, spec)`: per-token weights (windows, tokens, g) of layer `name`'s inputs in the
+      runner's own Hessian capture, or None;
+    - `check_tokens(tokens)`: refuse calibration windows other than those the artifact was computed on.
+    """
+
+    stat = ""
+
+    def __init__(self, path, expect: dict):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, self.stat, expect)
+        self.files = BlockFiles(self.path)
+
+    def hessian(self, block: int, group: tuple[str, ...]):
+        raise NotImplementedError(f"{self.stat} hands no Hessians")
+
+    def layer_stats(self, block: int, group: tuple[str, ...], spec) -> dict:
+        return {}
+
+    def token_weights(self, block: int, name: str, spec) -> torch.Tensor | None:
+        return None
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        pass
+
+
+def open_statistic(stat: str, path, spec) -> StatisticReader:
     """Open the artifact of statistic `stat` (a catalog key) for `spec`, checked against the spec's model and
-    calibration (and, for guided Hessians, its group count)."""
+    calibration and the parameters the spec decides (e.g. the guided Hessians' group count)."""
     reader = registry.load_impl(registry.STATISTICS[stat].reader)
-    expect = {"model": spec.model, "calib": spec.calib_name()}
-    if stat == "guided_hessian":
-        expect["g"] = spec.opt("guided_groups")
+    expect = {"model": spec.model, "calib": spec.calib_name(), **registry.statistic_params(stat, spec, None)}
     return reader(path, expect)
-
-
-def stat_dependencies(name: str, calib_name: str, gradient_groups: int = 4) -> dict[str, str]:
-    """{statistic: artifact path} of the statistics that artifact `name` is computed from."""
-    stat, params = registry.parse_stat_name(name)
-    out = {}
-    for need in registry.STATISTICS[stat].needs:
-        if need == "gradients":
-            g = params.get("g", 1)
-            if gradient_groups % g:
-                raise ConfigError(f"{name}: gradients.groups ({gradient_groups}) is not a multiple of g = {g}; set "
-                                  f"gradients.groups in the config to a multiple of {g}")
-            out[need] = stats_path(registry.stat_name(need, G=gradient_groups), calib_name)
-        else:
-            out[need] = stats_path(need, calib_name)
-    return out
 
 
 def compute_statistic(name: str, model, tokens: torch.Tensor, out_dir, calib_name: str, model_key: str,

@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from quantlib.access.adapters import adapter_for
 from quantlib.artifacts.atomic import atomic_dir, versions
 from quantlib.errors import DataError
 from quantlib.stats import capture
-from quantlib.stats.artifacts import block_file, fp_blocks, read_manifest
+from quantlib.stats.artifacts import StatisticReader, block_file, fp_blocks
 
 log = logging.getLogger("quantlib")
 
@@ -25,8 +25,6 @@ def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params
                         progress: bool = True, access=None) -> None:
     """Write the `fp_hessian` artifact: per block, the Hessian of each subgroup's input (keyed by the subgroup's
     first layer), the block's outputs from its unquantized weights going on to the next block."""
-    from safetensors.torch import save_file
-
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     t0 = time.time()
@@ -42,22 +40,14 @@ def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params
     log.info("fp_hessian: %d blocks in %.1fs", len(blocks), time.time() - t0)
 
 
-class FPHessians:
-    """Reads an `fp_hessian` artifact one block at a time."""
+class FPHessians(StatisticReader):
+    """Reads an `fp_hessian` artifact one block at a time: the runner's Hessian source."""
 
-    def __init__(self, path, expect: dict):
-        self.path = Path(path)
-        self.manifest = read_manifest(self.path, "fp_hessian", expect)
-        self._block, self._tensors = None, None
+    stat = "fp_hessian"
 
     def hessian(self, block: int, group: tuple[str, ...]) -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        if block != self._block:
-            self._tensors, self._block = load_file(str(self.path / block_file(block))), block
-        if group[0] not in self._tensors:
+        tensors = self.files.block(block)
+        if group[0] not in tensors:
             raise DataError(f"{self.path}: no Hessian for layers {'+'.join(group)} of block {block}; the artifact "
-                            f"holds {sorted(self._tensors)} (a model of another family?)")
-        return self._tensors[group[0]]
-
-
+                            f"holds {sorted(tensors)} (a model of another family?)")
+        return tensors[group[0]]

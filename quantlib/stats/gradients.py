@@ -1,4 +1,4 @@
-"""End-loss gradients of the FP model and GuidedQuant's saliency-weighted Hessians: two statistics artifacts.
+"""End-loss gradients of the FP model: the statistic `gradients.G{G}`.
 
 `gradients.G{G}` (GuidedQuant, Kim et al. 2025, section 3; SqueezeLLM, Kim et al. 2024): one forward and backward
 pass of the unquantized model per calibration window, the loss the mean cross-entropy of its next-token predictions
@@ -9,10 +9,6 @@ pass of the unquantized model per calibration window, the loss the mean cross-en
   ones.
 Weight gradients are folded into the Fisher accumulators as backward produces them, so beyond the accumulators at
 most one layer's gradient is held at a time.
-
-`guided_hessian.g{g}`: per linear and block k of its output rows, H_k = (1/N) sum_t s_tk x_t x_t^T over the N
-calibration tokens, x the layer's inputs in the FP model (GuidedQuant propagates FP activations) and s the saliency
-averaged to g blocks; plus each subgroup's plain Hessian (for the plain layer error).
 """
 
 from __future__ import annotations
@@ -21,15 +17,15 @@ import hashlib
 import json
 import logging
 import time
-from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from quantlib.access.adapters import adapter_for
 from quantlib.artifacts.atomic import atomic_dir, versions
 from quantlib.errors import ConfigError, DataError, NumericalError
-from quantlib.stats.artifacts import BlockFiles, block_file, read_manifest
+from quantlib.stats.artifacts import StatisticReader, block_file
 
 log = logging.getLogger("quantlib")
 SALIENCY_SCALE = 1e3  # GuidedQuant's: keeps the squared gradients away from bfloat16's underflow
@@ -55,8 +51,6 @@ def check_groups(model, groups: int, what: str) -> None:
 def capture_gradients(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict, inputs: dict | None = None,
                       device: str = "cpu", progress: bool = True, **_) -> None:
     """Write the `gradients.G{G}` artifact (see the module's docstring)."""
-    from safetensors.torch import save_file
-
     G = params["G"]
     check_groups(model, G, "the saliency's group count G")
     adapter = adapter_for(model)
@@ -123,14 +117,16 @@ def capture_gradients(model, tokens: torch.Tensor, out_dir, meta: dict, params: 
     log.info("gradients: %d windows in %.1fs, mean loss %.4f", n, time.time() - t0, sum(losses) / n)
 
 
-class Gradients:
-    """Reads a `gradients` artifact: Fisher rows of a layer (or of layers stacked) and saliency at g groups."""
+class Gradients(StatisticReader):
+    """Reads a `gradients` artifact: the Fisher rows of a subgroup's layers stacked (handed to the solver as
+    `fisher`) and, for the guided objective, each layer's saliency averaged to the spec's g groups (the weights of
+    the runner's own Hessian capture)."""
+
+    stat = "gradients"
 
     def __init__(self, path, expect: dict):
-        self.path = Path(path)
-        self.manifest = read_manifest(self.path, "gradients", expect)
+        super().__init__(path, expect)
         self.G = self.manifest["G"]
-        self.files = BlockFiles(self.path)
 
     def fisher(self, block: int, names) -> torch.Tensor:
         return torch.cat([self.files.get(block, f"{name}.fisher") for name in names])
@@ -143,6 +139,13 @@ class Gradients:
         s = self.files.get(block, f"{name}.saliency").float()
         n, L, G = s.shape
         return s.reshape(n, L, g, G // g).mean(-1)
+
+    def layer_stats(self, block: int, group: tuple[str, ...], spec) -> dict:
+        return {"fisher": self.fisher(block, group)}
+
+    def token_weights(self, block: int, name: str, spec) -> torch.Tensor | None:
+        g = spec.opt_or("guided_groups", 0)
+        return self.saliency(block, name, g) if g else None
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens_digest(tokens) != self.manifest["tokens_sha256"]:

@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from quantlib.access.adapters import adapter_for
 from quantlib.artifacts.atomic import atomic_dir, versions
 from quantlib.stats import capture
-from quantlib.stats.artifacts import BlockFiles, block_file, fp_blocks, read_manifest
+from quantlib.stats.artifacts import StatisticReader, block_file, fp_blocks
 from quantlib.stats.gradients import Gradients, check_groups
 from quantlib.stats.hessian import GuidedHessian
 
@@ -26,8 +26,6 @@ def capture_guided_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, pa
                             device: str = "cpu", chunk_tokens: int = 65536, progress: bool = True, access=None,
                             **_) -> None:
     """Write the `guided_hessian.g{g}` artifact from the FP model's inputs and the `gradients` artifact."""
-    from safetensors.torch import save_file
-
     g = params["g"]
     check_groups(model, g, "the guided objective's group count g")
     grads = Gradients(inputs["gradients"], {"model": meta["model"], "calib": meta["calib"]})
@@ -54,13 +52,10 @@ def capture_guided_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, pa
     log.info("guided_hessian.g%d: %d blocks in %.1fs", g, len(blocks), time.time() - t0)
 
 
-class GuidedHessians:
-    """Reads a `guided_hessian` artifact one block at a time."""
+class GuidedHessians(StatisticReader):
+    """Reads a `guided_hessian` artifact one block at a time: the runner's Hessian source for the guided objective."""
 
-    def __init__(self, path, expect: dict):
-        self.path = Path(path)
-        self.manifest = read_manifest(self.path, "guided_hessian", expect)
-        self.files = BlockFiles(self.path)
+    stat = "guided_hessian"
 
     def hessian(self, block: int, group: tuple[str, ...]) -> GuidedHessian:
         return GuidedHessian(self.files.get(block, group[0]),

@@ -11,7 +11,8 @@ from quantlib.evaluation.perplexity import perplexity
 from quantlib.stats.hessian import HessianAccumulator, layer_error
 from quantlib.access.models import fetch_model, load_model, load_tokenizer
 from quantlib.solvers.contract import solve_layer
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 pytestmark = [pytest.mark.slow, requires_assets]
 

@@ -7,7 +7,8 @@ import pytest
 from quantlib.catalog import names, registry
 from quantlib.errors import ConfigError
 from quantlib.catalog.names import parse_ppl_protocol, ppl_protocol_name
-from quantlib.catalog.spec import CalibSpec, QuantSpec, parse_calib_name
+from quantlib.catalog.names import CalibSpec, parse_calib_name
+from quantlib.catalog.spec import QuantSpec
 
 CAL = CalibSpec("c4", 128, 2048)
 

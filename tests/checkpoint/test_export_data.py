@@ -12,7 +12,8 @@ from quantlib.evaluation.perplexity import perplexity
 from quantlib.checkpoint.reader import is_quantized_dir
 from quantlib.checkpoint.writer import save_quantized
 from quantlib.runner.walk import quantize_model
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 
 @pytest.fixture(scope="module")

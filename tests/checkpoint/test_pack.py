@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, calib_tokens, tiny_config, tiny_model
-from quantlib.errors import ConfigError
+from quantlib.errors import ConfigError, DataError
 from quantlib.checkpoint.reader import load_quantized
 from quantlib.checkpoint.writer import save_quantized
 from quantlib.formats.bcq import BcqQuantized
 from quantlib.formats.lut import LutQuantized
 from quantlib.formats.uniform import UniformGrid, UniformQuantized, pack_codes
-from quantlib.catalog.pack_formats import packable
+from quantlib.catalog.pack_formats import PACK_FORMATS, pack_format, packable, wildcard_pattern
 from quantlib.checkpoint.pack.writer import pack_checkpoint
-from quantlib.checkpoint.pack.formats import WRITERS
+from quantlib.checkpoint.pack.formats import detect
 from quantlib.checkpoint.pack.load import PackedLinear, load_packed
 from quantlib.runner.walk import quantize_model
 from quantlib.catalog.spec import QuantSpec
@@ -178,7 +178,7 @@ def test_lookup_table_and_binary_coding_models_pack_losslessly(tmp_path, tok_dir
 def _lut_checkpoint(tmp_path, tok_dir) -> Path:
     """A checkpoint of lookup-table layers (random tables and codes: the layout, not a method, is under test)."""
     from quantlib.checkpoint.writer import CheckpointWriter
-    from quantlib.runner.walk import QuantizedModelReport
+    from quantlib.runner.group import QuantizedModelReport
 
     model = tiny_model("llama")
     g = torch.Generator().manual_seed(3)
@@ -211,6 +211,21 @@ def test_names_refuse_what_a_format_cannot_hold():
     assert QuantSpec.parse("m.rtn.w4g64.pack-ct").unpacked().short_name() == "m.rtn.w4g64"
 
 
+def test_the_catalog_is_the_one_list_of_pack_formats():
+    from quantlib.config.schema import SCHEMA
+
+    assert wildcard_pattern() == "ct|gptq|anyprec|bcq"
+    assert SCHEMA["properties"]["pack"]["properties"]["formats"]["items"]["enum"] == list(PACK_FORMATS)
+    for name, entry in PACK_FORMATS.items():
+        writer = entry.writer()
+        assert (writer.name, writer.accepts) == (name, entry.accepts)
+        marked = ({writer.config_key: {}} if writer.config_key is not None
+                  else {"quantization_config": {"quant_method": writer.quant_method}})
+        assert detect(marked) == name
+    with pytest.raises(DataError, match=r"method 'awq'\); known: compressed-tensors, gptq, bcq, anyprec"):
+        detect({"quantization_config": {"quant_method": "awq"}})
+
+
 def test_real_zero_points_are_refused_naming_the_layer_and_leaving_nothing(checkpoints, tmp_path):
     src = checkpoints("tiny.c4.n8.L32.ldlq.neuqi.w3g32")
     for fmt in ("ct", "gptq"):
@@ -238,20 +253,20 @@ def _uniform(bits, group_size, d_out=8, d_in=64, codes=None):
 
 def test_layer_checks_name_the_problem():
     with pytest.raises(ConfigError, match=r"one bit width and group size per checkpoint; this one mixes \[\(3, 32\), \(4, 32\)\]"):
-        WRITERS["ct"]().check({"a": _uniform(4, 32), "b": _uniform(3, 32)})
+        pack_format("ct").writer().check({"a": _uniform(4, 32), "b": _uniform(3, 32)})
     with pytest.raises(ConfigError, match="layer 'a'.*code 16 does not fit in 4 bits"):
-        WRITERS["gptq"]().check({"a": _uniform(4, 32, codes=torch.full((8, 64), 16, dtype=torch.uint8))})
+        pack_format("gptq").writer().check({"a": _uniform(4, 32, codes=torch.full((8, 64), 16, dtype=torch.uint8))})
     with pytest.raises(ConfigError, match="layer 'a'.*input dimension 48 is not a multiple of 32"):
-        WRITERS["anyprec"]().check({"a": _uniform(3, -1, d_in=48)})
+        pack_format("anyprec").writer().check({"a": _uniform(3, -1, d_in=48)})
     with pytest.raises(ConfigError, match="layer 'a'.*lookup table is not finite in float16"):
         bad = LutQuantized(torch.zeros(8, 64, dtype=torch.uint8), torch.full((8, 8), float("inf")).half(), 3)
-        WRITERS["anyprec"]().check({"a": bad})
+        pack_format("anyprec").writer().check({"a": bad})
     with pytest.raises(ConfigError, match="anyprec stores one bit width per checkpoint"):
-        WRITERS["anyprec"]().check({"a": _uniform(3, -1), "b": _uniform(4, -1)})
+        pack_format("anyprec").writer().check({"a": _uniform(3, -1), "b": _uniform(4, -1)})
     big = UniformQuantized(torch.zeros(8, 64, dtype=torch.uint8),
                            UniformGrid(torch.full((8, 2), 1e6), torch.full((8, 2), 2.0), 3, 32))
     with pytest.raises(ConfigError, match="layer 'a': its scales do not fit in torch.float16.*stat_dtype float32"):
-        WRITERS["ct"]().layer_tensors("a", big, torch.float16)
+        pack_format("ct").writer().layer_tensors("a", big, torch.float16)
 
 
 def test_uniform_grid_maps_exactly_into_binary_coding():
@@ -259,7 +274,7 @@ def test_uniform_grid_maps_exactly_into_binary_coding():
     codes = torch.randint(0, 8, (4, 64), generator=g, dtype=torch.uint8)
     scale, zero = torch.rand(4, 2, generator=g) + 0.5, torch.randint(0, 8, (4, 2), generator=g).float()
     rep = UniformQuantized(codes, UniformGrid(scale, zero, 3, 32))
-    t = WRITERS["bcq"]().layer_tensors("a", rep, torch.float32)
+    t = pack_format("bcq").writer().layer_tensors("a", rep, torch.float32)
     from quantlib.formats.uniform import unpack_codes
     signs = torch.stack([unpack_codes(p, 1, 64).bool() for p in t["planes"]])
     bcq = BcqQuantized(signs, t["alpha"].half(), t["offset"].half(), 32)

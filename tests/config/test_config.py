@@ -125,6 +125,7 @@ def test_the_config_and_catalog_import_neither_torch_nor_lm_eval():
     import sys
 
     code = ("import sys, quantlib.config, quantlib.catalog.registry, quantlib.catalog.spec, quantlib.catalog.names\n"
+            "import quantlib.config.schema, quantlib.catalog.pack_formats\n"
             "print(sorted(m for m in sys.modules if m in ('torch', 'lm_eval') or m.startswith('quantlib.evaluation.lmeval')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -14,7 +14,8 @@ from quantlib.catalog import registry
 from quantlib.errors import DataError
 from quantlib.checkpoint.writer import save_quantized
 from quantlib.runner.walk import quantize_model
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 from quantlib.stats.artifacts import open_statistic
 from quantlib.stats.fp_hessian import capture_fp_hessians
 

@@ -16,7 +16,8 @@ from quantlib.checkpoint.writer import save_quantized
 from quantlib.access.lazy import WeightSource
 from quantlib.jobs.steps import distill
 from quantlib.runner.walk import quantize_model
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 
 @pytest.fixture(scope="module")

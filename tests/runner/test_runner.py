@@ -7,7 +7,8 @@ from conftest import calib_tokens, tiny_model
 from quantlib.errors import ConfigError, UnsupportedArchitecture
 from quantlib.access.adapters import adapter_for
 from quantlib.runner.walk import quantize_model
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 CAL = CalibSpec("c4", 16, 32)
 FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox"]

@@ -17,7 +17,8 @@ from quantlib.stats.hessian import HessianAccumulator, WeightedHessianAccumulato
 from quantlib.runner.walk import quantize_model
 from quantlib.solvers.contract import solve_layer
 from quantlib.solvers.lnq import table_update, weighted_kmeans
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 from quantlib.stats.artifacts import compute_statistic, open_statistic
 
 CAL = CalibSpec("c4", 6, 16)

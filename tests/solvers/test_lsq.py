@@ -10,7 +10,8 @@ import torch
 from conftest import build_tokenizer, calib_tokens, quantize_save_reload, tiny_model
 from quantlib.errors import ConfigError
 from quantlib.runner.walk import quantize_model
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 CAL = CalibSpec("c4", 16, 32)
 

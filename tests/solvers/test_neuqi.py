@@ -10,7 +10,8 @@ from quantlib.errors import ConfigError
 from quantlib.solvers.grid_init import _IntZeroSearch, _loss, group_weights, init_grid, optimal_zero, weighted_error
 from quantlib.solvers.preprocess import magr, prox_linf
 from quantlib.solvers.contract import LayerSolver
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 CAL = CalibSpec("c4", 8, 16)
 

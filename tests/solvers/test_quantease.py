@@ -12,7 +12,8 @@ from quantlib.formats.outliers import ColumnOutliers, OutlierQuantized, SparseOu
 from quantlib.catalog.registry import FORMATS
 from quantlib.runner.walk import quantize_model
 from quantlib.solvers.contract import solve_layer
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 CAL = CalibSpec("c4", 8, 16)
 

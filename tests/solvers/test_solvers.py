@@ -9,7 +9,8 @@ import torch
 from quantlib.errors import NumericalError
 from quantlib.stats.hessian import HessianAccumulator, damp_until_pd, gram, layer_error
 from quantlib.solvers.contract import solve_layer
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 CAL = CalibSpec("c4", 8, 16)
 

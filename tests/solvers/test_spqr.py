@@ -16,8 +16,10 @@ from quantlib.formats.spqr import SpqrQuantized
 from quantlib.formats.uniform import UniformGrid, group_index
 from quantlib.stats.hessian import PreparedHessian
 from quantlib.solvers.loops import ErrorFeedback
-from quantlib.solvers.contract import solve_layer, spqr
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.solvers import spqr
+from quantlib.solvers.contract import solve_layer
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 CAL = CalibSpec("c4", 8, 16)
 

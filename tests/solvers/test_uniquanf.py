@@ -15,7 +15,8 @@ from quantlib.solvers.grid_init import minmax_params
 from quantlib.runner.walk import quantize_model
 from quantlib.solvers.contract import LayerSolver, solve_layer
 from quantlib.solvers.alternating import fit, greedy, nearest_level
-from quantlib.catalog.spec import CalibSpec, QuantSpec
+from quantlib.catalog.names import CalibSpec
+from quantlib.catalog.spec import QuantSpec
 
 CAL = CalibSpec("c4", 16, 32)
 

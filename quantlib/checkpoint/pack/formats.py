@@ -1,7 +1,8 @@
-"""Writers and readers of the pack formats. A writer turns each quantlib layer representation into the tensors of
-its layout (`check`, `layer_tensors`, `config`); a reader turns those tensors back into a kernel view, the packed
-tensors that `quantlib.kernels` computes with (`uniform`: LSB-first code stream, scales, zeros; `lut`: code stream and
-tables; `bcq`: sign planes, alpha, offset). docs/packing.md describes every layout.
+"""Writers and readers of the pack formats, one class per layout; the catalog (`quantlib.catalog.pack_formats`) lists
+the formats and names each one's class, built with its entry. A writer turns each quantlib layer representation into
+the tensors of its layout (`check`, `layer_tensors`, `config`) and reads those tensors back into a kernel view
+(`read`), the packed tensors that `quantlib.kernels` computes with (`uniform`: LSB-first code stream, scales, zeros;
+`lut`: code stream and tables; `bcq`: sign planes, alpha, offset). docs/packing.md describes every layout.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 
 import torch
 
+from quantlib.catalog.pack_formats import PACK_FORMATS, pack_format
 from quantlib.checkpoint.pack.anyprec_layout import pack_planes, unpack_planes
 from quantlib.errors import ConfigError, DataError
 from quantlib.formats.uniform import pack_codes, unpack_codes
@@ -65,15 +67,34 @@ def _stat(value: torch.Tensor, dtype, layer: str, what: str) -> torch.Tensor:
     return out
 
 
-class CompressedTensors:
+def _take(state: dict, layer: str, leaves) -> dict:
+    """The tensors of `layer` among `leaves`, popped from `state`."""
+    return {leaf: state.pop(f"{layer}.{leaf}") for leaf in leaves if f"{layer}.{leaf}" in state}
+
+
+class PackWriter:
+    """What every layout's class shares: its catalog entry's name and the layer formats it holds, and how its
+    config.json is recognised (`detect`)."""
+
+    quant_method: str | None = None  # the `quant_method` its quantization_config names
+    config_key: str | None = None  # or the top-level config.json key that marks the layout
+
+    def __init__(self, entry):
+        self.name, self.accepts = entry.name, entry.accepts
+
+    def check_kinds(self, reps: dict) -> None:
+        _check_kinds(self.name, reps, self.accepts)
+
+
+class CompressedTensors(PackWriter):
     """compressed-tensors `pack-quantized`. Its code stream is quantlib's (its signed code + 2^(b-1) = ours), so
     `weight_packed` is our packed codes unchanged; the zero point is stored signed and packed along the output
     dimension; symmetric grids (z = 2^(b-1) everywhere) omit it."""
 
-    name = "ct"
+    quant_method = "compressed-tensors"
 
     def check(self, reps):
-        _check_kinds(self.name, reps, ACCEPTS_CT)
+        self.check_kinds(reps)
         _single_setting(self.name, reps)
         _integer_zeros(self.name, reps)
 
@@ -98,17 +119,33 @@ class CompressedTensors:
                    "group_size": None if group_size == -1 else group_size,
                    "dynamic": False, "observer": "minmax", "actorder": None}
         return {"quantization_config": {
-            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "quant_method": self.quant_method, "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                           "input_activations": None, "output_activations": None,
                                           "format": "pack-quantized"}},
             "ignore": unquantized_linears(model_config, reps), "kv_cache_scheme": None,
         }}
 
+    def read(self, config, state):
+        qc = config["quantization_config"]
+        (group,) = qc["config_groups"].values()
+        w = group["weights"]
+        bits, gs = w["num_bits"], (w["group_size"] if w["strategy"] == "group" else -1)
+        views = {}
+        for key in [k for k in state if k.endswith(".weight_packed")]:
+            layer = key[: -len(".weight_packed")]
+            t = _take(state, layer, ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"))
+            d_out, d_in = (int(v) for v in t["weight_shape"])
+            scales = t["weight_scale"]
+            if "weight_zero_point" in t:
+                zeros = unpack_codes(t["weight_zero_point"].T.contiguous(), bits, d_out).T.to(scales.dtype)
+            else:
+                zeros = torch.full_like(scales, 2 ** (bits - 1))
+            views[layer] = dict(kind="uniform", qweight=t["weight_packed"], scales=scales,
+                                zeros=zeros.contiguous(), bits=bits, group_size=gs, shape=(d_out, d_in))
+        return views
+
     _sym = False
-
-
-ACCEPTS_CT = ("uniform",)
 
 
 def unquantized_linears(model_config: dict, reps) -> list[str]:
@@ -124,15 +161,15 @@ def unquantized_linears(model_config: dict, reps) -> list[str]:
                   if isinstance(module, torch.nn.Linear) and name not in reps)
 
 
-class GptqV2:
+class GptqV2(PackWriter):
     """GPTQ `gptq_v2`: codes packed along the input dimension (our packed codes transposed), zero points packed
     along the output dimension and stored as they are (v1 stores z - 1 and cannot hold z = 0), fp scales per
     (group, output), g_idx."""
 
-    name = "gptq"
+    quant_method = "gptq"
 
     def check(self, reps):
-        _check_kinds(self.name, reps, ("uniform",))
+        self.check_kinds(reps)
         _single_setting(self.name, reps)
         _integer_zeros(self.name, reps)
 
@@ -149,20 +186,37 @@ class GptqV2:
         sym = CompressedTensors.symmetric(reps)
         if stat_dtype != "float16":
             # gptqmodel allocates its scales buffer in float16 whatever the checkpoint holds (7.6.0, measured).
-            log.warning("gptq: GPTQ runtimes keep scales in float16, so gptqmodel rounds these %s scales when it "
-                        "loads them (our loader does not); use ct to keep them exactly", stat_dtype)
-        return {"quantization_config": {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+            log.warning("%s: GPTQ runtimes keep scales in float16, so gptqmodel rounds these %s scales when it "
+                        "loads them (our loader does not); use ct to keep them exactly", self.name, stat_dtype)
+        return {"quantization_config": {"quant_method": self.quant_method, "bits": bits, "group_size": group_size,
                                         "desc_act": False, "sym": sym, "checkpoint_format": "gptq_v2"}}
 
+    def read(self, config, state):
+        qc = config["quantization_config"]
+        bits, gs = qc["bits"], qc["group_size"]
+        if qc.get("checkpoint_format", "gptq") != "gptq_v2":
+            raise DataError("only gptq_v2 checkpoints are read (v1 stores z - 1)")
+        views = {}
+        for key in [k for k in state if k.endswith(".qzeros")]:
+            layer = key[: -len(".qzeros")]
+            t = _take(state, layer, ("qweight", "qzeros", "scales", "g_idx"))
+            d_in, d_out = t["g_idx"].numel(), t["scales"].shape[1]
+            scales = t["scales"].T.contiguous()
+            zeros = unpack_codes(t["qzeros"], bits, d_out).T.to(scales.dtype).contiguous()
+            views[layer] = dict(kind="uniform", qweight=t["qweight"].T.contiguous(), scales=scales, zeros=zeros,
+                                bits=bits, group_size=gs, shape=(d_out, d_in))
+        return views
 
-class AnyPrecision:
+
+class AnyPrecision(PackWriter):
     """Any-Precision LLM's bit planes (quantlib.checkpoint.pack.anyprec_layout) with one table of 2^b values per row,
     `lut{b}`. A per-channel uniform layer is written as its table s (k - z), k = 0..2^b-1."""
 
-    name = "anyprec"
+    # The layout's own config.json key (Any-Precision's loader reads it), not the catalog's name of the format.
+    config_key = "anyprec"
 
     def check(self, reps):
-        _check_kinds(self.name, reps, ("lut", "uniform"))
+        self.check_kinds(reps)
         bits = set()
         for layer, rep in reps.items():
             b = _bits(rep)
@@ -179,7 +233,7 @@ class AnyPrecision:
             if not torch.isfinite(table).all() or table.abs().max() > FP16_MAX:
                 raise _refuse(self.name, layer, "its lookup table is not finite in float16")
         if len(bits) != 1:
-            raise ConfigError(f"anyprec stores one bit width per checkpoint; this one mixes {sorted(bits)}")
+            raise ConfigError(f"{self.name} stores one bit width per checkpoint; this one mixes {sorted(bits)}")
 
     @staticmethod
     def table(rep) -> torch.Tensor:
@@ -199,27 +253,41 @@ class AnyPrecision:
         # "{model}.{layers}.{i}.{module}" (model.layers.0.self_attn.q_proj; OPT: model.decoder.layers.0.fc1)
         parts = {re.fullmatch(r"(.+)\.(\w+)\.\d+\.(.+)", layer).groups() for layer in reps}
         if len({p[:2] for p in parts}) != 1:
-            raise ConfigError(f"anyprec needs every packed layer inside one list of decoder blocks; got "
+            raise ConfigError(f"{self.name} needs every packed layer inside one list of decoder blocks; got "
                               f"{sorted({'.'.join(p[:2]) for p in parts})}")
         (model_name, layers_name), = {p[:2] for p in parts}
-        return {"anyprec": {"seed_precision": b, "parent_precision": b, "group_count": 1,
-                            "arch_config": {"model_name": model_name, "layers_name": layers_name,
-                                            "module_names": sorted({p[2] for p in parts})}}}
+        return {self.config_key: {"seed_precision": b, "parent_precision": b, "group_count": 1,
+                                  "arch_config": {"model_name": model_name, "layers_name": layers_name,
+                                                  "module_names": sorted({p[2] for p in parts})}}}
+
+    def read(self, config, state):
+        b = config[self.config_key]["seed_precision"]
+        views = {}
+        for key in [k for k in state if k.endswith(f".lut{b}")]:
+            layer = key[: -len(f".lut{b}")]
+            t = _take(state, layer, ("qweight", f"lut{b}"))
+            _, d_out, words = t["qweight"].shape
+            # The bit planes are Any-Precision's CUDA layout; our kernels read the per-row code stream, so the
+            # codes are re-packed once at load (they stay packed).
+            codes = unpack_planes(t["qweight"], b, words * 32)
+            views[layer] = dict(kind="lut", qweight=pack_codes(codes, b), lut=t[f"lut{b}"], bits=b,
+                                shape=(d_out, words * 32))
+        return views
 
 
 def _bits(rep) -> int:
     return rep.grid.bits if rep.format == "uniform" else rep.bits
 
 
-class BinaryCoding:
+class BinaryCoding(PackWriter):
     """Sign planes (1-bit LSB-first streams per row, bit 1 = +1), alpha (d_out, n_groups, nb) and offset
     (d_out, n_groups): w = sum_i alpha_i (2 bit_i - 1) + offset. A uniform grid maps exactly: plane i is bit i of
     the code, alpha_i = s 2^i / 2, offset = s ((2^b - 1) / 2 - z)."""
 
-    name = "bcq"
+    quant_method = "bcq"
 
     def check(self, reps):
-        _check_kinds(self.name, reps, ("bcq", "uniform"))
+        self.check_kinds(reps)
         for layer, rep in reps.items():
             if rep.format == "uniform":
                 _check_codes(self.name, layer, rep.codes, rep.grid.bits)
@@ -241,76 +309,45 @@ class BinaryCoding:
         layers = {layer: {"bits": _bits(rep), "shape": list(rep.shape),
                           "group_size": rep.grid.group_size if rep.format == "uniform" else rep.group_size}
                   for layer, rep in reps.items()}
-        return {"quantization_config": {"quant_method": "bcq", "format_version": 1, "layers": layers}}
+        return {"quantization_config": {"quant_method": self.quant_method, "format_version": 1, "layers": layers}}
 
-
-# Classes: a writer may keep what its config decided (ct: symmetric or not) for the layers it writes next.
-WRITERS = {"ct": CompressedTensors, "gptq": GptqV2, "anyprec": AnyPrecision, "bcq": BinaryCoding}
+    def read(self, config, state):
+        views = {}
+        for layer, meta in config["quantization_config"]["layers"].items():
+            t = _take(state, layer, ("planes", "alpha", "offset"))
+            views[layer] = dict(kind="bcq", planes=t["planes"], alpha=t["alpha"], offset=t["offset"],
+                                bits=meta["bits"], group_size=meta["group_size"], shape=tuple(meta["shape"]))
+        return views
 
 
 # ------------------------------------------------------------------------------------------------ readers
 
+def _classes() -> dict[str, type]:
+    return {name: entry.load() for name, entry in PACK_FORMATS.items()}
+
+
 def detect(config: dict) -> str:
     """The pack format of a checkpoint's config.json."""
-    if "anyprec" in config:
-        return "anyprec"
+    classes = _classes()
+    # A layout marked by its own top-level key is recognised before any quantization method.
+    for name, cls in classes.items():
+        if cls.config_key is not None and cls.config_key in config:
+            return name
     method = config.get("quantization_config", {}).get("quant_method")
-    found = {"compressed-tensors": "ct", "gptq": "gptq", "bcq": "bcq"}.get(method)
-    if found is None:
-        raise DataError(f"not a packed checkpoint (quantization method {method!r}); known: compressed-tensors, "
-                        "gptq, bcq, anyprec")
-    return found
+    for name, cls in classes.items():
+        if cls.quant_method is not None and cls.quant_method == method:
+            return name
+    known = ([c.quant_method for c in classes.values() if c.quant_method is not None]
+             + [c.config_key for c in classes.values() if c.config_key is not None])
+    raise DataError(f"not a packed checkpoint (quantization method {method!r}); known: {', '.join(known)}")
+
+
+def model_config(config: dict) -> dict:
+    """A packed checkpoint's config.json without what the pack formats added: the model's own configuration."""
+    added = {"quantization_config", *(c.config_key for c in _classes().values() if c.config_key is not None)}
+    return {k: v for k, v in config.items() if k not in added}
 
 
 def read_layers(fmt: str, config: dict, state: dict) -> dict[str, dict]:
     """{layer: kernel view} of every packed layer, popping its tensors from `state`."""
-    def take(layer, leaves):
-        return {leaf: state.pop(f"{layer}.{leaf}") for leaf in leaves if f"{layer}.{leaf}" in state}
-
-    views = {}
-    if fmt == "ct":
-        qc = config["quantization_config"]
-        (group,) = qc["config_groups"].values()
-        w = group["weights"]
-        bits, gs = w["num_bits"], (w["group_size"] if w["strategy"] == "group" else -1)
-        for key in [k for k in state if k.endswith(".weight_packed")]:
-            layer = key[: -len(".weight_packed")]
-            t = take(layer, ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"))
-            d_out, d_in = (int(v) for v in t["weight_shape"])
-            scales = t["weight_scale"]
-            if "weight_zero_point" in t:
-                zeros = unpack_codes(t["weight_zero_point"].T.contiguous(), bits, d_out).T.to(scales.dtype)
-            else:
-                zeros = torch.full_like(scales, 2 ** (bits - 1))
-            views[layer] = dict(kind="uniform", qweight=t["weight_packed"], scales=scales,
-                                zeros=zeros.contiguous(), bits=bits, group_size=gs, shape=(d_out, d_in))
-    elif fmt == "gptq":
-        qc = config["quantization_config"]
-        bits, gs = qc["bits"], qc["group_size"]
-        if qc.get("checkpoint_format", "gptq") != "gptq_v2":
-            raise DataError("only gptq_v2 checkpoints are read (v1 stores z - 1)")
-        for key in [k for k in state if k.endswith(".qzeros")]:
-            layer = key[: -len(".qzeros")]
-            t = take(layer, ("qweight", "qzeros", "scales", "g_idx"))
-            d_in, d_out = t["g_idx"].numel(), t["scales"].shape[1]
-            scales = t["scales"].T.contiguous()
-            zeros = unpack_codes(t["qzeros"], bits, d_out).T.to(scales.dtype).contiguous()
-            views[layer] = dict(kind="uniform", qweight=t["qweight"].T.contiguous(), scales=scales, zeros=zeros,
-                                bits=bits, group_size=gs, shape=(d_out, d_in))
-    elif fmt == "anyprec":
-        b = config["anyprec"]["seed_precision"]
-        for key in [k for k in state if k.endswith(f".lut{b}")]:
-            layer = key[: -len(f".lut{b}")]
-            t = take(layer, ("qweight", f"lut{b}"))
-            _, d_out, words = t["qweight"].shape
-            # The bit planes are Any-Precision's CUDA layout; our kernels read the per-row code stream, so the
-            # codes are re-packed once at load (they stay packed).
-            codes = unpack_planes(t["qweight"], b, words * 32)
-            views[layer] = dict(kind="lut", qweight=pack_codes(codes, b), lut=t[f"lut{b}"], bits=b,
-                                shape=(d_out, words * 32))
-    elif fmt == "bcq":
-        for layer, meta in config["quantization_config"]["layers"].items():
-            t = take(layer, ("planes", "alpha", "offset"))
-            views[layer] = dict(kind="bcq", planes=t["planes"], alpha=t["alpha"], offset=t["offset"],
-                                bits=meta["bits"], group_size=meta["group_size"], shape=tuple(meta["shape"]))
-    return views
+    return pack_format(fmt).writer().read(config, state)

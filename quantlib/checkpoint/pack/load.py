@@ -34,7 +34,7 @@ class PackedLinear(torch.nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The (d_out, d_in) weight, in the statistics' dtype."""
-        from quantlib import kernels
+        from quantlib import kernels  # on first use: the kernels import Triton where it is installed
 
         t, d_in = self._tensors(), self.in_features
         if self.kind == "uniform":
@@ -47,7 +47,7 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A GEMV kernel for inputs of at most 8 rows when the backend is Triton (a decoding step on a GPU),
         otherwise dequantize then matmul (quantlib.kernels' matmul_*)."""
-        from quantlib import kernels
+        from quantlib import kernels  # on first use: the kernels import Triton where it is installed
 
         t = self._tensors()
         if self.kind == "uniform":
@@ -79,7 +79,7 @@ def load_packed(path, dtype: torch.dtype | None = None, attn: str = "sdpa", back
     views = formats.read_layers(fmt, raw, state)
     if not views:
         raise DataError(f"{path}: no packed layer found for format {fmt}; the checkpoint is damaged")
-    model_cfg = {k: v for k, v in raw.items() if k not in ("quantization_config", "anyprec")}
+    model_cfg = formats.model_config(raw)
     config = AutoConfig.for_model(**model_cfg)
     config._attn_implementation = attn
     with init_empty_weights(include_buffers=False):

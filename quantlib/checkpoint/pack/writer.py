@@ -26,8 +26,7 @@ from quantlib.access.models import TOKENIZER_FILES
 from quantlib.artifacts.atomic import atomic_dir
 from quantlib.artifacts.integrity import verify
 from quantlib.catalog.names import PACK_REPORT, QUANT_METHOD
-from quantlib.catalog.pack_formats import DTYPES, check_format
-from quantlib.checkpoint.pack import formats
+from quantlib.catalog.pack_formats import DTYPES, pack_format
 from quantlib.checkpoint.reader import read_representations
 from quantlib.errors import ConfigError
 
@@ -42,7 +41,7 @@ def pack_checkpoint(src, out_dir, fmt: str, dtype: str = "float16", stat_dtype: 
     """Write the quantlib checkpoint `src` as `fmt` into `out_dir` (atomically): config.json, model.safetensors,
     the tokenizer files and pack_report.json. `dtype` is that of the unquantized tensors (embeddings, norms, head),
     `stat_dtype` that of scales, zero points and tables. Returns the report."""
-    check_format(fmt)
+    entry = pack_format(fmt)
     dt, sdt = torch_dtype(dtype), torch_dtype(stat_dtype)
     src, t0 = Path(src), time.perf_counter()
     verify(src)
@@ -52,10 +51,10 @@ def pack_checkpoint(src, out_dir, fmt: str, dtype: str = "float16", stat_dtype: 
         raise ConfigError(f"{src} is not a quantized checkpoint (no quantlib quantization_config): an unquantized "
                           "model has nothing to pack")
     state, reps = read_representations(src, qcfg)
-    writer = formats.WRITERS[fmt]()
+    writer = entry.writer()
     writer.check(reps)  # every refusal before any work
     packed_config = writer.config(reps, config, stat_dtype)
-    # Statistics are checked as each layer casts them (formats._stat); the other tensors here.
+    # Statistics are checked as each layer casts them (quantlib.checkpoint.pack.formats._stat); the other tensors here.
     out_state = {}
     for key, value in state.items():
         out_state[key] = (value.to(dt) if value.is_floating_point() else value).contiguous()
