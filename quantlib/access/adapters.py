@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from quantlib.errors import ConfigError, DataError, UnsupportedArchitecture
+
+if TYPE_CHECKING:  # annotations only: this module stays free of torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -147,16 +150,37 @@ def read_config(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _of_model(model: str | None) -> str:
+    return f" of model '{model}'" if model else ""
+
+
+def check_group_size(d_in: int, group_size: int, layer: str, model: str | None = None) -> None:
+    """The one check of a group size: packed formats need whole groups, so it must divide every quantized layer's
+    input size."""
+    if group_size != -1 and d_in % group_size:
+        raise ConfigError(f"group size {group_size} does not divide the input dimension {d_in} of layer '{layer}'"
+                          f"{_of_model(model)}; packed formats need whole groups: use a divisor of {d_in} or -1 (per "
+                          "channel)")
+
+
+def check_row_groups(d_out: int, groups: int, layer: str, what: str, model: str | None = None) -> None:
+    """The one check of a count of contiguous row blocks (GuidedQuant's g of `gq`, the saliency's G): it must divide
+    every quantized layer's output size."""
+    if groups > 1 and d_out % groups:
+        raise ConfigError(f"{what} {groups} does not divide the output size {d_out} of layer '{layer}'"
+                          f"{_of_model(model)}; use a divisor of {d_out}")
+
+
 def check_group_size_fits(cfg: dict, group_size: int, model: str) -> None:
-    """Refuse a group size that does not divide some quantized layer's input size, naming the layer."""
-    if group_size == -1:
-        return
-    adapter = get_adapter(cfg.get("model_type", "?"))
-    for layer, d_in in adapter.input_dims(cfg).items():
-        if d_in % group_size:
-            raise ConfigError(
-                f"group size {group_size} does not divide the input dimension {d_in} of layer '{layer}' of model "
-                f"'{model}'; packed formats need whole groups: use a divisor of {d_in} or -1 (per channel)")
+    """`check_group_size` for every quantized layer of a model's config.json."""
+    for layer, d_in in get_adapter(cfg.get("model_type", "?")).input_dims(cfg).items():
+        check_group_size(d_in, group_size, layer, model)
+
+
+def check_row_groups_fit(cfg: dict, groups: int, model: str, what: str) -> None:
+    """`check_row_groups` for every quantized layer of a model's config.json."""
+    for layer, d_out in get_adapter(cfg.get("model_type", "?")).output_dims(cfg).items():
+        check_row_groups(d_out, groups, layer, what, model)
 
 
 def check_model_shapes(cfg: dict, model: str, group_sizes=(), row_groups=()) -> None:
@@ -169,12 +193,3 @@ def check_model_shapes(cfg: dict, model: str, group_sizes=(), row_groups=()) -> 
         check_row_groups_fit(cfg, g, model, "gq")
 
 
-def check_row_groups_fit(cfg: dict, groups: int, model: str, what: str) -> None:
-    """Refuse a count of row blocks (GuidedQuant's g) that does not divide some quantized layer's output size."""
-    if groups <= 1:
-        return
-    adapter = get_adapter(cfg.get("model_type", "?"))
-    for layer, d_out in adapter.output_dims(cfg).items():
-        if d_out % groups:
-            raise ConfigError(f"{what} {groups} does not divide the output size {d_out} of layer '{layer}' of model "
-                              f"'{model}'; use a divisor of {d_out}")

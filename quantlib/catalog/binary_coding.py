@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from quantlib.catalog.contract import block_training
-from quantlib.catalog.registry import Component, Option, register
+from quantlib.catalog.names import Option
+from quantlib.catalog.registry import Component, register
 from quantlib.errors import ConfigError
 
 # UniQuanF's family (Park et al., ACL 2025): block-wise training with the authors' run-script defaults (Adam, lr 5e-3

@@ -5,7 +5,7 @@ each exists only on specs it affects, so no two names build the same model."""
 
 from __future__ import annotations
 
-from quantlib.catalog.registry import Option, register_option
+from quantlib.catalog.names import Option, register_option
 from quantlib.errors import ConfigError
 
 # Options that follow from what a spec needs rather than from one method: the runner applies them, and they exist

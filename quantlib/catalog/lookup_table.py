@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from quantlib.catalog.registry import Component, Option, register
+from quantlib.catalog.names import Option
+from quantlib.catalog.registry import Component, register
 from quantlib.errors import ConfigError
 
 # GuidedQuant's family (Kim et al. 2025, "GuidedQuant: Large Language Model Quantization via Exploiting End Loss

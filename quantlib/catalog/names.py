@@ -1,10 +1,13 @@
-"""Every name token and every `results/` path template, rendered and parsed in one place. Pure Python (no torch):
-the Snakefile, the config and the specs all read names through this module.
+"""Every token of a short name and every `results/` path template, rendered and parsed here; how the tokens compose
+into a whole short name (which one names the solver, the init, a preprocessor, the `.kd` and `.pack-` parts) is
+`QuantSpec.short_name` / `QuantSpec.parse` in `quantlib.catalog.spec`, the one place that knows the catalog's
+components. Pure Python (no torch): the Snakefile, the config and the specs all read names through these two.
 
 Tokens (dot-separated parts of a short name):
     w{bits}[g{group}]                    a bit width and group size (no `g`: per channel, group size -1)
     {dataset}.n{N}.L{L}[.s{seed}]        calibration windows
-    {token}{number}                      an option; numbers use `p` for the decimal point (0.01 -> 0p01)
+    {token}{number}, {token}             an option (`Option`: one token means one setting across the catalog);
+                                         numbers use `p` for the decimal point (0.01 -> 0p01)
 Protocols (parts of result paths): `{dataset}.L{seqlen}[.nw{n}]` (perplexity), `{task}.{shots}shot[.lim{n}]`
 (lm-eval).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from quantlib.errors import ConfigError
 
@@ -48,6 +52,110 @@ def parse_number(text: str, kind: type) -> float | int:
             raise ValueError(text)
         return int(value)
     return value
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+@dataclass(frozen=True)
+class Option:
+    """One setting that a short name can carry.
+
+    Booleans write `token` when the value differs from the default; numbers write `token` + the number. A boolean
+    whose default differs between methods has two tokens: `token` for true, `false_token` for false.
+    `default` may be a callable of the spec when it depends on other settings (e.g. on the group size).
+    `removes_needs`: what the spec no longer reads when the option is not at its default.
+    """
+
+    key: str
+    default: Any
+    kind: type
+    token: str
+    help: str = ""
+    choices: tuple | None = None
+    false_token: str | None = None
+    removes_needs: tuple[str, ...] = ()
+
+    def default_for(self, spec) -> Any:
+        return self.default(spec) if callable(self.default) else self.default
+
+    def render(self, value: Any) -> str:
+        if self.kind is bool:
+            return self.token if value or self.false_token is None else self.false_token
+        return f"{self.token}{format_number(value)}"
+
+    def tokens(self) -> tuple[str, ...]:
+        return (self.token,) if self.false_token is None else (self.token, self.false_token)
+
+    def pattern(self) -> str:
+        if self.kind is bool:
+            return "|".join(re.escape(t) for t in self.tokens())
+        return re.escape(self.token) + f"(?:{NUMBER_RE})"
+
+    def match(self, tok: str, spec_default: Any) -> tuple[bool, Any]:
+        if self.kind is bool:
+            if self.false_token is not None:
+                return (tok in self.tokens(), tok == self.token)
+            return (tok == self.token, not spec_default)
+        m = re.fullmatch(re.escape(self.token) + f"({NUMBER_RE})", tok)
+        if not m:
+            return (False, None)
+        return (True, parse_number(m.group(1), self.kind))
+
+    def coerce(self, value: Any) -> Any:
+        """Check a value given in the config and convert it to the option's type."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"option '{self.key}' takes true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"option '{self.key}' takes a number, got {value!r}")
+        if self.kind is int and not float(value).is_integer():
+            raise ConfigError(f"option '{self.key}' takes an integer, got {value!r}")
+        value = self.kind(value)
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"option '{self.key}' must be one of {list(self.choices)}, got {value!r}")
+        return value
+
+    def describe(self) -> str:
+        return "/".join(self.tokens()) if self.kind is bool else f"{self.token}<number>"
+
+
+# Every option token in the catalog -> its option: one token means one setting everywhere.
+_TOKENS: dict[str, Option] = {}
+
+
+def register_option(o: Option, owner: str) -> None:
+    for tok in o.tokens():
+        known = _TOKENS.get(tok)
+        if known is not None and (known.key, known.kind, known.tokens()) != (o.key, o.kind, o.tokens()):
+            raise ValueError(f"{owner}: option token '{tok}' already means '{known.key}'")
+    for other in _TOKENS.values():
+        if other.key == o.key and other.tokens() != o.tokens():
+            raise ValueError(f"{owner}: option '{o.key}' already has the token '{other.token}'")
+        # A rendered value of one option must never read as another option (e.g. a token that is another's prefix
+        # followed by a number).
+        if other.key != o.key and (any(re.fullmatch(other.pattern(), t) for t in _samples(o))
+                                   or any(re.fullmatch(o.pattern(), t) for t in _samples(other))):
+            raise ValueError(f"{owner}: option tokens '{o.token}' and '{other.token}' can be confused")
+    for tok in o.tokens():
+        _TOKENS[tok] = o
+
+
+def _samples(o: Option) -> list[str]:
+    return list(o.tokens()) if o.kind is bool else [o.render(o.kind(1))]
+
+
+def known_option(key: str) -> Option | None:
+    """The catalog's option with this key, if any."""
+    return next((o for o in _TOKENS.values() if o.key == key), None)
+
+
+def option_for_token(tok: str) -> Option | None:
+    """The catalog's option whose token (with a number, for numeric options) this is."""
+    for o in _TOKENS.values():
+        if re.fullmatch(f"(?:{o.pattern()})", tok):
+            return o
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ settings

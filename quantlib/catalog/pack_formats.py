@@ -72,17 +72,17 @@ def _one_table_per_row(spec, layer_format: str) -> str | None:
 
 
 register_pack_format(PackFormat(
-    "ct", "quantlib.checkpoint.pack.formats:CompressedTensors", "compressed-tensors pack-quantized", ("uniform",),
+    "ct", "quantlib.checkpoint.pack.layouts:CompressedTensors", "compressed-tensors pack-quantized", ("uniform",),
     help="transformers and vLLM load it (uniform layers, integer zero points)", check=_integer_zeros))
 register_pack_format(PackFormat(
-    "gptq", "quantlib.checkpoint.pack.formats:GptqV2", "GPTQ v2", ("uniform",),
+    "gptq", "quantlib.checkpoint.pack.layouts:GptqV2", "GPTQ v2", ("uniform",),
     help="uniform layers, integer zero points; loading needs gptqmodel", check=_integer_zeros))
 register_pack_format(PackFormat(
-    "anyprec", "quantlib.checkpoint.pack.formats:AnyPrecision", "Any-Precision lookup tables", ("lut", "uniform"),
+    "anyprec", "quantlib.checkpoint.pack.layouts:AnyPrecision", "Any-Precision lookup tables", ("lut", "uniform"),
     help="the layout of GuidedQuant's released checkpoints (lookup-table layers, or per-channel uniform ones as "
          "their 2^b-entry tables)", check=_one_table_per_row))
 register_pack_format(PackFormat(
-    "bcq", "quantlib.checkpoint.pack.formats:BinaryCoding", "binary coding", ("bcq", "uniform"),
+    "bcq", "quantlib.checkpoint.pack.layouts:BinaryCoding", "binary coding", ("bcq", "uniform"),
     help="sign planes, alpha and offset per (row, group) (bcq layers, or uniform ones mapped exactly)"))
 
 

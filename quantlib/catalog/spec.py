@@ -7,8 +7,9 @@ Grammar (dot-separated; defaults are left out so names stay short and stable):
     calib = {dataset}.n{nsamples}.L{seqlen}[.s{seed}]
 
 e.g. `llama-2-7b.c4.n128.L2048.ldlq.neuqi.w3g128`, `smollm2-135m.rtn.w4g64` (RTN needs no calibration).
-The names are Snakemake wildcards: the file tree under results/ is the experiment table. Tokens and paths are
-rendered by `quantlib.catalog.names`; what each method needs and which options it takes come from `quantlib.catalog.registry`.
+The names are Snakemake wildcards: the file tree under results/ is the experiment table. This module composes a
+whole name from its tokens and reads it back (`QuantSpec.short_name`, `QuantSpec.parse`); each token is rendered and
+parsed by `quantlib.catalog.names`; what each method needs and which options it takes come from its catalog entry.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class QuantSpec:
         clean = {}
         for key, value in (options or {}).items():
             if key not in known:
-                raise ConfigError(spec._not_applicable(registry.known_option(key), f"option '{key}'"))
+                raise ConfigError(spec._not_applicable(names.known_option(key), f"option '{key}'"))
             value = known[key].coerce(value)
             if value != known[key].default_for(spec):
                 clean[key] = value
@@ -228,10 +229,10 @@ class QuantSpec:
             out[stat.split(".")[0]] = names.stats_path(stat, calib)
         return out
 
-    def _own_option_defs(self) -> dict[str, registry.Option]:
+    def _own_option_defs(self) -> dict[str, names.Option]:
         return {o.key: o for comp in self.components() for o in comp.options}
 
-    def option_defs(self) -> dict[str, registry.Option]:
+    def option_defs(self) -> dict[str, names.Option]:
         """The options this spec takes: its components' own, plus the runner's where they have an effect (with the
         solver's own defaults where it declares them)."""
         defs = self._own_option_defs()
@@ -266,7 +267,7 @@ class QuantSpec:
         init = f" ({self.init} init)" if solver.takes_init else ""
         return f"{'+'.join(self.preprocess + (self.solver,))}{init}"
 
-    def _not_applicable(self, known: registry.Option | None, what: str) -> str:
+    def _not_applicable(self, known: names.Option | None, what: str) -> str:
         takes = ", ".join(sorted(o.describe() for o in self.option_defs().values())) or "none"
         if known is None:
             return f"unknown {what} for {self.describe()}; it takes: {takes}"
@@ -409,7 +410,7 @@ def _parse_quantized(name: str, tokens: list[str]) -> QuantSpec:
     for tok in tokens[pos:]:
         hits = [(o.key, v) for o in defs.values() for ok, v in [o.match(tok, o.default_for(base))] if ok]
         if len(hits) != 1:
-            fail(base._not_applicable(registry.option_for_token(tok), f"option token '{tok}'"))
+            fail(base._not_applicable(names.option_for_token(tok), f"option token '{tok}'"))
         key, value = hits[0]
         if key in options:
             fail(f"option '{key}' given twice")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from quantlib.catalog.contract import SYM, block_training
-from quantlib.catalog.registry import Component, Option, register
+from quantlib.catalog.names import Option
+from quantlib.catalog.registry import Component, register
 from quantlib.errors import ConfigError
 
 register(Component(

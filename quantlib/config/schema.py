@@ -121,6 +121,11 @@ SCHEMA: dict[str, Any] = {
         },
     },
     "properties": {
+        "plugins": {"type": "array", "default": [], "uniqueItems": True,
+                    "items": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"},
+                    "description": "Python modules imported before the config is read (on PYTHONPATH): each registers "
+                                   "methods, statistics or formats of its own in the catalog "
+                                   "(docs/adding-a-method.md, \"A worked example, as a plugin\")"},
         "resources": {"type": "string", "default": "resources",
                       "description": "folder for downloads; an air-gapped machine points it at a pre-filled copy"},
         "compute": {
@@ -296,6 +301,8 @@ def validate(cfg: dict) -> dict:
     """Check `cfg` against the schema; fill defaults; raise ConfigError naming the offending key."""
     import jsonschema
 
+    # The catalog's pack formats as they are now: a plugin (`plugins`) may have registered one since the import.
+    SCHEMA["properties"]["pack"]["properties"]["formats"]["items"]["enum"] = list(PACK_FORMATS)
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:

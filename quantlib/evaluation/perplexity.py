@@ -59,7 +59,6 @@ def perplexity_by_block(model, windows: torch.Tensor, max_windows: int | None = 
     or on disk (`streams`); then the model's own forward, each block replaced by one that hands back the final
     states of the batch, gives the logits (the family's final norm and head, whatever they are). Batches are the
     same as `perplexity`'s, so the figures agree to float rounding."""
-
     access = access or BlockAccess(model)
     if max_windows:
         windows = windows[:max_windows]

@@ -12,20 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from quantlib.errors import ConfigError
 from quantlib.formats import ColumnProjection
 
 
 def num_groups(d_in: int, group_size: int) -> int:
     return 1 if group_size == -1 else d_in // group_size
-
-
-def check_group_size(d_in: int, group_size: int, layer: str) -> None:
-    """Packed formats need whole groups, so a group size must divide every quantized layer's input size."""
-    if group_size != -1 and d_in % group_size:
-        raise ConfigError(
-            f"group size {group_size} does not divide the input dimension {d_in} of layer '{layer}'; "
-            f"use a divisor of {d_in} or -1 (per channel)")
 
 
 def group_index(d_in: int, group_size: int, device=None) -> torch.Tensor:

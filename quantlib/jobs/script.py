@@ -8,6 +8,7 @@ import sys
 import traceback
 from typing import Callable
 
+from quantlib.config.experiment import load_plugins
 from quantlib.errors import QuantlibError
 
 
@@ -15,8 +16,9 @@ def run_script(smk, main: Callable) -> None:
     """Run `main(smk)` with stdout/stderr (Python, C and tqdm output) in the rule's log file, and the library's
     progress lines (logger "quantlib", INFO) on the terminal as well.
 
-    A QuantlibError (bad input, missing data) is reported in one line, in the log and on the terminal, without a
-    traceback; any other exception keeps its traceback in the log.
+    The config's `plugins` are imported first, so the job sees the catalog the Snakefile saw. A QuantlibError (bad
+    input, missing data, a plugin that does not import) is reported in one line, in the log and on the terminal,
+    without a traceback; any other exception keeps its traceback in the log.
     """
     log_path = smk.log[0] if len(smk.log) else None
     terminal = os.fdopen(os.dup(2), "w")
@@ -41,6 +43,7 @@ def run_script(smk, main: Callable) -> None:
 
     torch.set_num_threads(max(1, smk.threads))
     try:
+        load_plugins(smk.config.get("plugins", []))
         main(smk)
     except QuantlibError as exc:
         msg = f"{type(exc).__name__}: {exc}"

@@ -16,8 +16,7 @@ from quantlib.access.models import load_model, load_tokenizer, resolve_attn, res
 from quantlib.artifacts.atomic import atomic_file, versions, write_json
 from quantlib.artifacts.integrity import verify
 from quantlib.catalog import registry
-from quantlib.catalog.names import parse_lmeval_protocol, parse_ppl_protocol
-from quantlib.catalog.names import parse_calib_name
+from quantlib.catalog.names import parse_calib_name, parse_lmeval_protocol, parse_ppl_protocol
 from quantlib.catalog.spec import QuantSpec
 from quantlib.checkpoint.pack.load import load_packed
 from quantlib.checkpoint.pack.writer import pack_checkpoint
@@ -75,7 +74,6 @@ def _compute(compute: dict):
 def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None:
     """Quantize the model named by `name`. `inputs` maps each artifact the spec reads (`QuantSpec.inputs()`: the
     calibration windows and their manifest, statistics of the FP model) to its path."""
-
     spec = QuantSpec.parse(name)
     # Checks that need only config.json come before any weight or data is loaded.
     model_cfg = read_config(model_dir)
@@ -149,19 +147,17 @@ def distill(name: str, model_dir, inputs: dict, out_dir, compute: dict, max_step
 
 def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute: dict, inputs: dict | None = None
               ) -> None:
-    """Compute the statistics artifact `stat` (e.g. `fp_hessian`, `gradients.G4`) of the FP model on the calibration
-    windows `calib_name`: an artifact shared by every method that needs it. `inputs` maps the statistics it is
-    computed from to their artifacts."""
-
+    """Compute the statistics artifact `stat` (a statistic and its parameters, as `rules/stats.smk` names it) of the FP
+    model on the calibration windows `calib_name`: an artifact shared by every method that needs it. `inputs` maps
+    the statistics it is computed from to their artifacts."""
     model_key, _ = parse_calib_name(calib_name)
     device, dtype, attn = _compute(compute)
     tokens = load_tensor(calib_pt)
     access = None
     if registry.STATISTICS[registry.parse_stat_name(stat)[0]].block_by_block:
-
         lazy = LazyModel(model_dir, dtype, attn)
         model, access = lazy.model, BlockAccess(lazy.model, lazy=lazy)
-    else:  # the end-loss gradients need a backward pass through the whole model
+    else:  # computed on the whole model (a backward pass through it, say)
         model = load_model(model_dir, dtype, attn)
     compute_statistic(stat, model, tokens, out_dir, calib_name, model_key, inputs=inputs, device=device,
                       chunk_tokens=compute.get("calib_chunk_tokens", 65536), access=access)
@@ -199,7 +195,6 @@ def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs
     """Evaluate one model under several protocols: `windows` and `outputs` map each protocol name
     ({dataset}.L{seqlen}[.nw{n}]) to its window file and its result JSON. A full-precision or quantlib checkpoint
     is read block by block (one block in memory at a time, `quantlib.access.lazy`); a packed one is loaded whole."""
-
     spec = QuantSpec.parse(name)
     device, dtype, attn = _compute(compute)
     if is_packed_dir(model_path):
@@ -236,7 +231,6 @@ def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs
 def _lmeval_offload(model_path, compute: dict, batch_size: int, tasks: dict, dtype) -> bool:
     """lm-eval runs the model in one piece: when the whole model does not fit `compute.max_memory`, its blocks are
     offloaded to disk (`quantlib.access.lazy.offloaded`). A packed checkpoint is always loaded whole."""
-
     budget = parse_memory(compute.get("max_memory"))
     if budget is None or is_packed_dir(model_path):
         return False

@@ -23,10 +23,9 @@ from typing import Callable
 
 import torch
 
-from quantlib.access.adapters import adapter_for
+from quantlib.access.adapters import adapter_for, check_group_size
 from quantlib.access.blocks import BlockAccess
 from quantlib.catalog import registry
-from quantlib.formats.uniform import check_group_size
 from quantlib.runner.blockwise import quantize_blocks
 from quantlib.runner.datafree import quantize_without_forward
 from quantlib.runner.group import GroupQuantizer, QuantizedModelReport

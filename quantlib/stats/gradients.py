@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from quantlib.access.adapters import adapter_for
+from quantlib.access.adapters import adapter_for, check_row_groups
 from quantlib.artifacts.atomic import atomic_dir, versions
-from quantlib.errors import ConfigError, DataError, NumericalError
+from quantlib.errors import DataError, NumericalError
 from quantlib.stats.artifacts import StatisticReader, block_file
 
 log = logging.getLogger("quantlib")
@@ -42,10 +42,9 @@ def _out_dims(model) -> dict[str, int]:
 
 
 def check_groups(model, groups: int, what: str) -> None:
+    """`check_row_groups` for every quantized layer of a loaded model."""
     for name, d_out in _out_dims(model).items():
-        if d_out % groups:
-            raise ConfigError(f"{what} {groups} does not divide the output size {d_out} of layer '{name}'; use a "
-                              f"divisor of {d_out}")
+        check_row_groups(d_out, groups, name, what)
 
 
 def capture_gradients(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict, inputs: dict | None = None,

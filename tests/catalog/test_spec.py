@@ -167,9 +167,9 @@ def test_option_tokens_are_unique_across_the_catalog():
         for o in comp.options:
             assert tokens.setdefault(o.token, o.key) == o.key, o.token
     with pytest.raises(ValueError, match="already means"):
-        registry.register_option(registry.Option("other", 1, int, "it"), "a test")
+        names.register_option(names.Option("other", 1, int, "it"), "a test")
     with pytest.raises(ValueError, match="already has the token"):
-        registry.register_option(registry.Option("iterations", 1, int, "sweeps"), "a test")
+        names.register_option(names.Option("iterations", 1, int, "sweeps"), "a test")
 
 
 def test_inputs_follow_the_catalog():

@@ -20,7 +20,7 @@ from quantlib.formats.lut import LutQuantized
 from quantlib.formats.uniform import UniformGrid, UniformQuantized, pack_codes
 from quantlib.catalog.pack_formats import PACK_FORMATS, pack_format, packable, wildcard_pattern
 from quantlib.checkpoint.pack.writer import pack_checkpoint
-from quantlib.checkpoint.pack.formats import detect
+from quantlib.checkpoint.pack.layouts import detect
 from quantlib.checkpoint.pack.load import PackedLinear, load_packed
 from quantlib.runner.walk import quantize_model
 from quantlib.catalog.spec import QuantSpec

@@ -5,7 +5,8 @@ import torch
 
 from quantlib.errors import ConfigError
 from quantlib.solvers.grid_init import minmax_params
-from quantlib.formats.uniform import UniformGrid, UniformQuantized, check_group_size, pack_codes, unpack_codes
+from quantlib.access.adapters import check_group_size
+from quantlib.formats.uniform import UniformGrid, UniformQuantized, pack_codes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -215,3 +215,24 @@ def test_no_reexports_and_no_private_imports_across_modules():
                            "the module that defines it:\n" + "\n".join(reexports))
     assert not private, ("private names imported from another module: make the name public (drop the leading `_`) "
                          "in the module that defines it, or move the caller's code there:\n" + "\n".join(private))
+
+
+# The wings from the top (the API) down: a module imports only modules of its own wing or of wings below it, so a
+# newcomer can read the package bottom-up and a change to a lower wing never needs a higher one.
+WING_ORDER = ["api", "jobs", "config", "evaluation", "checkpoint", "kernels", "runner", "solvers", "stats", "access",
+              "formats", "artifacts", "catalog", "errors"]
+
+
+def _wing(module: str) -> str:
+    parts = module.split(".")
+    return "api" if len(parts) == 1 else parts[1]  # the package root (`quantlib`) serves the API
+
+
+def test_wings_import_only_downwards():
+    wings = {_wing(m) for m in MODULES}
+    assert wings <= set(WING_ORDER), f"wings not placed in WING_ORDER: {sorted(wings - set(WING_ORDER))}"
+    upward = [f"{imp.where}: {imp.source} ({_wing(imp.source)}) imports {t} ({_wing(t)})"
+              for imp in IMPORTS for t in imp.targets
+              if WING_ORDER.index(_wing(t)) < WING_ORDER.index(_wing(imp.source))]
+    assert not upward, ("imports that point up the wings (" + " > ".join(WING_ORDER) + "); move the imported piece "
+                        "down to a wing both can import, or the importer up:\n  " + "\n  ".join(upward))

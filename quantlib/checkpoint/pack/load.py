@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from quantlib.artifacts.integrity import verify
-from quantlib.checkpoint.pack import formats
+from quantlib.checkpoint.pack import layouts
 from quantlib.errors import DataError
 
 
 class PackedLinear(torch.nn.Module):
-    """A linear layer stored in a packed format. `view` holds the kernel tensors (quantlib.checkpoint.pack.formats)."""
+    """A linear layer stored in a packed format. `view` holds the kernel tensors (quantlib.checkpoint.pack.layouts)."""
 
     def __init__(self, view: dict, bias: torch.Tensor | None, backend: str = "auto"):
         super().__init__()
@@ -74,12 +74,12 @@ def load_packed(path, dtype: torch.dtype | None = None, attn: str = "sdpa", back
     path = Path(path)
     verify(path)
     raw = json.loads((path / "config.json").read_text())
-    fmt = formats.detect(raw)
+    fmt = layouts.detect(raw)
     state = load_file(str(path / "model.safetensors"))
-    views = formats.read_layers(fmt, raw, state)
+    views = layouts.read_layers(fmt, raw, state)
     if not views:
         raise DataError(f"{path}: no packed layer found for format {fmt}; the checkpoint is damaged")
-    model_cfg = formats.model_config(raw)
+    model_cfg = layouts.model_config(raw)
     config = AutoConfig.for_model(**model_cfg)
     config._attn_implementation = attn
     with init_empty_weights(include_buffers=False):

@@ -54,7 +54,7 @@ def pack_checkpoint(src, out_dir, fmt: str, dtype: str = "float16", stat_dtype: 
     writer = entry.writer()
     writer.check(reps)  # every refusal before any work
     packed_config = writer.config(reps, config, stat_dtype)
-    # Statistics are checked as each layer casts them (quantlib.checkpoint.pack.formats._stat); the other tensors here.
+    # Statistics are checked as each layer casts them (quantlib.checkpoint.pack.layouts._stat); the other tensors here.
     out_state = {}
     for key, value in state.items():
         out_state[key] = (value.to(dt) if value.is_floating_point() else value).contiguous()
