@@ -1,13 +1,13 @@
 """quantlib: post-training quantization of LLMs, one implementation of each method, usable without Snakemake.
 
 The Python API (quantlib.api, importable from here): load_model, load_tokenizer, read_texts, calibration_windows,
-eval_windows, quantize, save, load, perplexity, pack_checkpoint. The catalog of methods is quantlib.catalog.registry, short names
+eval_windows, quantize, save, load, perplexity, pack_checkpoint, generate. The catalog of methods is quantlib.catalog.registry, short names
 quantlib.catalog.spec, the workflow's configuration quantlib.config. `import quantlib` loads torch only when an API
 function is first used, so the Snakefile's imports stay light.
 """
 
-__all__ = ["calibration_windows", "eval_windows", "load", "load_model", "load_tokenizer", "pack_checkpoint", "perplexity",
-           "quantize", "read_texts", "save"]
+__all__ = ["calibration_windows", "eval_windows", "generate", "load", "load_model", "load_tokenizer", "pack_checkpoint",
+           "perplexity", "quantize", "read_texts", "save"]
 
 
 def __getattr__(name):

@@ -1,5 +1,5 @@
 """The library from Python, without Snakemake: load a model, draw calibration windows, quantize by short name,
-save, reload and measure perplexity. Each function is the one the workflow's jobs call.
+save, reload, measure perplexity and generate text. Each function is the one the workflow's jobs call.
 
     import quantlib
 
@@ -12,6 +12,7 @@ save, reload and measure perplexity. Each function is the one the workflow's job
     quantlib.save(model, "smollm2.c4.n32.L512.ldlq.w4g64", report, "out/ldlq.w4g64", tokenizer_dir=model_dir)
     windows = quantlib.eval_windows(quantlib.read_texts("wiki.jsonl"), tokenizer, seqlen=512)
     print(quantlib.perplexity(quantlib.load("out/ldlq.w4g64"), windows, max_windows=40)["ppl"])
+    quantlib.generate("out/ldlq.w4g64", "The capital of France is", on_text=print)
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from quantlib.checkpoint.pack.writer import pack_checkpoint as _pack
 from quantlib.checkpoint.reader import load_any
 from quantlib.checkpoint.writer import save_quantized
 from quantlib.errors import ConfigError
+from quantlib.evaluation.generate import Sampling
+from quantlib.evaluation.generate import generate as _generate
 from quantlib.evaluation.perplexity import perplexity as _perplexity
 from quantlib.runner.group import QuantizedModelReport
 from quantlib.runner.walk import quantize_model
@@ -119,3 +122,19 @@ def perplexity(model, windows: torch.Tensor, max_windows: int | None = None, bat
                device: str = "cpu") -> dict:
     """GPTQ's perplexity protocol on the windows: {"ppl", "mean_nll", "windows", "seqlen", "tokens_scored"}."""
     return _perplexity(model, windows, max_windows, batch_size, device)
+
+
+def generate(model, prompt: str, tokenizer=None, max_new_tokens: int = 64, sampler: str = "greedy",
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
+             on_text=None, device: str = "cpu") -> str:
+    """Continue `prompt` with a model: a loaded one (then give its `tokenizer`) or the path of any checkpoint `load`
+    reads (its own tokenizer files are used). `sampler` is `greedy` or `sample` (temperature, top_k, top_p), seeded;
+    `chat` wraps the prompt in the tokenizer's chat template; `on_text(piece)` streams the text as it comes.
+    Returns the new text."""
+    if isinstance(model, (str, Path)):
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load_any(model)
+    elif tokenizer is None:
+        raise ConfigError("generate: a loaded model needs its tokenizer (or pass the checkpoint's path instead)")
+    return _generate(model, tokenizer, prompt, max_new_tokens, Sampling(sampler, temperature, top_k, top_p), seed,
+                     chat, on_text, device)

@@ -7,13 +7,14 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from quantlib.access.adapters import read_config
+from quantlib.artifacts.integrity import describe_problems, scan_artifacts
 from quantlib.config.experiment import Experiment
 from quantlib.config.preflight import check_sources
 from quantlib.config.preflight import check_config_files, check_hub_for_download
 from quantlib.errors import QuantlibError
 from quantlib.jobs.memory import request_mb, runtime_minutes
 from quantlib.catalog.names import DATASET_KEY_RE, MODEL_KEY_RE, PATHS, STAT_RE, evaldata_path, parse_ppl_protocol
-from quantlib.catalog.pack_formats import wildcard_pattern
+from quantlib.catalog.pack_formats import check_format, wildcard_pattern
 from quantlib.catalog.registry import stat_dependencies
 from quantlib.catalog.names import parse_calib_name
 from quantlib.catalog.spec import QuantSpec
@@ -21,9 +22,20 @@ from quantlib.catalog.spec import QuantSpec
 try:
     check_config_files([str(p) for p in workflow.configfiles])
     EXP = Experiment(config)
+    # Shapes first, against each config.json on disk (the messages name the file); targets get the same in spec_of.
+    for _model in EXP.cfg["run_models"]:
+        EXP.check_model_shapes(_model)
     check_sources(EXP)
 except QuantlibError as exc:
     sys.exit(f"Configuration error: {exc}")
+
+# Before any job: an existing artifact whose recorded files are missing or resized, or that has no record (half
+# written), would be taken as done; stop naming it (stat only: quantlib.artifacts.integrity.scan_artifacts). Not in
+# `--lint` (the only parse without check_envvars) nor in a job that re-reads this file on a cluster node.
+if workflow.is_main_process and workflow.check_envvars:
+    _damaged = scan_artifacts(EXP.resources)
+    if _damaged:
+        sys.exit(f"Error: {describe_problems(_damaged)}")
 
 RES = EXP.resources
 # Torch rules run multi-threaded: Snakemake sets OMP_NUM_THREADS to a job's threads. `snakemake --report` runs
@@ -54,12 +66,27 @@ wildcard_constraints:
 TABLE_FORMATS = ["md", "csv", "tex", "png"]
 
 
+SPECS = {}  # name -> spec: Snakemake asks for a name's spec many times while it builds the DAG
+UNCHECKED_MODELS = set()  # models whose shapes could not be checked yet (said once each)
+
+
 def spec_of(name):
-    """The spec of a short name from a target or wildcard; a bad name stops the DAG with its one-line reason."""
+    """The spec of a short name from a target or wildcard; a bad name stops the DAG with its one-line reason. A name
+    gets the checks a config entry gets (EXP.check_name: shapes against the model's config.json when on disk)."""
+    if name in SPECS:
+        return SPECS[name]
     try:
-        return QuantSpec.parse(name)
+        spec = QuantSpec.parse(name)
+        checked = EXP.check_name(spec)
     except QuantlibError as exc:
         sys.exit(f"Error: {exc}")
+    SPECS[name] = spec
+    if not checked and spec.model not in UNCHECKED_MODELS:
+        UNCHECKED_MODELS.add(spec.model)
+        print(f"Note: model '{spec.model}' has no config.json on disk yet (not fetched, no local source, not in the "
+              "hub cache): the group sizes and gq of its names are checked by its fetch and by their jobs",
+              file=sys.stderr)
+    return spec
 
 
 def hub_preflight(kind):
@@ -207,3 +234,17 @@ def pack_mem(wildcards):
 def pack_input(wildcards):
     spec = spec_of(f"{wildcards.unpacked}.pack-{wildcards.packformat}")  # refuses a model the format cannot hold
     return EXP.quantized_path(spec.unpacked())
+
+
+def pack_refusal(wildcards):
+    """The input of pack_refused, which says why pack cannot make results/packed/{anyformat}/{anyname}. An unknown
+    format, an FP model, a model the format cannot hold or a bad name stop the DAG with the project's message, not
+    Snakemake's generic one. Snakemake expands each rule whose output matches, so this also runs for the paths pack
+    makes; those get an input that nothing makes, and pack_refused is never chosen in pack's place."""
+    path = PATHS.packed.format(format=wildcards.anyformat, name=wildcards.anyname)
+    try:
+        check_format(wildcards.anyformat)
+    except QuantlibError as exc:
+        sys.exit(f"Error: {path}: {exc}")
+    spec_of(f"{wildcards.anyname}.pack-{wildcards.anyformat}")  # an FP model, one the format cannot hold, a bad name
+    return [f"{path} (made by rule pack)"]

@@ -22,3 +22,22 @@ rule pack:
         "../envs/quantize.yaml"
     script:
         "../workflow/scripts/pack.py"
+
+
+# Every other path of results/packed/ (an unknown format, an FP model, ...): its input function stops the DAG with
+# the reason (common.smk's pack_refusal); pack goes first wherever both match, so no valid path reaches it. It never
+# becomes a job, so it has no action (and no environment).
+ruleorder: pack > pack_refused
+
+
+rule pack_refused:
+    input:
+        pack_refusal,
+    output:
+        directory(PATHS.packed.format(format="{anyformat}", name="{anyname}")),
+    log:
+        PATHS.log("pack_refused", "{anyname}.pack-{anyformat}"),
+    wildcard_constraints:
+        anyformat=r"[^/]+",
+        anyname=r"[^/]+",
+    localrule: True

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantlib.artifacts.integrity import seal_dir
+
 # Tests never reach the Hugging Face hub: every model and dataset is built here or read from the assets folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -87,6 +89,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny-llama")
     build_tokenizer(d)
     tiny_model("llama").save_pretrained(d)
+    seal_dir(d)  # an artifact as fetch_model writes it: readers refuse one without its checksums
     return d
 
 

@@ -131,11 +131,15 @@ ADAPTERS: dict[str, Adapter] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LL
                                 "opt": _OPT, "gpt_neox": _NEOX, "bloom": _BLOOM, "falcon": _FALCON}
 
 
-def get_adapter(model_type: str) -> Adapter:
+def get_adapter(model_type: str, model: str | None = None, where: str | Path | None = None) -> Adapter:
+    """The adapter of a config.json's `model_type`; `model` (the config's key) and `where` (the config.json read)
+    name what to look at when it has none."""
     if model_type not in ADAPTERS:
+        whose = ", ".join(x for x in (f"model '{model}'" if model else "", f"config {where}" if where else "") if x)
         raise UnsupportedArchitecture(
-            f"model type '{model_type}' is not supported; supported model types: {', '.join(sorted(ADAPTERS))}. "
-            "Support for a family is one Adapter entry in quantlib/models.py.")
+            f"model type '{model_type}' is not supported; supported model types: {', '.join(sorted(ADAPTERS))}"
+            f"{f' ({whose})' if whose else ''}. Support for another family is one Adapter entry in "
+            "quantlib/access/adapters.py (ADAPTERS).")
     return ADAPTERS[model_type]
 
 
@@ -183,10 +187,10 @@ def check_row_groups_fit(cfg: dict, groups: int, model: str, what: str) -> None:
         check_row_groups(d_out, groups, layer, what, model)
 
 
-def check_model_shapes(cfg: dict, model: str, group_sizes=(), row_groups=()) -> None:
+def check_model_shapes(cfg: dict, model: str, group_sizes=(), row_groups=(), where: str | Path | None = None) -> None:
     """A supported architecture, and every group size (and GuidedQuant's row-block count) dividing every quantized
-    layer's input (output) size: all from config.json, before any weight is read."""
-    get_adapter(cfg.get("model_type", "?"))
+    layer's input (output) size: all from config.json (`where`, for the message), before any weight is read."""
+    get_adapter(cfg.get("model_type", "?"), model, where)
     for g in group_sizes:
         check_group_size_fits(cfg, g, model)
     for g in row_groups:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from quantlib.artifacts.atomic import atomic_file
+from quantlib.access.provenance import dataset_local_files, dataset_record, dataset_record_path
+from quantlib.artifacts.atomic import atomic_file, write_json
 from quantlib.artifacts.integrity import verify
 from quantlib.errors import DataError
 
@@ -25,21 +26,32 @@ LOAD_KEYS = ("path", "name", "data_files", "split", "revision")
 
 
 def fetch_dataset(cfg: dict, out_path: str | Path, key: str = "?") -> int:
-    """Load the dataset described by `cfg` and write its text rows to `out_path` (parquet). Returns the row count."""
+    """Load the dataset described by `cfg` and write its text rows to `out_path` (parquet). Returns the row count.
+
+    `{name}.provenance.json` beside it records the config entry, the local data files' sizes and SHA-256 and the row
+    count (quantlib.access.provenance), written in the same atomic write."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     kwargs = {k: cfg[k] for k in LOAD_KEYS if cfg.get(k) is not None}
     kwargs.setdefault("split", "train")
-    for f in _local_files(cfg):
-        if f.exists() and f.stat().st_size == 0:
+    local = [f for f in _local_files(cfg) if f.exists()]
+    for f in local:
+        if f.stat().st_size == 0:
             raise DataError(f"dataset '{key}': data file {f} is empty")
+    rows = {f: _row_count(f, cfg["path"]) for f in local}
+    if local and len(local) == len(_local_files(cfg)) and all(n == 0 for n in rows.values()):
+        raise DataError(f"dataset '{key}': {', '.join(map(str, local))} holds no rows (a valid '{cfg['path']}' file "
+                        f"without data); point `datasets.{key}.data_files` at a file with text rows")
     try:
         ds = datasets.load_dataset(**kwargs)
     except Exception as exc:  # offline cache miss, missing file, unknown config: one message with what to do
-        local = [f for f in _local_files(cfg) if f.exists()]
         if local:
+            empty = [str(f) for f, n in rows.items() if n == 0]
+            if empty:  # one empty file among several: the loader fails on it, not on the others
+                raise DataError(f"dataset '{key}': {', '.join(empty)} holds no rows (a valid '{cfg['path']}' file "
+                                f"without data); remove it from `datasets.{key}.data_files`") from exc
             raise DataError(f"dataset '{key}': {', '.join(map(str, local))} could not be read as '{cfg['path']}' data "
                             f"({type(exc).__name__}: {exc}); the file is damaged, truncated or of another "
                             "format: replace it") from exc
@@ -61,16 +73,33 @@ def fetch_dataset(cfg: dict, out_path: str | Path, key: str = "?") -> int:
         raise DataError(f"dataset '{key}' has no rows (source: {kwargs.get('data_files') or kwargs['path']})")
     with atomic_file(out_path, seal=True) as tmp:
         pq.write_table(pa.table({"text": texts}), tmp)
+        # Before the parquet's rename: a crash leaves at worst a record without its file, which the next fetch
+        # rewrites (a record is only read beside an existing file).
+        write_json(dataset_record_path(out_path), dataset_record(cfg, key, rows=len(texts)))
     return len(texts)
 
 
+def _row_count(path: Path, loader: str) -> int | None:
+    """Rows of a local data file when that is cheap to know (a parquet footer; a json or text file of blanks only),
+    else None: a valid file with no rows gets its own message rather than "damaged"."""
+    if path.suffix == ".parquet" or loader == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (OSError, ValueError):  # not a parquet file (ArrowInvalid is a ValueError): the loader says so
+            return None
+    if loader in ("json", "text") or path.suffix in (".json", ".jsonl", ".txt"):
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        empty = (b"", b"[]") if loader == "json" or path.suffix in (".json", ".jsonl") else (b"",)
+        if len(head) < (1 << 16) and head.strip() in empty:
+            return 0
+    return None
+
+
 def _local_files(cfg: dict) -> list[Path]:
-    files = cfg.get("data_files")
-    if not files:
-        return []
-    flat = files.values() if isinstance(files, dict) else ([files] if isinstance(files, str) else files)
-    return [Path(f).expanduser() for v in flat for f in (v if isinstance(v, list) else [v])
-            if not any(ch in f for ch in "*?[")]
+    return [Path(f).expanduser() for f in dataset_local_files(cfg)]
 
 
 def read_texts(path: str | Path) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from quantlib.access.adapters import get_adapter
-from quantlib.artifacts.integrity import verify
+from quantlib.artifacts.integrity import rebuild_hint, verify
 from quantlib.catalog.names import QUANT_METHOD
 from quantlib.errors import DataError
 from quantlib.formats import load_representation
@@ -41,7 +41,7 @@ class WeightSource:
         else:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
-                raise DataError(f"{self.path} holds no safetensors weights")
+                raise DataError(f"{self.path} holds no safetensors weights; {rebuild_hint(self.path)}")
             weight_map = {}
             for f in files:
                 with safe_open(str(f), framework="pt") as handle:

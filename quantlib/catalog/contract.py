@@ -26,7 +26,11 @@ GUIDED = Option(
     "GuidedQuant's objective: the layer's output rows cut into g contiguous blocks, each solved with its own "
     "Hessian weighted per token by the end loss's squared output gradients (0: the plain objective)")
 SYM = Option("sym", False, bool, "sym", "symmetric grid (zero point fixed at the middle of the range)")
-for _o in (DAMP, TRUE_SEQUENTIAL, FP_INPUTS, GUIDED, SYM):
+BLOCKS = Option(
+    "blocks", 0, int, "blocks",
+    "quantize only the first n decoder blocks and leave the rest unquantized (0: all), for debugging a method on a "
+    "large model quickly; the setting is part of the short name, so such a model never passes for a full one")
+for _o in (DAMP, TRUE_SEQUENTIAL, FP_INPUTS, GUIDED, SYM, BLOCKS):
     register_option(_o, "the runner")
 
 
@@ -64,6 +68,9 @@ DISTILL_OPTIONS = (
     Option("batch", 1, int, "bs", "distillation windows per step"),
     Option("train_zero", True, bool, "nozero", "train the zero points too (off: the reference's disable_train_zero)"),
     Option("train_norm", True, bool, "nonorm", "train the norms' gains too"),
+    Option("bf16", False, bool, "bf16",
+           "train in bfloat16 mixed precision (autocast; the trained scales, zeros, gains and AdamW's state stay "
+           "float32), as the reference trains; needs a GPU with bfloat16 support"),
 )
 for _o in DISTILL_OPTIONS:
     register_option(_o, "distillation")

@@ -14,13 +14,15 @@ Protocols (parts of result paths): `{dataset}.L{seqlen}[.nw{n}]` (perplexity), `
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from quantlib.errors import ConfigError
 
-MODEL_KEY_RE = r"[a-z0-9][a-z0-9_.-]*"
+# Dot-separated parts, none empty (a short name has no empty token).
+MODEL_KEY_RE = r"[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9_-]+)*"
 DATASET_KEY_RE = r"[a-z0-9][a-z0-9_-]*"
 # lm-eval task and group names as lm-eval spells them (no dots: dots separate the parts of a protocol name).
 TASK_KEY_RE = r"[A-Za-z0-9][A-Za-z0-9_-]*"
@@ -46,12 +48,23 @@ def format_number(value: float | int) -> str:
 
 
 def parse_number(text: str, kind: type) -> float | int:
+    """The value of a token's number (`0p01` -> 0.01); a ConfigError when it is not one of `kind`."""
+    if kind is int and re.fullmatch(r"-?[0-9]+", text):
+        return _integer(text, text)  # exactly: through a float, integers above 2**53 would not read back
     value = float(text.replace("p", "."))
     if kind is int:
         if not value.is_integer():
-            raise ValueError(text)
+            raise ConfigError(f"'{text}' is not an integer")
         return int(value)
     return value
+
+
+def _integer(digits: str, token: str) -> int:
+    """The integer of a token's digits; a ConfigError naming the token when Python refuses to read that many."""
+    try:
+        return int(digits)
+    except ValueError:
+        raise ConfigError(f"'{token}': a number of {len(digits)} digits is out of range") from None
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -99,7 +112,10 @@ class Option:
         m = re.fullmatch(re.escape(self.token) + f"({NUMBER_RE})", tok)
         if not m:
             return (False, None)
-        return (True, parse_number(m.group(1), self.kind))
+        try:
+            return (True, parse_number(m.group(1), self.kind))
+        except ConfigError as exc:  # `it1p5`, `it1e999`: the token is this option's, with no value of its kind
+            raise ConfigError(f"option token '{tok}' ({self.key}): {exc}") from None
 
     def coerce(self, value: Any) -> Any:
         """Check a value given in the config and convert it to the option's type."""
@@ -109,9 +125,22 @@ class Option:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"option '{self.key}' takes a number, got {value!r}")
-        if self.kind is int and not float(value).is_integer():
+        if isinstance(value, float) and not math.isfinite(value):  # `nan`, `inf`: no name token writes them
+            raise ConfigError(f"option '{self.key}' takes a finite number, got {value!r}")
+        if self.kind is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"option '{self.key}' takes an integer, got {value!r}")
-        value = self.kind(value)
+        try:
+            value = self.kind(value)
+        except OverflowError:  # an integer beyond a float's range
+            raise ConfigError(f"option '{self.key}' takes a number in a float's range, got an integer of "
+                              f"{value.bit_length()} bits") from None
+        if self.kind is float:
+            # The value its short name carries (10 significant digits), so that the name reads back as this spec
+            # (the largest floats round up to infinity).
+            rounded = parse_number(format_number(value), float)
+            if not math.isfinite(rounded):
+                raise ConfigError(f"option '{self.key}' takes a number in a float's range, got {value!r}")
+            value = rounded
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"option '{self.key}' must be one of {list(self.choices)}, got {value!r}")
         return value
@@ -170,7 +199,7 @@ def parse_setting(token: str) -> tuple[int, int] | None:
     m = _SETTING_RE.fullmatch(token)
     if not m:
         return None
-    return int(m.group(1)), int(m.group(2)) if m.group(2) else -1
+    return _integer(m.group(1), token), _integer(m.group(2), token) if m.group(2) else -1
 
 
 def require_setting(token: str) -> tuple[int, int]:
@@ -227,8 +256,9 @@ def find_calib(tokens: list[str]):
         if n and L and re.fullmatch(DATASET_KEY_RE, tokens[i]):
             end, seed = i + 3, 0
             if end < len(tokens) and (s := re.fullmatch(r"s([0-9]+)", tokens[end])):
-                end, seed = end + 1, int(s.group(1))
-            return i, end, CalibSpec(tokens[i], int(n.group(1)), int(L.group(1)), seed)
+                end, seed = end + 1, _integer(s.group(1), tokens[end])
+            return i, end, CalibSpec(tokens[i], _integer(n.group(1), tokens[i + 1]),
+                                     _integer(L.group(1), tokens[i + 2]), seed)
     return None
 
 

@@ -106,7 +106,7 @@ def packable(spec, fmt: str) -> str | None:
     the layer checks at pack time are the authority)."""
     entry = pack_format(fmt)
     if spec.is_fp:
-        return "the unquantized model has no codes to pack"
+        return "an FP model has nothing to pack (the unquantized model has no codes); pack a quantized model's name"
     layer_format = registry.component("solver", spec.solver).format_for(spec)
     if layer_format not in entry.accepts:
         return f"its layers are stored as '{layer_format}'; {fmt} holds {' or '.join(entry.accepts)} layers"

@@ -19,39 +19,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from quantlib.catalog import contract, names, registry
+from quantlib.catalog.kd import DistillSpec, parse_distill
 from quantlib.catalog.names import MODEL_KEY_RE, CalibSpec, find_calib
 from quantlib.catalog.pack_formats import packable
 from quantlib.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class DistillSpec:
-    """The `.kd` part of a name: lightweight distillation of the quantized model on n windows of L tokens (NeUQI),
-    with non-default options only, sorted by key."""
-
-    calib: CalibSpec
-    options: tuple[tuple[str, Any], ...] = ()
-
-    @classmethod
-    def build(cls, calib: CalibSpec, options: dict[str, Any] | None = None) -> "DistillSpec":
-        defs = {o.key: o for o in contract.DISTILL_OPTIONS}
-        clean = {}
-        for key, value in (options or {}).items():
-            if key not in defs:
-                raise ConfigError(f"unknown distillation option '{key}'; it takes: {', '.join(sorted(defs))}")
-            value = defs[key].coerce(value)
-            if value != defs[key].default:
-                clean[key] = value
-        return cls(calib, tuple(sorted(clean.items())))
-
-    def opt(self, key: str) -> Any:
-        defs = {o.key: o for o in contract.DISTILL_OPTIONS}
-        return dict(self.options).get(key, defs[key].default)
-
-    def short_name(self) -> str:
-        defs = {o.key: o for o in contract.DISTILL_OPTIONS}
-        return ".".join(["kd", self.calib.short_name(), *(defs[k].render(v) for k, v in self.options)])
-
 
 # What makes a spec read calibration windows (the data of the name's calibration part).
 _DATA_NEEDS = {"calibration", "hessian", "fp_targets"}
@@ -92,7 +63,9 @@ class QuantSpec:
         if solver == "fp":
             if options:
                 raise ConfigError("the unquantized model ('fp') takes no options")
-            return replace(spec, calib=None, bits=None, group_size=-1)
+            spec = replace(spec, calib=None, bits=None, group_size=-1)
+            spec.validate()  # the model key (`QuantSpec.parse("!.fp")` accepted it)
+            return spec
         spec._check_components()
         if not spec.uses_calibration:
             spec = replace(spec, calib=None)
@@ -100,7 +73,7 @@ class QuantSpec:
         clean = {}
         for key, value in (options or {}).items():
             if key not in known:
-                raise ConfigError(spec._not_applicable(names.known_option(key), f"option '{key}'"))
+                raise ConfigError(spec._not_applicable(names.known_option(key), f"option '{key}'", as_keys=True))
             value = known[key].coerce(value)
             if value != known[key].default_for(spec):
                 clean[key] = value
@@ -118,6 +91,11 @@ class QuantSpec:
         """Every refusal of a setting or a combination, with a one-line message (before any job runs)."""
         if not re.fullmatch(MODEL_KEY_RE, self.model):
             raise ConfigError(f"model key '{self.model}' must match {MODEL_KEY_RE}")
+        # A short name's model key ends where the first method name begins, and `kd` starts its distillation part.
+        clash = [t for t in self.model.split(".") if t == "kd" or t in registry.SOLVERS or t in registry.PREPROCESSORS]
+        if clash:
+            raise ConfigError(f"model key '{self.model}' holds '{clash[0]}', which a short name reads as a method "
+                              "name (or the start of its kd part); rename the model")
         if self.solver == "fp":
             return
         self._check_components()
@@ -138,6 +116,8 @@ class QuantSpec:
         if "fp_inputs" in self.option_defs() and self.opt("fp_inputs") and not self.opt("true_sequential"):
             raise ConfigError("'noseq' has no effect with 'fpin' (every Hessian comes from the unquantized model); "
                               "drop one of them")
+        if self.opt("blocks") < 0:
+            raise ConfigError(f"blocks is a number of decoder blocks to quantize (0: all), got {self.opt('blocks')}")
         if self.mode == "block":
             contract.check_block_training(self)
         for comp in self.components():
@@ -238,7 +218,7 @@ class QuantSpec:
         defs = self._own_option_defs()
         solver = registry.component("solver", self.solver) if not self.is_fp else None
         own_defaults = dict(solver.defaults) if solver else {}
-        applied = []
+        applied = [] if self.is_fp else [contract.BLOCKS]
         if self.needs_hessian:
             applied.append(contract.DAMP)
             if self.mode == "layer":
@@ -267,12 +247,14 @@ class QuantSpec:
         init = f" ({self.init} init)" if solver.takes_init else ""
         return f"{'+'.join(self.preprocess + (self.solver,))}{init}"
 
-    def _not_applicable(self, known: names.Option | None, what: str) -> str:
-        takes = ", ".join(sorted(o.describe() for o in self.option_defs().values())) or "none"
+    def _not_applicable(self, known: names.Option | None, what: str, as_keys: bool = False) -> str:
+        # What the spec takes, in the words of the input: config `options:` keys (as_keys) or short-name tokens.
+        listed = sorted(o.key if as_keys else o.describe() for o in self.option_defs().values())
+        takes = ("it takes the options: " if as_keys else "it takes: ") + (", ".join(listed) or "none")
         if known is None:
-            return f"unknown {what} for {self.describe()}; it takes: {takes}"
+            return f"unknown {what} for {self.describe()}; {takes}"
         short = re.split(r", | \(|: ", known.help)[0]
-        return f"{what} ({short}) does not apply to {self.describe()}; it takes: {takes}"
+        return f"{what} ({short}) does not apply to {self.describe()}; {takes}"
 
     # ------------------------------------------------------------------ names
     def short_name(self) -> str:
@@ -317,10 +299,16 @@ class QuantSpec:
     def parse(cls, name: str) -> "QuantSpec":
         """Read a short name back. Only canonical names are accepted, so one spec has exactly one name."""
         tokens = name.split(".")
+        if "" in tokens:  # no part of a name is empty (a model key neither)
+            raise ConfigError(f"cannot read short name '{name}': " + (
+                "it is empty" if not name else "it has an empty part (a '.' at an end, or two in a row)"))
         if len(tokens) > 1 and tokens[-1].startswith(PACK_TOKEN):
             base = cls.parse(".".join(tokens[:-1]))
             fmt = tokens[-1][len(PACK_TOKEN):]
-            reason = packable(base, fmt)
+            try:
+                reason = packable(base, fmt)
+            except ConfigError as exc:  # an unknown format (`pack-`, `pack-zip`): say which name
+                raise ConfigError(f"cannot read short name '{name}': {exc}") from None
             if reason is not None:
                 raise ConfigError(f"cannot pack '{base.short_name()}' as {fmt}: {reason}")
             spec = replace(base, pack=fmt)
@@ -329,10 +317,16 @@ class QuantSpec:
             if "kd" in tokens[at + 1:]:
                 raise ConfigError(f"cannot read short name '{name}': distillation (kd) is given twice")
             base = cls.parse(".".join(tokens[:at]))
-            spec = replace(base, distill=_parse_distill(name, tokens[at + 1:]))
-            contract.check_distill(spec)
+            spec = replace(base, distill=parse_distill(name, tokens[at + 1:]))
+            try:
+                contract.check_distill(spec)
+            except ConfigError as exc:  # its messages name no token: say which name is refused
+                raise ConfigError(f"cannot read short name '{name}': {exc}") from None
         elif tokens[-1] == "fp":
-            spec = cls.build(model=".".join(tokens[:-1]))
+            try:
+                spec = cls.build(model=".".join(tokens[:-1]))
+            except ConfigError as exc:  # a bad model key (`fp`, `M.fp`): say which name
+                raise ConfigError(f"cannot read short name '{name}': {exc}") from None
         else:
             spec = _parse_quantized(name, tokens)
         canonical = spec.short_name()
@@ -341,30 +335,15 @@ class QuantSpec:
         return spec
 
 
-def _parse_distill(name: str, tokens: list[str]) -> DistillSpec:
-    """`{dataset}.n{N}.L{L}[.s{seed}][.{option}...]` after a name's `kd` token."""
-    found = find_calib(["_", *tokens])
-    if found is None or found[0] != 1:
-        raise ConfigError(f"cannot read short name '{name}': 'kd' must be followed by the distillation windows "
-                          "{dataset}.n{N}.L{L}[.s{seed}]")
-    _, end, calib = found
-    defs = {o.key: o for o in contract.DISTILL_OPTIONS}
-    options = {}
-    for tok in tokens[end - 1:]:
-        hits = [(o.key, v) for o in defs.values() for ok, v in [o.match(tok, o.default)] if ok]
-        if len(hits) != 1:
-            raise ConfigError(f"cannot read short name '{name}': unknown distillation option token '{tok}'; it "
-                              f"takes: {', '.join(sorted(o.describe() for o in defs.values()))}")
-        options[hits[0][0]] = hits[0][1]
-    return DistillSpec.build(calib, options)
-
-
 def _parse_quantized(name: str, tokens: list[str]) -> QuantSpec:
     def fail(why: str):
         raise ConfigError(f"cannot read short name '{name}': {why}")
 
     known_solvers = ", ".join(sorted(registry.SOLVERS))
-    found = find_calib(tokens)
+    try:
+        found = find_calib(tokens)
+    except ConfigError as exc:  # a calibration part with odd numbers (n0, L1): say which name
+        fail(str(exc))
     if found is not None:
         start, pos, calib = found
         model_tokens = tokens[:start]
@@ -390,14 +369,18 @@ def _parse_quantized(name: str, tokens: list[str]) -> QuantSpec:
     if pos < len(tokens) and tokens[pos] in registry.INITS:
         init = tokens[pos]
         pos += 1
-    if pos >= len(tokens) or names.parse_setting(tokens[pos]) is None:
+    try:
+        setting = names.parse_setting(tokens[pos]) if pos < len(tokens) else None
+    except ConfigError as exc:  # a number too long to read (w99999...)
+        fail(str(exc))
+    if setting is None:
         got = tokens[pos] if pos < len(tokens) else "nothing"
         # A word in the init's place is most likely a misspelt init.
         if pos < len(tokens) and re.fullmatch(r"[a-z][a-z_]*", got):
             fail(f"'{got}' is not an init (known: {', '.join(sorted(registry.INITS))}) nor a setting "
                  "'w{bits}' or 'w{bits}g{group}'")
         fail(f"expected bits and group as 'w{{bits}}' or 'w{{bits}}g{{group}}' after the method, got '{got}'")
-    bits, group = names.parse_setting(tokens[pos])
+    bits, group = setting
     pos += 1
     base = QuantSpec(model=".".join(model_tokens), solver=solver, bits=bits, group_size=group, init=init,
                      preprocess=tuple(preprocess), calib=calib)
@@ -408,7 +391,10 @@ def _parse_quantized(name: str, tokens: list[str]) -> QuantSpec:
     defs = base.option_defs()
     options: dict[str, Any] = {}
     for tok in tokens[pos:]:
-        hits = [(o.key, v) for o in defs.values() for ok, v in [o.match(tok, o.default_for(base))] if ok]
+        try:
+            hits = [(o.key, v) for o in defs.values() for ok, v in [o.match(tok, o.default_for(base))] if ok]
+        except ConfigError as exc:  # an option's token without a value of its kind (it1p5)
+            fail(str(exc))
         if len(hits) != 1:
             fail(base._not_applicable(names.option_for_token(tok), f"option token '{tok}'"))
         key, value = hits[0]

@@ -66,6 +66,34 @@ register(Component(
 ))
 
 
+def clip_beta_default(bits: int, group_size: int) -> float:
+    """The clipping factor NeUQI's reference gives MagR's init: 0.8 at 2 bits, 0.9 at 3, none (1) from 4 bits; with
+    groups of 128 columns 0.95 and of 64 none, whatever the bits."""
+    if group_size == 128:
+        return 0.95
+    if group_size == 64 or bits >= 4:
+        return 1.0
+    return 0.8 if bits == 2 else 0.9
+
+
+def _check_clip(spec) -> None:
+    if not 0 < spec.opt("clip_beta") <= 1:
+        raise ConfigError(f"clip: clip_beta shrinks the min-max step, a factor in (0, 1], got {spec.opt('clip_beta')}")
+
+
+register(Component(
+    "clip", "init", "quantlib.solvers.grid_init:clip_init", "clipped min-max",
+    options=(
+        # Defaults as the reference sets them with MagR, by bits and group size (grid_init.clip_beta_default).
+        Option("clip_beta", lambda spec: clip_beta_default(spec.bits, spec.group_size), float, "beta",
+               "factor of the min-max step: the group's range is clipped at the top to beta of its width"),
+    ),
+    check=_check_clip,
+    help="each group's own range with its step shrunk by beta and the minimum kept on code 0, clipping only the top "
+         "(NeUQI's reference init after MagR, clip_wo_shift_zp)",
+))
+
+
 def _check_magr(spec) -> None:
     if spec.opt("magr_alpha") <= 0 or spec.opt("magr_iters") < 1:
         raise ConfigError("magr: magr_alpha must be > 0 and magr_iters >= 1")

@@ -11,6 +11,7 @@ import torch
 
 from quantlib.access.lazy import LazyModel, WeightSource
 from quantlib.access.models import load_model
+from quantlib.artifacts.integrity import rebuild_hint
 from quantlib.catalog.names import PACK_REPORT, QUANT_METHOD
 from quantlib.checkpoint.pack.load import load_packed
 from quantlib.errors import DataError
@@ -40,8 +41,8 @@ def read_representations(path: str | Path, qcfg: dict) -> tuple[dict, dict]:
             reps[layer] = load_representation(meta, tensors)
         except (ValueError, KeyError) as exc:
             raise DataError(f"{Path(path)}: layer '{layer}' does not match its metadata "
-                            f"({exc}); the checkpoint is damaged or was written by another version: delete it and "
-                            "rerun") from exc
+                            f"({exc}); the checkpoint is damaged or was written by another version: "
+                            f"{rebuild_hint(path)}") from exc
     return state, reps
 
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from quantlib.catalog import names, registry
+from quantlib.catalog.kd import DistillSpec
 from quantlib.catalog.names import (
     DATASET_KEY_RE,
     MODEL_KEY_RE,
@@ -18,8 +19,9 @@ from quantlib.catalog.names import (
     ppl_protocol_name,
 )
 from quantlib.catalog.pack_formats import packable
-from quantlib.catalog.spec import DistillSpec, QuantSpec
+from quantlib.catalog.spec import QuantSpec
 from quantlib.config.schema import validate
+from quantlib.config.shapes import ModelShapes, spec_shape_checks
 from quantlib.errors import ConfigError
 from quantlib.evaluation.metrics import is_lower_better
 
@@ -103,6 +105,7 @@ class Experiment:
         self.cfg = validate(cfg)
         c = self.cfg
         self.resources = c["resources"]
+        self.model_shapes = ModelShapes(c["models"], self.resources)
         # The settings of the statistics ({statistic: {key: value}}), from the config's key of each statistic.
         self.stat_settings = {name: c[name] for name in registry.STATISTICS if name in c}
         for key in c["models"]:
@@ -286,9 +289,21 @@ class Experiment:
 
     def shape_checks(self, model: str) -> dict:
         """The group sizes and GuidedQuant row-block counts the specs of `model` need its layers to take."""
-        specs = [s for s in self.all_specs() if s.model == model and not s.is_fp]
-        return {"group_sizes": sorted({s.group_size for s in specs if s.group_size != -1}),
-                "row_groups": sorted({s.opt_or("guided_groups", 0) for s in specs} - {0})}
+        return spec_shape_checks(s for s in self.all_specs() if s.model == model)
+
+    def check_model_shapes(self, model: str, specs=None) -> bool:
+        """The model type, and the group sizes and gq of `specs` (None: the config's specs of `model`), against the
+        model's config.json when it is on disk (quantlib.config.shapes); False when it is not yet."""
+        checks = self.shape_checks(model) if specs is None else spec_shape_checks(specs)
+        return self.model_shapes.check(model, **checks)
+
+    def check_name(self, spec: QuantSpec) -> bool:
+        """What a config entry's spec is checked for, for a name from anywhere (a target, a wildcard): shapes first
+        (no other setting makes a misfit fit), then the parameters of the statistics it reads. False when the
+        model's config.json is not on disk yet (its jobs check the shapes)."""
+        checked = self.check_model_shapes(spec.model, [spec])
+        spec.statistics(self.stat_settings)
+        return checked
 
     def ppl_dataset_cfgs(self) -> dict:
         """The configs of the perplexity datasets only: a calibration-only dataset is no input of perplexity."""
@@ -363,6 +378,9 @@ class Experiment:
             if metric not in averages:
                 self._check_metric(key, metric)
         for pair in t.get("compare") or []:
+            if len(set(pair)) < len(pair):
+                raise ConfigError(f"tables.{key}.compare: [{', '.join(pair)}] compares row '{pair[0]}' with itself; "
+                                  f"give two different rows (rows: {', '.join(rows)})")
             for r in pair:
                 if r not in rows:
                     raise ConfigError(f"tables.{key}.compare: '{r}' is not a row of the table (rows: {', '.join(rows)})")

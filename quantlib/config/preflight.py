@@ -8,13 +8,17 @@ import os
 from pathlib import Path
 
 from quantlib.access.adapters import check_model_shapes
+from quantlib.access.provenance import check_dataset as check_dataset_provenance
+from quantlib.access.provenance import check_model as check_model_provenance
+from quantlib.access.provenance import looks_local
 from quantlib.config.experiment import Experiment
 from quantlib.errors import ConfigError
 
 
 def check_sources(exp: Experiment, offline: bool | None = None) -> None:
-    """Before any job: local paths must exist, and offline runs need local sources or a pre-filled resources folder.
-    Raises ConfigError naming the model or dataset and what to do."""
+    """Before any job: local paths must exist, and offline runs need local sources or a pre-filled resources folder;
+    an existing model folder or dataset file must still match its config entry (its provenance record; one without
+    a record is adopted). Raises ConfigError naming the model or dataset and what to do."""
     if offline is None:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
     used_models = exp.cfg["run_models"]
@@ -28,25 +32,28 @@ def check_sources(exp: Experiment, offline: bool | None = None) -> None:
         m = exp.cfg["models"][key]
         _check_model_shapes(exp, key)
         if Path(exp.model_path(key)).exists():
+            check_model_provenance(key, m, exp.model_path(key))  # a pre-fill that the config no longer describes
             continue
         src = Path(m["source"]).expanduser()
-        looks_local = m["source"].startswith((".", "/", "~")) or src.exists()
-        if looks_local and not src.exists():
+        local = looks_local(m["source"])
+        if local and not src.exists():
             raise ConfigError(f"model '{key}': local source '{m['source']}' does not exist")
-        if looks_local and m.get("gguf_file") and not (src / m["gguf_file"]).exists():
+        if local and m.get("gguf_file") and not (src / m["gguf_file"]).exists():
             raise ConfigError(f"model '{key}': GGUF file '{m['gguf_file']}' not found in '{m['source']}'")
-        if looks_local and not m.get("gguf_file"):
+        if local and not m.get("gguf_file"):
             cfg_path = src / "config.json"
             if not cfg_path.exists():
                 raise ConfigError(f"model '{key}': '{m['source']}' has no config.json")
-        if not looks_local and offline and not _hub_cached("model", m["source"]):
+        if not local and offline and not _hub_cached("model", m["source"]):
             raise ConfigError(f"model '{key}': '{m['source']}' is no local directory (relative paths are read from "
                               f"{Path.cwd()}), and as a hub id it needs the hub, which is offline (HF_HUB_OFFLINE=1), "
                               f"while {exp.model_path(key)} is not pre-filled; set models.{key}.source to a local "
                               "directory")
+        _check_tokenizer(key, m, offline)
     for key in sorted(used_datasets):
         d = exp.cfg["datasets"][key]
         if Path(exp.dataset_path(key)).exists():
+            check_dataset_provenance(key, d, exp.dataset_path(key))
             continue
         files = d.get("data_files")
         if files:
@@ -69,6 +76,27 @@ def check_sources(exp: Experiment, offline: bool | None = None) -> None:
 
     _check_task_sources(exp)
     _check_task_names(exp)
+
+
+def _check_tokenizer(key: str, m: dict, offline: bool) -> None:
+    """A model entry's `tokenizer:` is read by the fetch job like `source:`: a local path must exist and hold a
+    tokenizer; a hub id needs the hub (or its cache) when offline."""
+    tok = m.get("tokenizer")
+    if not tok:
+        return
+    path = Path(tok).expanduser()
+    if looks_local(tok):
+        if not path.exists():
+            raise ConfigError(f"model '{key}': local tokenizer '{tok}' does not exist (relative paths are read from "
+                              f"{Path.cwd()}); set models.{key}.tokenizer to a tokenizer directory or hub id")
+        if not path.is_dir() or not any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model",
+                                                                      "vocab.json")):
+            raise ConfigError(f"model '{key}': tokenizer '{tok}' is no tokenizer directory (no tokenizer.json, "
+                              f"tokenizer.model or vocab.json in it); set models.{key}.tokenizer to one")
+    elif offline and not _hub_cached("model", tok):
+        raise ConfigError(f"model '{key}': tokenizer '{tok}' is no local directory (relative paths are read from "
+                          f"{Path.cwd()}), and as a hub id it needs the hub, which is offline (HF_HUB_OFFLINE=1); "
+                          f"set models.{key}.tokenizer to a local directory")
 
 
 def _check_task_names(exp: Experiment) -> None:

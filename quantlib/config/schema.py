@@ -142,7 +142,12 @@ SCHEMA: dict[str, Any] = {
                 "block_streams": {"enum": ["memory", "disk"], "default": "memory",
                                   "description": "where the calibration activations are kept between blocks"},
                 "seed": {"type": "integer", "minimum": 0, "default": 0},
-                "max_memory": {"type": ["string", "integer", "null"], "default": None,
+                # A positive amount: an integer (MB) above 0, or a string with a non-zero digit and a unit (the
+                # form quantlib.jobs.memory.parse_memory reads).
+                "max_memory": {"type": ["string", "integer", "null"], "default": None, "exclusiveMinimum": 0,
+                               "pattern": r"^\s*(?=[0-9.]*[1-9])[0-9]*\.?[0-9]+\s*(?i:MB|MiB|GB|GiB|M|G)\s*$",
+                               "refusal": "is no memory budget: give a positive amount, e.g. 800MB or 24GB (an "
+                                          "integer is MB), or leave it out for no budget",
                                "description": "host memory budget of a quantize job (e.g. 24GB; an integer is MB): "
                                               "chunk sizes and stream placement are chosen to stay under it, and a "
                                               "budget below one block and its statistics fails before any work"},
@@ -312,6 +317,9 @@ def validate(cfg: dict) -> dict:
 
 def _describe(err) -> str:
     where = _where(err.absolute_path)
+    refusal = _schema_at(list(err.absolute_path)).get("refusal")  # a key's own words for a value it refuses
+    if refusal and err.validator not in ("additionalProperties", "required"):
+        return f"config {where}: {err.instance!r} {refusal}"
     if err.validator == "additionalProperties":
         node = _schema_at(list(err.absolute_path))
         allowed = sorted(node.get("properties", {}))

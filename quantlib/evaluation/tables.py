@@ -84,7 +84,8 @@ def collect(params: dict) -> pd.DataFrame:
             protocol = _task_protocol_text(record)
         else:
             field, value, unit, protocol = "ppl", float(record["value"]), "ppl", _protocol_text(record)
-        rows.append(_row(cell, metric, value, unit, field, protocol, paper, record.get("bits_per_weight")))
+        rows.append(_row(cell, metric, value, unit, field, protocol, paper,
+                         _evaluation_bits(record) if cell["row"] == "fp" else record.get("bits_per_weight")))
     df = pd.DataFrame(rows)
     averages = params.get("averages") or {}
     extra = []
@@ -103,6 +104,14 @@ def collect(params: dict) -> pd.DataFrame:
     if extra:
         df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
     return df
+
+
+def _evaluation_bits(record: dict) -> int | None:
+    """Bits per weight an unquantized model was evaluated with: its evaluation dtype (float32 on a CPU), not the
+    16 bits it may be stored in."""
+    parts = [record.get("protocol"), record.get("compute")]  # perplexity and lm-eval results record it differently
+    dtype = next((p["dtype"] for p in parts if isinstance(p, dict) and p.get("dtype")), "")
+    return {"float32": 32, "float16": 16, "bfloat16": 16}.get(str(dtype).replace("torch.", ""))
 
 
 def _row(cell, metric, value, unit, field, protocol, paper, bits_per_weight=None) -> dict:
@@ -175,7 +184,13 @@ def comparisons(df: pd.DataFrame, params: dict) -> list[str]:
 def _protocol_text(record: dict) -> str:
     p = record.get("protocol", {})
     src = p.get("source", {})
-    where = src.get("path", "?") + (f"/{src['name']}" if src.get("name") else "") + f" [{src.get('split', '?')}]"
+    files = src.get("data_files")
+    if files:  # a local file: `path` is the datasets loader (json, parquet) and `split` its label, not the data's split
+        files = [files] if isinstance(files, str) else [f for v in (files.values() if isinstance(files, dict)
+                                                                   else files) for f in (v if isinstance(v, list) else [v])]
+        where = "local file " + ", ".join(Path(f).name for f in files)
+    else:
+        where = src.get("path", "?") + (f"/{src['name']}" if src.get("name") else "") + f" [{src.get('split', '?')}]"
     if p.get("windows_from") == "documents":
         how = f"{p.get('windows')} random windows of random documents (seed {p.get('seed')})"
     else:
@@ -296,7 +311,7 @@ def table_grid(df: pd.DataFrame, params: dict) -> tuple[list[str], list[list[str
         bpw = first.get("bits_per_weight")
         cells = ([params["model_labels"].get(model, model)] if multi_model else []) + [
             labels.get(method, method), first["bits"], first["group"],
-            "16" if method == "fp" else ("-" if bpw is None or pd.isna(bpw) else f"{bpw:.2f}")]
+            "-" if bpw is None or pd.isna(bpw) else (f"{bpw:.0f}" if method == "fp" else f"{bpw:.2f}")]
         cells += [c for m in columns for c in metric_cells(g, m)]
         body.append([str(c) for c in cells])
     return header, body

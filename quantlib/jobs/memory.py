@@ -43,12 +43,17 @@ def parse_memory(value) -> int | None:
     if value is None:
         return None
     if isinstance(value, (int, float)):
-        return int(value * MB)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(MB|MiB|GB|GiB|M|G)\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"compute.max_memory '{value}' is no amount of memory; write e.g. 800MB or 24GB")
-    scale = MB if m.group(2).upper().startswith("M") else 1024 * MB
-    return int(float(m.group(1)) * scale)
+        amount = int(value * MB)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(MB|MiB|GB|GiB|M|G)\s*", str(value), re.IGNORECASE)
+        if not m:
+            raise ConfigError(f"compute.max_memory '{value}' is no amount of memory; write e.g. 800MB or 24GB")
+        amount = int(float(m.group(1)) * (MB if m.group(2).upper().startswith("M") else 1024 * MB))
+    # A budget of nothing (or less) would refuse every job with figures that say nothing about the cause.
+    if amount <= 0:
+        raise ConfigError(f"compute.max_memory {value!r} is no memory budget: give a positive amount, e.g. 800MB or "
+                          "24GB (an integer is MB), or leave it out for no budget")
+    return amount
 
 
 @dataclass

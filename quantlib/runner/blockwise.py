@@ -43,7 +43,7 @@ def _swap(block, name: str, module) -> None:
 
 
 def quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress: bool, seed: int,
-                    streams: str = "memory", access=None) -> None:
+                    streams: str = "memory", access=None, n_blocks: int | None = None) -> None:
     """The block-wise mode of `quantlib.runner.walk.quantize_model` (see the module's docstring); `access` is the
     runner's `BlockAccess`."""
     access = access or BlockAccess(model)
@@ -61,7 +61,7 @@ def quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress
             x_q.append(h)
             x_fp.append(h)
         del states
-        for i in tqdm(range(len(blocks)), desc="reconstruct", disable=not progress, mininterval=5):
+        for i in tqdm(range(n_blocks or len(blocks)), desc="reconstruct", disable=not progress, mininterval=5):
             block = access.open(i, device)
             x_q, x_fp = _reconstruct_block(i, adapter, block, spec, layer_solver, wrap, x_q, x_fp, kwargs, device,
                                            report, sink, seed, streams, folder)

@@ -8,10 +8,12 @@ from tqdm.auto import tqdm
 from quantlib.runner.group import GroupQuantizer, log_block, to_device
 
 
-def quantize_without_forward(model, adapter, device, progress: bool, access, quant: GroupQuantizer, source) -> None:
-    """`source` is the opened statistic that hands each subgroup's Hessian (`hessian(block, group)`), or None."""
+def quantize_without_forward(model, adapter, device, progress: bool, access, quant: GroupQuantizer, source,
+                             n_blocks: int) -> None:
+    """Quantize the first `n_blocks` blocks. `source` is the opened statistic that hands each subgroup's Hessian
+    (`hessian(block, group)`), or None."""
     blocks = adapter.block_list(model)
-    for i in tqdm(range(len(blocks)), desc="quantize", disable=not progress, mininterval=5):
+    for i in tqdm(range(n_blocks), desc="quantize", disable=not progress, mininterval=5):
         block = access.open(i, device)
         for group in adapter.subgroups:
             quant(i, adapter, block, group, None if source is None else to_device(source.hessian(i, group), device),

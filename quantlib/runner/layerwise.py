@@ -25,8 +25,8 @@ from quantlib.stats import capture
 
 
 def quantize_layerwise(model, adapter, spec, tokens, device, chunk_tokens: int, progress: bool, streams: str,
-                       access, quant: GroupQuantizer, token_weights) -> None:
-    """The layer-wise walk (see the module's docstring). `token_weights(block)` gives the per-token weights of each
+                       access, quant: GroupQuantizer, token_weights, n_blocks: int) -> None:
+    """The layer-wise walk over the first `n_blocks` blocks (see the module's docstring). `token_weights(block)` gives the per-token weights of each
     layer's inputs in the Hessian capture ({layer: (windows, tokens, g)}, GuidedQuant's objective) or None."""
     blocks = adapter.block_list(model)
     report = quant.report
@@ -36,7 +36,7 @@ def quantize_layerwise(model, adapter, spec, tokens, device, chunk_tokens: int, 
         with access.outer(device):
             states = capture.States(capture.block_inputs(model, blocks, tokens, chunk, device), streams, folder,
                                     device)
-        for i in tqdm(range(len(blocks)), desc="quantize", disable=not progress, mininterval=5):
+        for i in tqdm(range(n_blocks), desc="quantize", disable=not progress, mininterval=5):
             tb = time.time()
             block = access.open(i, device)
             weights = token_weights(i)

@@ -26,6 +26,7 @@ import torch
 from quantlib.access.adapters import adapter_for, check_group_size
 from quantlib.access.blocks import BlockAccess
 from quantlib.catalog import registry
+from quantlib.errors import ConfigError
 from quantlib.runner.blockwise import quantize_blocks
 from quantlib.runner.datafree import quantize_without_forward
 from quantlib.runner.group import GroupQuantizer, QuantizedModelReport
@@ -39,6 +40,15 @@ def check_shapes(model, spec) -> None:
     for i, block in enumerate(adapter.block_list(model)):
         for name, lin in adapter.linears(block):
             check_group_size(lin.in_features, spec.group_size, f"{adapter.blocks}.{i}.{name}")
+
+
+def quantized_blocks(model, spec) -> int:
+    """How many decoder blocks, from the first, the spec quantizes (its `blocks` setting; 0: all of them)."""
+    total = len(adapter_for(model).block_list(model))
+    n = spec.opt_or("blocks", 0)
+    if n > total:
+        raise ConfigError(f"blocks {n}: the model has only {total} decoder blocks; use at most {total} (0: all)")
+    return n or total
 
 
 class StatisticsHandoff:
@@ -106,14 +116,17 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
     mode = spec.mode
     if mode != "data_free" and spec.needs_tokens and tokens is None:
         raise ValueError(f"{spec.describe()} needs calibration tokens")
+    n_blocks = quantized_blocks(model, spec)
     if mode == "block":
-        quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress, seed, streams, access)
+        quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress, seed, streams, access, n_blocks)
     else:
         quant = GroupQuantizer(LayerSolver(spec), report, sink, handoff.layer_stats if handoff.per_layer else None)
         if mode == "data_free" or not spec.needs_tokens:
-            quantize_without_forward(model, adapter, device, progress, access, quant, handoff.source)
+            quantize_without_forward(model, adapter, device, progress, access, quant, handoff.source, n_blocks)
         else:
             quantize_layerwise(model, adapter, spec, tokens, device, chunk_tokens, progress, streams, access, quant,
-                               lambda i: handoff.token_weights(adapter, i))
+                               lambda i: handoff.token_weights(adapter, i), n_blocks)
+    for i in range(n_blocks, len(adapter.block_list(model))):  # left unquantized (`blocks`): passed on as they are
+        access.close(i, access.open(i, "cpu"))
     report.seconds = time.time() - t0
     return report

@@ -56,6 +56,24 @@ def minmax_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> Uni
     return UniformGrid(scale, zero, spec.bits, spec.group_size)
 
 
+def clip_params(W: torch.Tensor, bits: int, group_size: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped min-max grid of NeUQI's reference (`clip_wo_shift_zp`, the init it pairs with MagR): each group's
+    own range [min w, max w] (0 need not be inside it), its step shrunk by beta, s = beta (max - min) / Qmax, and the
+    integer zero point that keeps the group's minimum on code 0, so the range is clipped at the top only. A group
+    whose step would be below 1e-9 gets step 1, as in the reference."""
+    maxq = 2 ** bits - 1
+    g = grouped(W, group_size)
+    xmin, xmax = g.amin(-1), g.amax(-1)
+    scale = (xmax - xmin) / maxq * beta
+    scale = torch.where(scale < 1e-9, torch.ones_like(scale), scale)
+    return scale, -torch.round(xmin / scale)
+
+
+def clip_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> UniformGrid:
+    scale, zero = clip_params(W, spec.bits, spec.group_size, spec.opt("clip_beta"))
+    return UniformGrid(scale, zero, spec.bits, spec.group_size)
+
+
 # ---------------------------------------------------------------------------------------------- NeUQI
 # NeUQI (Lin et al. 2025, "NeUQI: Near-Optimal Uniform Quantization Parameter Initialization"): per (row, group) search the scale on a grid of fractions of the min-max step
 # s0 = (max - min) / Qmax (the range here does not include 0), and for each candidate scale pick the zero point

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from quantlib.access.adapters import adapter_for
 from quantlib.access.blocks import BlockAccess
-from quantlib.artifacts.integrity import verify
+from quantlib.artifacts.integrity import rebuild_hint, verify
 from quantlib.catalog import registry
 from quantlib.errors import DataError
 from quantlib.stats import capture
@@ -81,12 +81,12 @@ def read_manifest(path: Path, stat: str, expect: dict) -> dict:
     if Path(path).exists():
         verify(path)
     if not file.exists():
-        raise DataError(f"{path} is not a statistics artifact (no manifest.json); delete it and rerun to rebuild it")
+        raise DataError(f"{path} is not a statistics artifact (no manifest.json); {rebuild_hint(path)}")
     manifest = json.loads(file.read_text())
     for key, want in {"stat": stat, **expect}.items():
         if manifest.get(key) != want:
             raise DataError(f"statistics artifact {path} was made for {key} '{manifest.get(key)}', not '{want}'; "
-                            "delete it and rerun to rebuild it")
+                            f"{rebuild_hint(path)}")
     return manifest
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from quantlib.access.adapters import adapter_for, check_row_groups
 from quantlib.artifacts.atomic import atomic_dir, versions
+from quantlib.artifacts.integrity import rebuild_hint
 from quantlib.errors import DataError, NumericalError
 from quantlib.stats.artifacts import StatisticReader, block_file
 
@@ -148,4 +149,5 @@ class Gradients(StatisticReader):
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens_digest(tokens) != self.manifest["tokens_sha256"]:
-            raise DataError(f"{self.path} was computed on other calibration windows than these; delete it and rerun")
+            raise DataError(f"{self.path} was computed on other calibration windows than these; "
+                            f"{rebuild_hint(self.path)}")

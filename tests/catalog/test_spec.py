@@ -14,7 +14,8 @@ CAL = CalibSpec("c4", 128, 2048)
 
 
 # A valid value away from the default for every option (an option with companions gets them in COMPANIONS).
-TEST_VALUES = {"outliers": 0.01, "qdrop": 0.25, "stat_bits": 16, "batch": 2, "grid": 1024, "grid_coarse": 32}
+TEST_VALUES = {"outliers": 0.01, "qdrop": 0.25, "stat_bits": 16, "batch": 2, "grid": 1024, "grid_coarse": 32,
+               "clip_beta": 0.5}
 COMPANIONS = {"structured": {"outliers": 0.02}, "outlier_step": {"outliers": 0.02}, "true_sequential": {"fp_inputs": False}}
 
 
@@ -151,7 +152,7 @@ def test_refused_combinations_name_the_problem_in_one_line(name, message):
 
 def test_options_exist_only_where_they_have_an_effect():
     rtn = QuantSpec.build("m", "rtn", 4, 64)
-    assert set(rtn.option_defs()) == {"sym"}
+    assert set(rtn.option_defs()) == {"sym", "blocks"}  # blocks: every quantized spec can stop after n blocks
     for key in ("damp", "true_sequential"):
         with pytest.raises(ConfigError, match="does not apply to rtn"):
             QuantSpec.build("m", "rtn", 4, 64, options={key: 0.1 if key == "damp" else False})
@@ -179,3 +180,74 @@ def test_inputs_follow_the_catalog():
     fpin = QuantSpec.build("m", "ldlq", 4, 64, calib=CAL, options={"fp_inputs": True})
     assert fpin.inputs() == {"calib_json": "results/calibration/m.c4.n128.L2048.json",
                              "fp_hessian": "results/stats/fp_hessian/m.c4.n128.L2048"}
+
+
+def test_options_are_answered_in_the_words_of_the_input():
+    """A config entry's `options:` are answered with config keys, a short name's tokens with tokens (issue 33)."""
+    with pytest.raises(ConfigError) as err:
+        QuantSpec.build("m", "uniquanf", 3, -1, calib=CAL, options={"alpha_lrr": 0.1})
+    assert "unknown option 'alpha_lrr' for uniquanf; it takes the options: alpha_lr, " in str(err.value)
+    assert "<number>" not in str(err.value)
+    with pytest.raises(ConfigError, match="option 'damp' .Hessian damping. does not apply to rtn .minmax init.; it "
+                                          "takes the options: .*sym"):
+        QuantSpec.build("m", "rtn", 4, 64, options={"damp": 0.1})
+    with pytest.raises(ConfigError, match=r"option token 'damp0p1' .* it takes: .*sym") as err:
+        QuantSpec.parse("m.rtn.w4g64.damp0p1")
+    assert "the options" not in str(err.value)
+
+
+def test_pack_names_that_name_nothing_to_pack():
+    from quantlib.catalog.pack_formats import PACK_FORMATS, check_format, packable
+
+    with pytest.raises(ConfigError, match=f"unknown pack format 'zip'; known: {', '.join(PACK_FORMATS)}"):
+        check_format("zip")
+    assert packable(QuantSpec.parse("m.fp"), "ct").startswith("an FP model has nothing to pack")
+    with pytest.raises(ConfigError, match="cannot pack 'm.fp' as ct: an FP model has nothing to pack"):
+        QuantSpec.parse("m.fp.pack-ct")
+
+
+# Findings of the fuzz test (tests/catalog/test_fuzz_names.py): each name was accepted although invalid, or raised
+# another exception than ConfigError (ValueError), or was refused without naming the input.
+@pytest.mark.parametrize("name,message", [
+    ("!.m.fp", r"model key '!\.m' must match"),  # accepted: an fp name skipped the model key's check
+    ("fp", "cannot read short name 'fp': model key ''"),
+    ("m.c4.n8.L32.quantease.w4.it1p5", r"option token 'it1p5' \(iterations\): '1p5' is not an integer"),  # ValueError
+    ("m.c4.n8.L32.quantease.w4.it1e999", "option token 'it1e999'"),  # ValueError (inf)
+    ("m.c4.n1.L2.magr.alternating.w2.iters1e-05", "option token 'iters1e-05'"),  # ValueError
+    ("m.c4.n8.L32.ldlq.w4.kd.c4.n8.L32.bs0p5", "cannot read short name .*option token 'bs0p5'"),  # ValueError
+    ("m.alternating.w" + "9" * 5000, "a number of 5000 digits is out of range"),  # ValueError (int max str digits)
+    ("m.c4.n" + "9" * 5000 + ".L32.ldlq.w4", "a number of 5000 digits is out of range"),  # ValueError
+    ("m.c4.n8.L32.quantease.w4.it" + "9" * 5000, "a number of 5000 digits is out of range"),  # ValueError
+    ("m.c4.n0.L32.ldlq.w4", r"cannot read short name 'm\.c4\.n0\.L32\.ldlq\.w4': calibration needs nsamples >= 1"),
+    ("m.c4.n8.L32.ldlq.w4.kd.c4.n0.L32", "cannot read short name .*calibration needs nsamples >= 1"),
+    ("m.c4.n1.L2.magr.alternating.w2.kd.c4.n1.L2", "cannot read short name .*distillation trains scales"),
+    ("m..rtn.w4", "cannot read short name 'm..rtn.w4': it has an empty part"),  # accepted (model key 'm.')
+    (".kd.fp", "it has an empty part"),  # refused as "cannot read short name ''"
+    ("", "cannot read short name '': it is empty"),
+    ("m.kd.rtn.w4", "cannot read short name"),
+    ("m.rtn.fp", "model key 'm.rtn' holds 'rtn'"),  # accepted, though the config refuses the model key
+    ("m.alternating.w2.pack-", r"cannot read short name 'm\.alternating\.w2\.pack-': unknown pack format ''"),
+])
+def test_fuzz_findings_are_config_errors_that_name_the_input(name, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        QuantSpec.parse(name)
+    assert "\n" not in str(info.value)
+
+
+def test_fuzz_findings_config_values_give_names_that_read_back():
+    # A float with more digits than a name writes (0.30000000000000004 -> damp0p3 read back as 0.3), an integer
+    # above 2**53 (read back through a float) and one beyond a float's range (OverflowError) now round-trip.
+    for solver, options in [("ldlq", {"damp": 0.1 + 0.2}), ("ldlq", {"damp": 1 / 3}),
+                            ("quantease", {"iterations": 2 ** 53 + 1}), ("quantease", {"iterations": 10 ** 300})]:
+        spec = QuantSpec.build("m", solver, 4, -1, calib=CAL, options=options)
+        assert QuantSpec.parse(spec.short_name()) == spec
+    # Non-finite values had names no parser reads (`dampinf`, `dampnan`); the largest float rounds up to inf.
+    for value, message in [(float("inf"), "finite"), (float("nan"), "finite"), (1.7976931348623157e308, "range"),
+                           (10 ** 400, "range")]:
+        with pytest.raises(ConfigError, match=f"option 'damp' takes a .*{message}"):
+            QuantSpec.build("m", "ldlq", 4, -1, calib=CAL, options={"damp": value})
+    # A model key holding `kd` (or a method name) gave names that do not read back; one with an empty part too.
+    with pytest.raises(ConfigError, match="model key 'm.kd' holds 'kd'"):
+        QuantSpec.build("m.kd", "rtn", 4, 64)
+    with pytest.raises(ConfigError, match="model key 'm.' must match"):
+        QuantSpec.build("m.", "rtn", 4, 64)

@@ -86,6 +86,18 @@ def test_sources_checked_before_any_job(cfg, tmp_path, monkeypatch):
         check_sources(Experiment(cfg), offline=True)
 
 
+def test_tokenizer_checked_like_the_source(cfg, tmp_path, monkeypatch):
+    """`tokenizer:` is read by the fetch like `source:`: a local path that is not there stops the run before any job,
+    in the same words; a pre-filled model needs neither."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    cfg["resources"] = str(tmp_path / "resources")
+    cfg["models"]["smollm2-135m"]["tokenizer"] = "./no-such-tokenizer"
+    with pytest.raises(ConfigError, match="model 'smollm2-135m': local tokenizer './no-such-tokenizer' does not exist"):
+        check_sources(Experiment(cfg), offline=False)
+    cfg["models"]["smollm2-135m"]["tokenizer"] = "HuggingFaceTB/SmolLM2-135M"
+    check_sources(Experiment(cfg), offline=False)  # a hub id is fine online (offline: tests/access/test_provenance.py)
+
+
 def test_table_left_out_of_the_default_run(cfg):
     exp = Experiment(cfg)
     # NeUQI's, GuidedQuant's, the distillation and UniQuanF tables take hours on a CPU

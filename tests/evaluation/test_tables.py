@@ -36,7 +36,9 @@ FIGURES = {"m.fp": (11.0, 0.56, 0.60), "m.rtn.w4g32": (12.5, 0.48, 0.52), "m.rtn
 
 
 def _ppl_record(value):
-    return {"value": value, "protocol": {"source": {"path": "json", "split": "train"}, "seqlen": 32, "windows": 4,
+    return {"value": value, "protocol": {"source": {"path": "json", "split": "train",
+                                                    "data_files": "/data/wikitext-2-raw-v1/test.jsonl"},
+                                         "seqlen": 32, "windows": 4,
                                          "windows_available": 9, "join": "\n\n", "tokens_scored": 124,
                                          "dtype": "torch.float32"}}
 
@@ -80,7 +82,10 @@ def test_table_has_ours_paper_and_difference(tmp_path, exp):
     rows = {line.split(" | ")[0] + line.split(" | ")[1]: line.split(" | ") for line in md.splitlines()
             if line.startswith("| ") and "Method" not in line}
     fp, w4 = rows["| FP (unquantized)FP"], rows["| RTN4"]
-    assert fp[3] == "16" and w4[3] == "-"
+    # FP: the evaluation dtype's bits (float32 here), not a storage width it was never evaluated in
+    assert fp[3] == "32" and w4[3] == "-"
+    # A local file is named as such: `json [train]` (the loader and its split label) would read as training data.
+    assert "local file test.jsonl" in md and "[train]" not in md
     assert fp[4:8] == ["11.00", "10.00", "+1.00 (+10.0%)", "56.00"]
     assert fp[-3:] == ["58.00", "60.00", "-2.00 |"]  # mean of 56 and 60, difference in points
     assert w4[4:10] == ["12.50", "12.00", "+0.50 (+4.2%)", "48.00", "50.00", "-2.00"]

@@ -27,8 +27,11 @@ def test_readme_example_runs(tiny_dir, text_files, tmp_path, monkeypatch, capsys
     code = code.replace("nsamples=32, seqlen=512", "nsamples=8, seqlen=32").replace("n32.L512", "n8.L32")
     code = code.replace("seqlen=512", "seqlen=32")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README example", "exec"), {})
+    pieces = []
+    code = code.replace('lambda piece: print(piece, end="", flush=True)', "pieces.append")
+    exec(compile(code, "README example", "exec"), {"pieces": pieces})
     ppl, packed_ppl = map(float, capsys.readouterr().out.strip().splitlines()[-2:])
+    assert pieces  # the generated text was streamed
     assert 1 < ppl < 1e4
     assert packed_ppl == pytest.approx(ppl, rel=1e-3)  # float16 scales: a little rounding, no loss
     assert (tmp_path / "out/ldlq.w4g64/model.safetensors.index.json").exists()

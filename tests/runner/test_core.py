@@ -90,7 +90,9 @@ def test_fp_inputs_take_every_hessian_from_the_unquantized_model(tmp_path):
 def test_a_statistic_of_another_calibration_is_refused(tmp_path):
     stats = _fp_hessians(tmp_path, calib_tokens(8))
     other = QuantSpec.build("m", "ldlq", 3, 32, calib=CalibSpec("c4", 16, 32), options={"fp_inputs": True})
-    with pytest.raises(DataError, match="made for calib 'm.c4.n8.L32', not 'm.c4.n16.L32'; delete it and rerun"):
+    # the remedy names the artifact folder to delete, with the command
+    with pytest.raises(DataError, match=r"made for calib 'm.c4.n8.L32', not 'm.c4.n16.L32'; delete \S+/stats and "
+                                        r"rebuild it: `rm -rf \S+/stats`, then rerun"):
         open_statistic("fp_hessian", stats, other)
     with pytest.raises(ValueError, match="needs the statistics"):
         quantize_model(tiny_model("llama"), other, None, progress=False)

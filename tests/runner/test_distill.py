@@ -14,6 +14,7 @@ from quantlib.errors import ConfigError
 from quantlib.checkpoint.reader import load_quantized
 from quantlib.checkpoint.writer import save_quantized
 from quantlib.access.lazy import WeightSource
+from quantlib.artifacts.integrity import seal_file
 from quantlib.jobs.steps import distill
 from quantlib.runner.walk import quantize_model
 from quantlib.catalog.names import CalibSpec
@@ -29,6 +30,7 @@ def base(tmp_path_factory, tiny_dir):
     report = quantize_model(model, spec, None, progress=False)
     save_quantized(model, spec, report, root / "base", tiny_dir)
     torch.save(calib_tokens(8, 32, seed=4), root / "windows.pt")
+    seal_file(root / "windows.pt", root / "windows.pt")  # an artifact as the calibration job writes it
     return root
 
 
@@ -97,3 +99,21 @@ def test_names_and_refusals():
                          ("m.rtn.w3.kd.c4.n8.L32.foo", "unknown distillation option token 'foo'")]:
         with pytest.raises(ConfigError, match=message):
             QuantSpec.parse(bad)
+
+
+def test_bf16_is_part_of_the_name_and_refused_where_the_device_has_no_bfloat16(base, tiny_dir, tmp_path):
+    spec = QuantSpec.parse("tiny.rtn.w3g32.kd.c4.n8.L32.bf16")
+    assert spec.distill.opt("bf16") and spec.short_name().endswith(".bf16")
+    with pytest.raises(ConfigError, match="bf16 needs a CUDA GPU with bfloat16 support.*drop `bf16`"):
+        _run(base, tiny_dir, tmp_path / "out", kd="kd.c4.n8.L32.bf16", max_steps=1)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(),
+                    reason="needs a CUDA GPU with bfloat16 (bf16 distillation is refused on the CPU)")
+def test_bf16_distillation_trains_on_a_gpu(base, tiny_dir, tmp_path):
+    name = "tiny.rtn.w3g32.kd.c4.n8.L32.ep4.lr0p0001.bf16"
+    distill(name, tiny_dir, {"base": base / "base", "calib": base / "windows.pt"}, tmp_path / "out",
+            {"device": "cuda", "dtype": "float32", "seed": 0})
+    diag = json.loads((tmp_path / "out" / "diagnostics.json").read_text())["distill"]
+    assert diag["dtype"] == "bfloat16 autocast" and sum(diag["loss"][-8:]) < sum(diag["loss"][:8])

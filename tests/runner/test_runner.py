@@ -124,3 +124,30 @@ def test_group_size_that_does_not_divide_is_refused_before_work():
     with pytest.raises(ConfigError, match="group size 48 does not divide .* 'model.layers.0.self_attn.q_proj'"):
         quantize_model(model, QuantSpec.build("m", "ldlq", 4, 48, calib=CAL), calib_tokens(), progress=False)
     assert all(torch.equal(before[k], w) for k, w in _weights(model).items())
+
+
+@pytest.mark.parametrize("name", ["m.rtn.w4g32.blocks1", "m.c4.n16.L32.ldlq.w3g32.blocks1",
+                                  "m.c4.n16.L32.lsq.w3g32.blocks1.ep1"])
+def test_blocks_quantizes_only_the_first_blocks_and_leaves_the_rest_exactly_fp(name):
+    """`blocks` n: blocks 0..n-1 quantized as the full run quantizes them, the rest untouched, in every mode."""
+    spec = QuantSpec.parse(name)
+    assert spec.opt("blocks") == 1 and spec.short_name() == name
+    fp, part, full = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    tokens = calib_tokens() if spec.needs_tokens else None
+    report = quantize_model(part, spec, tokens, progress=False)
+    quantize_model(full, QuantSpec.parse(name.replace(".blocks1", "")), tokens, progress=False)
+    before, after, whole = _weights(fp), _weights(part), _weights(full)
+    assert sorted(report.layers) == sorted(f"model.layers.0.{n}" for g in adapter_for(part).subgroups for n in g)
+    for key in before:
+        if key.startswith("1."):
+            assert torch.equal(after[key], before[key]), key  # left unquantized, bit for bit
+        else:
+            assert not torch.equal(after[key], before[key]) and torch.equal(after[key], whole[key]), key
+
+
+def test_blocks_beyond_the_model_or_negative_are_refused():
+    with pytest.raises(ConfigError, match="the model has only 2 decoder blocks"):
+        quantize_model(tiny_model("llama"), QuantSpec.parse("m.rtn.w4g32.blocks3"), progress=False)
+    with pytest.raises(ConfigError, match="blocks is a number of decoder blocks"):
+        QuantSpec.build("m", "rtn", 4, 32, options={"blocks": -1})
+    assert QuantSpec.build("m", "rtn", 4, 32, options={"blocks": 0}).short_name() == "m.rtn.w4g32"

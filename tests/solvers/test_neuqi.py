@@ -1,10 +1,11 @@
 """NeUQI's inits and MagR: properties that would catch a wrong implementation."""
 
 import itertools
+import math
 
 import pytest
 import torch
-from conftest import requires_assets
+from conftest import calib_tokens, requires_assets
 
 from quantlib.errors import ConfigError
 from quantlib.solvers.grid_init import _IntZeroSearch, _loss, group_weights, init_grid, optimal_zero, weighted_error
@@ -221,3 +222,52 @@ def test_neuqi_objective_on_real_layers(bits, gs):
         mm = weighted_error(W, init_grid(W, spec("minmax", bits, gs), hdiag), h)
         nq = weighted_error(W, init_grid(W, spec("neuqi", bits, gs), hdiag), h)
         assert (nq <= mm * (1 + 1e-6)).all(), name
+
+
+# ------------------------------------------------------------------------------------- MagR's clipped init
+
+def test_clip_init_keeps_each_groups_minimum_on_code_0_and_clips_only_the_top():
+    """NeUQI's reference init after MagR (`clip_wo_shift_zp`): step beta (max - min) / Qmax of the group's own range,
+    the minimum on code 0; with beta = 1 the maximum lands on the top code, with beta < 1 the top (1 - beta) of the
+    range saturates and nothing at the bottom does."""
+    from quantlib.solvers.grid_init import clip_init
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 64, generator=g) + 0.3  # groups whose ranges need not contain 0
+    for bits, beta in ((2, 0.8), (3, 0.9), (4, 1.0), (3, 0.6)):
+        spec = QuantSpec.build("m", "rtn", bits, 32, init="clip", options={"clip_beta": beta})
+        grid = clip_init(W, spec)
+        maxq = 2 ** bits - 1
+        groups = W.reshape(16, 2, 32)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        assert torch.allclose(grid.scale, beta * (hi - lo) / maxq)
+        assert torch.equal(grid.zero, -torch.round(lo / grid.scale))
+        codes = grid.quantize(W).reshape(16, 2, 32).long()
+        at_min = groups == lo.unsqueeze(-1)
+        assert (codes[at_min] == 0).all()
+        # The top code sits within half a step of min + beta (max - min) (the zero point is rounded): above that
+        # and half a step more, every weight saturates.
+        top = groups > (lo + beta * (hi - lo) + grid.scale).unsqueeze(-1)
+        assert (codes[top] == maxq).all()
+        w_hat_max = grid.dequantize(grid.quantize(W)).reshape(16, 2, 32).amax(-1)
+        if beta < 1:  # clipped: the group's maximum is not representable (beta < 2 Qmax / (2 Qmax + 1) here)
+            assert (w_hat_max < hi).all()
+        else:
+            assert torch.allclose(w_hat_max, hi, atol=float(grid.scale.max()) / 2 + 1e-6)
+
+
+def test_clip_init_defaults_are_the_references_and_it_composes_with_magr_and_every_solver():
+    from conftest import tiny_model
+    from quantlib.runner.walk import quantize_model
+
+    beta = {("w2", ""): 0.8, ("w3", ""): 0.9, ("w4", ""): 1.0, ("w2", "g128"): 0.95, ("w3", "g64"): 1.0,
+            ("w2", "g32"): 0.8}
+    for (bits, group), want in beta.items():
+        assert QuantSpec.parse(f"m.c4.n8.L32.magr.ldlq.clip.{bits}{group}").opt("clip_beta") == want
+    assert QuantSpec.parse("m.rtn.clip.w2.beta0p7").short_name() == "m.rtn.clip.w2.beta0p7"
+    with pytest.raises(ConfigError, match="clip_beta shrinks the min-max step"):
+        QuantSpec.build("m", "rtn", 2, -1, init="clip", options={"clip_beta": 1.2})
+    for name in ("m.rtn.clip.w3g32", "m.c4.n16.L32.magr.ldlq.clip.w2g32", "m.c4.n16.L32.quantease.clip.w3g32.it2"):
+        model = tiny_model("llama")
+        report = quantize_model(model, QuantSpec.parse(name), calib_tokens(16, 32), progress=False)
+        assert report.layers and all(math.isfinite(d["rel_error"]) for d in report.layers.values())

@@ -225,7 +225,8 @@ WING_ORDER = ["api", "jobs", "config", "evaluation", "checkpoint", "kernels", "r
 
 def _wing(module: str) -> str:
     parts = module.split(".")
-    return "api" if len(parts) == 1 else parts[1]  # the package root (`quantlib`) serves the API
+    # the package root (`quantlib`) and its command line (`python -m quantlib`) serve the API
+    return "api" if len(parts) == 1 or parts[1] == "__main__" else parts[1]
 
 
 def test_wings_import_only_downwards():

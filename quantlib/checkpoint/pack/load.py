@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from quantlib.artifacts.integrity import verify
+from quantlib.artifacts.integrity import rebuild_hint, verify
 from quantlib.checkpoint.pack import layouts
 from quantlib.errors import DataError
 
@@ -78,7 +78,8 @@ def load_packed(path, dtype: torch.dtype | None = None, attn: str = "sdpa", back
     state = load_file(str(path / "model.safetensors"))
     views = layouts.read_layers(fmt, raw, state)
     if not views:
-        raise DataError(f"{path}: no packed layer found for format {fmt}; the checkpoint is damaged")
+        raise DataError(f"{path}: no packed layer found for format {fmt}; the checkpoint is damaged: "
+                        f"{rebuild_hint(path)}")
     model_cfg = layouts.model_config(raw)
     config = AutoConfig.for_model(**model_cfg)
     config._attn_implementation = attn
