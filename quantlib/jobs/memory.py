@@ -191,7 +191,7 @@ def whole_model_peak(cfg: dict, seqlen: int, batch: int, dtype_bytes: int = 4) -
 
 # ------------------------------------------------------------------------------------------------ cluster requests
 
-MARGIN = 1.5  # over the estimate: allocator slack and what the model leaves out (measured 0.95-1.35x, README)
+MARGIN = 1.5  # over the estimate: allocator slack and what the model leaves out (measured peaks 0.95-1.35x of the estimate on the offline model)
 FLOOR_MB = 2000
 UNCAPPED_EVAL_TOKENS = 600_000  # a protocol without max_windows: WikiText-2 or C4's 256 x 2048 windows, about
 # The longest request of a batch of a zero-shot task (lm-eval pads a batch to its longest), about; each few-shot

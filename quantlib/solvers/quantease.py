@@ -3,7 +3,7 @@ E = W - W_hat, with W_hat on the spec's grid. The loop is the core's `Coordinate
 grid's projection; the accelerated schedule (Algorithm 2) interleaves relaxed sweeps, so `solve` returns the best
 quantized iterate.
 
-Departures from the released code (README, "QuantEase and outliers"): `gptq_quantease` starts from the LDLQ (= GPTQ)
+Departures from the released code (docs/methods.md, "QuantEase and outliers"): `gptq_quantease` starts from the LDLQ (= GPTQ)
 codes and targets the *original* W (the released code regresses on GPTQ's output and returns GPTQ); the outlier
 variant updates W_hat (the released sweep never writes it). H is damped with the common `damp` option (0 gives the
 paper's undamped H; damping keeps H_jj > 0 on dead inputs and matches the LDLQ start's objective).

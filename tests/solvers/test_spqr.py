@@ -140,8 +140,11 @@ def test_bad_settings_are_refused():
     W, H = correlated_problem(d_out=16, d_in=32)
     with pytest.raises(ConfigError, match="'sym' .*does not apply to spqr"):
         spec(sym=True)
-    with pytest.raises(ConfigError, match="keep_outliers"):
+    # A name cannot carry inf (it would not read back): refused as any option's non-finite value ...
+    with pytest.raises(ConfigError, match="'outlier_threshold' takes a finite number, got inf"):
         spec(outlier_threshold=math.inf)
+    with pytest.raises(ConfigError, match="keep_outliers"):  # ... and no threshold at all points at keep_outliers
+        spec(outlier_threshold=0.0)
     with pytest.raises(ConfigError, match="no effect without outliers"):
         spec(keep_outliers=False, outlier_threshold=0.1)
     with pytest.raises(ConfigError, match="one of"):
