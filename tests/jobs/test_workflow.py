@@ -214,7 +214,8 @@ def test_rerun_is_a_no_op(tiny_run):
 
 def test_settings_that_make_no_result_rerun_nothing(tiny_run, tmp_path, text_files):
     """The rules pass each job only what makes its result: the chunk size of calibration forwards, or a dataset
-    used only for calibration, is no input of any finished quantize or perplexity job."""
+    used only for calibration, is no input of any finished quantize or perplexity job, and a method with a group size
+    no other method uses (which the model's fetch checks) refetches nothing."""
     work = tmp_path / "copy"
     shutil.copytree(tiny_run, work, symlinks=True)
     cfg = yaml.safe_load((work / "config.yaml").read_text())
@@ -222,6 +223,7 @@ def test_settings_that_make_no_result_rerun_nothing(tiny_run, tmp_path, text_fil
     cfg["datasets"]["toycalib"] = {"path": "json", "data_files": str(text_files["train"]), "label": "calib only"}
     cfg["methods"].append({"id": "ldlq_other", "solver": "ldlq", "bits": [4], "group_size": [32],
                            "calibration": {"dataset": "toycalib", "nsamples": 8, "seqlen": 32}})
+    cfg["methods"].append({"id": "rtn_g16", "solver": "rtn", "bits": [4], "group_size": [16]})
     cfg["tables"]["main"]["rows"] = ["fp", "rtn", "ldlq"]  # what the table had by default: no new row
     write_config(work, cfg)
     proc = snakemake(work, "-n", "--cores", "2", "results/tables/main.md", "results/tables/zeroshot.md")
