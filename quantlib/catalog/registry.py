@@ -71,7 +71,7 @@ class Statistic:
 
     - `impl` computes it: `compute(model, tokens, out_dir, meta, params, inputs, device, chunk_tokens, progress,
       access)`; `reader` opens a saved artifact (a `quantlib.stats.artifacts.StatisticReader`).
-    - `params`: integer parameters written into the artifact's name as `.{param}{value}` tokens (`guided_hessian.g4`);
+    - `params`: integer parameters written into the artifact's name as `.{param}{value}` tokens (e.g. `.g4`);
       `choose(spec, settings)` picks them for a spec, or for none (`spec` None: the statistic is another's
       dependency) from `settings`, the config's settings of the statistics ({statistic: {key: value}}; None when they
       are not known, as in a quantize job, where only what the spec decides is returned and checked).
@@ -171,7 +171,7 @@ def register_statistic(stat: Statistic) -> Statistic:
 
 
 def stat_name(stat: str, **params: int) -> str:
-    """The name of a statistics artifact: the statistic, then its parameters (`guided_hessian.g4`)."""
+    """The name of a statistics artifact: the statistic, then its parameters (`{stat}.g4` for a parameter g of 4)."""
     entry = STATISTICS[stat]
     if set(params) != set(entry.params):
         raise ValueError(f"statistic '{stat}' takes the parameters {entry.params}, got {sorted(params)}")

@@ -215,7 +215,7 @@ def stats_peak(model_cfg: dict, name: str, calib, compute: dict, b: int) -> int:
     """A statistics job on the calibration `calib` (a CalibSpec). Read block by block, it is a calibration pass
     like a quantize job's (the embeddings while the windows go through them; one block, its inputs and outputs over
     every token and one chunk's forward) plus what its catalog entry computes per block; otherwise the whole model
-    and one window's forward plus the entry's figure (gradients: their accumulators)."""
+    and one window's forward plus the entry's figure (say, the accumulators of a backward pass)."""
     shapes = Shapes.of(model_cfg)
     stat, _ = registry.parse_stat_name(name)
     extra = statistic_bytes(shapes, name, "compute_bytes")

@@ -134,7 +134,7 @@ def open_statistic(stat: str, path, spec) -> StatisticReader:
 def compute_statistic(name: str, model, tokens: torch.Tensor, out_dir, calib_name: str, model_key: str,
                       inputs: dict | None = None, device: str = "cpu", chunk_tokens: int = 65536,
                       progress: bool = True, access=None) -> None:
-    """Compute the statistics artifact `name` (a statistic and its parameters, e.g. `guided_hessian.g4`); `inputs`
+    """Compute the statistics artifact `name` (a statistic and its parameters, as `{stat}.g4`); `inputs`
     maps each statistic it is computed from to its artifact. `access`: the blocks of a model read lazily (only for
     a statistic whose catalog entry is `block_by_block`)."""
     stat, params = registry.parse_stat_name(name)
