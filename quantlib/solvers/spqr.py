@@ -39,6 +39,13 @@ from quantlib.solvers.grid_init import minmax_params
 from quantlib.solvers.loops import ErrorFeedback
 
 
+# A row of a group whose values are nearly equal and far from 0 gets a tight range of almost no width, so a zero point
+# -min/scale of 10^5-10^6 (seen on SmolLM2's layer 16 o_proj at w3g16). Quantized with 15 sane ones in a block of
+# `stat_group` rows at 3 bits, it leaves the others a step of 10^5; in float16 it overflows to inf. Such a row takes
+# GPTQ's range instead (including 0: a zero point in 0..Qmax), which still covers its values.
+ZERO_LIMIT = 1024
+
+
 def _row_errors(X: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, dk: torch.Tensor) -> torch.Tensor:
     """D-weighted squared rounding errors (d_out, n) of X with each row's statistics fitted to the range [lo, hi]."""
     scale, zero = minmax_params(torch.stack([lo, hi], 1), bits, -1, False, tight=True)
@@ -124,6 +131,9 @@ def solve(W: torch.Tensor, task: LayerTask) -> SolveResult:
                 mean = (X * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
                 X = torch.where(likely, mean, X)
         s, z = (t[:, 0] for t in minmax_params(X, bits, -1, False, tight=True))
+        far = z.abs() > ZERO_LIMIT
+        if far.any():  # a nearly constant row far from 0: its grid spans 0 too (see ZERO_LIMIT)
+            s[far], z[far] = (t[:, 0] for t in minmax_params(X[far], bits, -1, False))
         if stat_bits < 16:
             s, stored["scale"][g] = quantize_statistic(s, stat_bits, stat_group)
             z, stored["zero"][g] = quantize_statistic(z, stat_bits, stat_group)

@@ -172,3 +172,22 @@ def test_short_names_round_trip(options):
     assert QuantSpec.parse(s.short_name()) == s
     assert s.short_name().endswith("spqr.w3g16") == (not options)
     assert ("ot0p1" in s.short_name()) == ("outlier_threshold" in options)
+
+
+def test_a_nearly_constant_row_far_from_zero_keeps_the_statistics_finite():
+    """A row whose group holds nearly equal values far from 0 (found on SmolLM2's layer 16 o_proj) has a tight range of
+    almost no width and a zero point near 10^7; quantized with its block's other zeros it overflowed float16 and gave
+    NaN weights. It now takes the range including 0, and the other rows of its block keep their own statistics."""
+    W, _ = correlated_problem(d_out=32, d_in=64, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    H = torch.diag(0.5 + torch.rand(64, generator=g))  # no error feedback: the row is fitted as it is
+    plain = solve_layer(W, H, spec())
+    W[5, :16] = 5.0 + 1e-6 * torch.randn(16, generator=g)
+    result = solve_layer(W, H, spec())
+    assert torch.isfinite(result.weight).all()
+    assert (result.weight[5, :16] - W[5, :16]).abs().max() < 5 / 7  # a step of [0, 5] at 3 bits
+    others = [r for r in range(16) if r != 5]  # the same block of 16 rows of statistics
+    def rel(w_hat):
+        return ((w_hat[others] - W[others]).square().sum() / W[others].square().sum()).item()
+
+    assert rel(result.weight) < 1.5 * rel(plain.weight), (rel(result.weight), rel(plain.weight))
