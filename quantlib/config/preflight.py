@@ -3,11 +3,9 @@ each model's architecture and shapes (from its config.json, when on disk) fit ev
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from quantlib.access.adapters import check_model_shapes
 from quantlib.access.provenance import check_dataset as check_dataset_provenance
 from quantlib.access.provenance import check_model as check_model_provenance
 from quantlib.access.provenance import looks_local
@@ -28,9 +26,10 @@ def check_sources(exp: Experiment, offline: bool | None = None) -> None:
             used_datasets.add(spec.calib.dataset)
         if spec.distill:
             used_datasets.add(spec.distill.calib.dataset)
+    for key in used_models:  # shapes first, against each config.json on disk (the messages name the file)
+        exp.check_model_shapes(key)
     for key in used_models:
         m = exp.cfg["models"][key]
-        _check_model_shapes(exp, key)
         if Path(exp.model_path(key)).exists():
             check_model_provenance(key, m, exp.model_path(key))  # a pre-fill that the config no longer describes
             continue
@@ -130,27 +129,6 @@ def _check_task_sources(exp: Experiment) -> None:
                     raise ConfigError(f"lm_eval.tasks.{task}.source: data file '{f}' does not exist")
         elif src.get("path", "").startswith((".", "/", "~")) and not Path(src["path"]).expanduser().exists():
             raise ConfigError(f"lm_eval.tasks.{task}.source: local path '{src['path']}' does not exist")
-
-
-def _check_model_shapes(exp: Experiment, key: str) -> None:
-    """When the model's config.json is on disk (pre-filled resources, a local source, or the hub's cache): supported
-    architecture, and every group size divides every quantized layer's input size. Otherwise the download job
-    checks it before the weights (`fetch_model(shape_checks=...)`)."""
-    m = exp.cfg["models"][key]
-    candidates = [Path(exp.model_path(key)) / "config.json", Path(m["source"]).expanduser() / "config.json"]
-    if not m.get("gguf_file") and "/" in m["source"] and not Path(m["source"]).expanduser().exists():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(m["source"], "config.json", revision=m.get("revision"))
-            if isinstance(cached, str):
-                candidates.append(Path(cached))
-        except Exception:  # a malformed repo id: the download job reports it
-            pass
-    for cfg_path in candidates:
-        if cfg_path.exists():
-            check_model_shapes(json.loads(cfg_path.read_text()), key, **exp.shape_checks(key))
-            return
 
 
 def check_config_files(paths) -> None:
