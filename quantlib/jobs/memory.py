@@ -112,23 +112,35 @@ def solve_bytes_per_weight(spec) -> int:
     return 20
 
 
-def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype_bytes: int = 4) -> dict:
-    """Bytes of each phase of a quantize job (the module's docstring)."""
-    b, h = dtype_bytes, shapes.hidden
-    n_tokens = spec.calib.nsamples * spec.calib.seqlen if spec.calib is not None and spec.needs_tokens else 0
-    seqlen = spec.calib.seqlen if spec.calib is not None else 1
+def calibration_pass(shapes: Shapes, n_tokens: int, seqlen: int, chunk_tokens: int, streams: str, n_streams: int,
+                     b: int) -> tuple[int, int]:
+    """Bytes of a walk of `n_tokens` calibration tokens (windows of `seqlen`) through the blocks, one block read at
+    a time: (capture: the embeddings while the windows go through them and the block-0 inputs; block: one block's
+    weights, `n_streams` activation streams over every token (one chunk with streams on disk) and one chunk's
+    forward working set)."""
+    h = shapes.hidden
     chunk = max(seqlen, min(n_tokens, chunk_tokens // seqlen * seqlen)) if n_tokens else 0
-    mode = spec.mode
-    n_streams = 4 if mode == "block" else 2
     held = chunk if streams == "disk" else n_tokens
     activations = n_streams * held * h * b + chunk * (6 * h + 3 * shapes.intermediate) * b
+    capture = shapes.vocab * h * b + n_tokens * h * b if n_tokens else 0
+    return capture, shapes.block_params * b + activations
+
+
+def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype_bytes: int = 4) -> dict:
+    """Bytes of each phase of a quantize job (the module's docstring)."""
+    b = dtype_bytes
+    n_tokens = spec.calib.nsamples * spec.calib.seqlen if spec.calib is not None and spec.needs_tokens else 0
+    seqlen = spec.calib.seqlen if spec.calib is not None else 1
+    mode = spec.mode
+    capture, block = calibration_pass(shapes, n_tokens, seqlen, chunk_tokens, streams, 4 if mode == "block" else 2,
+                                      b)
     per_weight = solve_bytes_per_weight(spec)
     solve = max(5 * d * d * 4 + per_weight * rows * d for d, rows in shapes.subgroups)
     stats = sum(statistic_bytes(shapes, name, "read_bytes") for name in spec.statistics())
     training = 3 * shapes.block_params * 4 if mode == "block" else 0
-    block = shapes.block_params * b + activations + (0 if mode == "block" else solve) + stats + training
-    embeddings = shapes.vocab * h * b
-    return {"capture": embeddings + n_tokens * h * b if n_tokens else 0, "block": block,
+    block += (0 if mode == "block" else solve) + stats + training
+    embeddings = shapes.vocab * shapes.hidden * b
+    return {"capture": capture, "block": block,
             "finish": 2 * embeddings * (1 if shapes.tied else 2)}  # save_file copies each tensor to bytes
 
 
@@ -221,11 +233,9 @@ def stats_peak(model_cfg: dict, name: str, calib, compute: dict, b: int) -> int:
     extra = statistic_bytes(shapes, name, "compute_bytes")
     if not registry.STATISTICS[stat].block_by_block:
         return whole_model_peak(model_cfg, calib.seqlen, 1, b) + extra
-    h, n_tokens = shapes.hidden, calib.nsamples * calib.seqlen
-    chunk = max(calib.seqlen, min(n_tokens, compute.get("calib_chunk_tokens", 65536) // calib.seqlen * calib.seqlen))
-    embeddings = shapes.vocab * h * b
-    block = shapes.block_params * b + 2 * n_tokens * h * b + chunk * (6 * h + 3 * shapes.intermediate) * b
-    return RUNTIME_MB * MB + max(embeddings + n_tokens * h * b, block + extra)
+    capture, block = calibration_pass(shapes, calib.nsamples * calib.seqlen, calib.seqlen,
+                                      compute.get("calib_chunk_tokens", 65536), "memory", 2, b)
+    return RUNTIME_MB * MB + max(capture, block + extra)
 
 
 # Before the model is fetched there is no config.json: rules of thumb from its size in billions of parameters (the
