@@ -25,7 +25,7 @@ from pathlib import Path
 
 from quantlib.access.adapters import adapter_for
 from quantlib.access.lazy import INDEX, all_finite
-from quantlib.access.models import TOKENIZER_FILES
+from quantlib.access.provenance import TOKENIZER_FILES
 from quantlib.artifacts.atomic import atomic_dir, versions
 from quantlib.catalog.names import QUANT_METHOD
 from quantlib.errors import NumericalError

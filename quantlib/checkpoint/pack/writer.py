@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quantlib.access.models import TOKENIZER_FILES
+from quantlib.access.provenance import TOKENIZER_FILES
 from quantlib.artifacts.atomic import atomic_dir
 from quantlib.artifacts.integrity import verify
 from quantlib.catalog.names import PACK_REPORT, QUANT_METHOD
