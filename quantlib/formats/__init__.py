@@ -18,9 +18,10 @@ class ColumnProjection:
     """The code bookkeeping every projection shares: `buffer` holds the codes of column k (processing order) in row
     k; subclasses round a column in `__call__(k, values)` and write its codes there."""
 
-    def __init__(self, d_in: int, d_out: int, perm: torch.Tensor, dtype):
+    def __init__(self, d_in: int, d_out: int, perm: torch.Tensor, dtype, device=None):
         self.perm = perm
-        self.buffer = torch.empty(d_in, d_out, dtype=dtype)
+        # On the device of the values it rounds (a CUDA solve writes its codes with `out=`, which must be there).
+        self.buffer = torch.empty(d_in, d_out, dtype=dtype, device=device)
         # Row views made once: a projection runs once per column, so indexing and allocation dominate its cost.
         self._codes = self.buffer.unbind(0)
 
@@ -34,8 +35,8 @@ class ColumnProjection:
     def codes(self) -> torch.Tensor:
         """(d_out, d_in) uint8 codes in the original column order."""
         d_in, d_out = self.buffer.shape
-        out = torch.empty(d_out, d_in, dtype=torch.uint8)
-        out[:, self.perm] = self.buffer.T.to(torch.uint8)
+        out = torch.empty(d_out, d_in, dtype=torch.uint8, device=self.buffer.device)
+        out[:, self.perm.to(out.device)] = self.buffer.T.to(torch.uint8)
         return out
 
 

@@ -69,7 +69,7 @@ class LutProjection(ColumnProjection):
     `project(k, values)` rounds the k-th column in processing order and records its codes."""
 
     def __init__(self, tables: torch.Tensor, perm: torch.Tensor):
-        super().__init__(perm.numel(), tables.shape[0], perm, torch.long)
+        super().__init__(perm.numel(), tables.shape[0], perm, torch.long, tables.device)
         self.tables = tables
 
     def __call__(self, k: int, values: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ class SparseOutliers:
         S = S.to(torch.float16)
         rows, cols = torch.nonzero(S, as_tuple=True)  # row-major order, so columns are sorted within a row
         counts = torch.bincount(rows, minlength=S.shape[0])
-        crow = torch.zeros(S.shape[0] + 1, dtype=torch.int64)
+        crow = torch.zeros(S.shape[0] + 1, dtype=torch.int64, device=S.device)
         crow[1:] = torch.cumsum(counts, 0)
         return cls(tuple(S.shape), crow, cols.to(torch.int32), S[rows, cols])
 
@@ -44,8 +44,9 @@ class SparseOutliers:
 
     def dense(self) -> torch.Tensor:
         d_out, d_in = self.shape
-        out = torch.zeros(d_out, d_in)
-        rows = torch.repeat_interleave(torch.arange(d_out), self.crow[1:] - self.crow[:-1])
+        out = torch.zeros(d_out, d_in, device=self.val.device)
+        rows = torch.repeat_interleave(torch.arange(d_out, device=self.crow.device), self.crow[1:] - self.crow[:-1])
+        rows = rows.to(out.device)
         out[rows, self.col.long()] = self.val.float()
         return out
 
@@ -85,8 +86,8 @@ class ColumnOutliers:
         return self.count * 16 + self.columns.numel() * INDEX_BITS
 
     def dense(self) -> torch.Tensor:
-        out = torch.zeros(self.shape)
-        out[:, self.columns] = self.values.float()
+        out = torch.zeros(self.shape, device=self.values.device)
+        out[:, self.columns.to(out.device)] = self.values.float()
         return out
 
     def select_rows(self, rows: slice) -> "ColumnOutliers":

@@ -82,11 +82,11 @@ class UniformProjection(ColumnProjection):
     def __init__(self, scale_rows: torch.Tensor, zero_rows: torch.Tensor, group_of: list[int], maxq: int,
                  perm: torch.Tensor):
         d_out = scale_rows.shape[1]
-        super().__init__(len(group_of), d_out, perm, scale_rows.dtype)
+        super().__init__(len(group_of), d_out, perm, scale_rows.dtype, scale_rows.device)
         self.scale_rows, self.zero_rows = scale_rows, zero_rows
         self.maxq, self.group_of = maxq, group_of
         self._scale, self._zero = scale_rows.unbind(0), zero_rows.unbind(0)
-        self._out = torch.empty(d_out, dtype=scale_rows.dtype)
+        self._out = torch.empty(d_out, dtype=scale_rows.dtype, device=scale_rows.device)
 
     def __call__(self, k: int, values: torch.Tensor) -> torch.Tensor:
         g = self.group_of[k]
@@ -153,9 +153,10 @@ def pack_codes(codes: torch.Tensor, bits: int, rows_per_chunk: int = 256) -> tor
     """(d_out, d_in) integer codes -> (d_out, ceil(d_in * bits / 32)) int32: each row an LSB-first bit stream."""
     d_out, d_in = codes.shape
     n_words = -(-d_in * bits // 32)
-    shifts = torch.arange(bits, dtype=torch.int32)
-    weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32, dtype=torch.int64))
-    out = torch.empty(d_out, n_words, dtype=torch.int32)
+    device = codes.device  # a layer solved on a GPU is packed there (the checkpoint writer moves it to the CPU)
+    shifts = torch.arange(bits, dtype=torch.int32, device=device)
+    weights = torch.ones(32, dtype=torch.int64, device=device) << torch.arange(32, dtype=torch.int64, device=device)
+    out = torch.empty(d_out, n_words, dtype=torch.int32, device=device)
     for r0 in range(0, d_out, rows_per_chunk):
         c = codes[r0:r0 + rows_per_chunk].to(torch.int32)
         stream = ((c.unsqueeze(-1) >> shifts) & 1).reshape(c.shape[0], d_in * bits)
@@ -167,9 +168,10 @@ def pack_codes(codes: torch.Tensor, bits: int, rows_per_chunk: int = 256) -> tor
 
 def unpack_codes(packed: torch.Tensor, bits: int, d_in: int, rows_per_chunk: int = 256) -> torch.Tensor:
     d_out, n_words = packed.shape
-    shifts = torch.arange(32, dtype=torch.int64)
-    weights = (torch.ones(bits, dtype=torch.int32) << torch.arange(bits, dtype=torch.int32))
-    out = torch.empty(d_out, d_in, dtype=torch.uint8)
+    device = packed.device
+    shifts = torch.arange(32, dtype=torch.int64, device=device)
+    weights = torch.ones(bits, dtype=torch.int32, device=device) << torch.arange(bits, dtype=torch.int32, device=device)
+    out = torch.empty(d_out, d_in, dtype=torch.uint8, device=device)
     for r0 in range(0, d_out, rows_per_chunk):
         w = packed[r0:r0 + rows_per_chunk].to(torch.int64) & 0xFFFFFFFF
         stream = ((w.unsqueeze(-1) >> shifts) & 1).reshape(w.shape[0], n_words * 32)[:, : d_in * bits]

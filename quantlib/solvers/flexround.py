@@ -23,7 +23,7 @@ class FlexRoundLinear(UniformFakeQuant):
         super().__init__(linear, task)
         self.d1 = torch.nn.Parameter(self.scale_init.log())
         self.d2 = torch.nn.Parameter(torch.zeros_like(self.weight_fp))
-        self.d3 = torch.nn.Parameter(torch.zeros(self.out_features, 1))
+        self.d3 = torch.nn.Parameter(torch.zeros(self.out_features, 1, device=self.weight_fp.device))
 
     def _codes(self) -> torch.Tensor:
         divisor = torch.exp(self.d1[:, self.columns] + self.d2 + self.d3)

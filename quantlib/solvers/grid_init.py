@@ -86,7 +86,7 @@ _CHUNK_ELEMENTS = 1 << 22  # elements of the largest temporary per chunk of rows
 
 
 def group_weights(hdiag: torch.Tensor | None, d_in: int, group_size: int, weighted: bool,
-                  dtype=torch.float32) -> torch.Tensor:
+                  dtype=torch.float32, device=None) -> torch.Tensor:
     """(n_groups, group) weights of each group's columns, summing to 1: diag(H) or uniform."""
     n_groups = num_groups(d_in, group_size)
     if weighted:
@@ -94,7 +94,7 @@ def group_weights(hdiag: torch.Tensor | None, d_in: int, group_size: int, weight
             raise ValueError("a diag(H)-weighted init needs the Hessian diagonal")
         h = hdiag.to(dtype).reshape(n_groups, -1).clamp_min(0)
     else:
-        h = torch.ones(n_groups, d_in // n_groups, dtype=dtype)
+        h = torch.ones(n_groups, d_in // n_groups, dtype=dtype, device=device)
     total = h.sum(-1, keepdim=True)
     # A group without any calibration signal falls back to uniform weights.
     return torch.where(total > 0, h / total.clamp_min(torch.finfo(dtype).tiny), 1.0 / h.shape[-1])
@@ -276,7 +276,7 @@ def neuqi_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> Unif
     +-half a coarse step in steps s0/T around the best, each with its optimal real zero point."""
     maxq = 2 ** spec.bits - 1
     coarse, fine = spec.opt("grid_coarse"), spec.opt("grid")  # fine % coarse == 0: checked by the catalog
-    h = group_weights(hdiag, W.shape[1], spec.group_size, spec.opt("hdiag_weight"), W.dtype)
+    h = group_weights(hdiag, W.shape[1], spec.group_size, spec.opt("hdiag_weight"), W.dtype, W.device)
     G = grouped(W, spec.group_size)
     scales, zeros = [], []
     rows, step = _chunks(G.shape[0], 4 * G.shape[1] * G.shape[2])
@@ -305,7 +305,7 @@ def neuqi_int_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> 
     0..Qmax."""
     maxq = 2 ** spec.bits - 1
     steps = spec.opt("grid")
-    h = group_weights(hdiag, W.shape[1], spec.group_size, spec.opt("hdiag_weight"), torch.float64)
+    h = group_weights(hdiag, W.shape[1], spec.group_size, spec.opt("hdiag_weight"), torch.float64, W.device)
     G = grouped(W, spec.group_size)
     scales, zeros = [], []
     rows, step = _chunks(G.shape[0], 6 * G.shape[1] * G.shape[2])

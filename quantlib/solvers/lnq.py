@@ -33,7 +33,7 @@ def weighted_kmeans(W: torch.Tensor, weights: torch.Tensor, bits: int, iters: in
 
     d_out, d_in = W.shape
     k = 2 ** bits
-    W64, w64 = W.double().numpy(), weights.double().numpy()
+    W64, w64 = W.double().cpu().numpy(), weights.double().cpu().numpy()  # k-means runs on the CPU (numpy)
     codes = np.empty((d_out, d_in), dtype=np.uint8)
     tables = np.empty((d_out, k), dtype=np.float64)
     ones = np.ones(d_in)
@@ -45,7 +45,7 @@ def weighted_kmeans(W: torch.Tensor, weights: torch.Tensor, bits: int, iters: in
         tables[r, : len(centres)] = centres
         tables[r, len(centres):] = centres[-1] if len(centres) else 0.0
         codes[r] = labels
-    return torch.from_numpy(codes), torch.from_numpy(tables).half()
+    return torch.from_numpy(codes).to(W.device), torch.from_numpy(tables).half().to(W.device)
 
 
 def _start(W: torch.Tensor, task: LayerTask, hdiag: torch.Tensor | None) -> LutQuantized:
@@ -74,12 +74,12 @@ def table_update(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, k: int, 
     (an unused entry gets 0)."""
     d_out, d_in = W.shape
     Hd, Wd = H.double(), W.double()
-    out = torch.empty(d_out, k, dtype=torch.float64)
+    out = torch.empty(d_out, k, dtype=torch.float64, device=W.device)
     rows = max(1, (1 << 22) // (d_in * k))
-    eye = lam * torch.eye(k, dtype=torch.float64)
+    eye = lam * torch.eye(k, dtype=torch.float64, device=W.device)
     for r0 in range(0, d_out, rows):
         r1 = min(r0 + rows, d_out)
-        P = torch.zeros(r1 - r0, d_in, k, dtype=torch.float64)
+        P = torch.zeros(r1 - r0, d_in, k, dtype=torch.float64, device=W.device)
         P.scatter_(2, codes[r0:r1].long().unsqueeze(-1), 1.0)
         HP = torch.matmul(Hd, P)  # H symmetric: (H P)^T w = P^T H w
         A = P.transpose(1, 2) @ HP + eye

@@ -46,7 +46,7 @@ class ErrorFeedback:
         """(len(positions), d_out): GPTQ's working values of columns not yet done, i.e. the best unquantized values
         given the columns done so far (w_p + sum_{j<done} r_j V_jp). Costs one triangular inverse on first use."""
         if self._V is None:
-            eye = torch.eye(self.U.shape[0], dtype=self.U.dtype)
+            eye = torch.eye(self.U.shape[0], dtype=self.U.dtype, device=self.U.device)
             self._V = eye - torch.linalg.solve_triangular(self.U, eye, upper=True, unitriangular=True)
         out = self.Wt[positions].clone()
         if self.done:

@@ -38,7 +38,6 @@ from quantlib.solvers.contract import LayerTask, SolveResult
 from quantlib.solvers.grid_init import minmax_params
 from quantlib.solvers.loops import ErrorFeedback
 
-
 # A row of a group whose values are nearly equal and far from 0 gets a tight range of almost no width, so a zero point
 # -min/scale of 10^5-10^6 (seen on SmolLM2's layer 16 o_proj at w3g16). Quantized with 15 sane ones in a block of
 # `stat_group` rows at 3 bits, it leaves the others a step of 10^5; in float16 it overflows to inf. Such a row takes
@@ -66,7 +65,7 @@ def leave_one_out_reduction(X: torch.Tensor, dk: torch.Tensor, bits: int) -> tor
     i_max, i_min = top.indices[:, 0], bottom.indices[:, 0]
     base = _row_errors(X, lo1, hi1, bits, dk)
     reduction = base.clone()  # an inner weight: the others keep their errors, its own disappears
-    rows = torch.arange(d_out)
+    rows = torch.arange(d_out, device=X.device)
     for i, lo, hi in ((i_min, lo2, hi1), (i_max, lo1, hi2)):
         refit = _row_errors(X, lo, hi, bits, dk)
         reduction[rows, i] = base.sum(1) - (refit.sum(1) - refit[rows, i])
@@ -77,7 +76,7 @@ def quantize_statistic(v: torch.Tensor, bits: int, rows: int) -> tuple[torch.Ten
     """SpQR's second level: a (d_out,) statistic quantized min-max (tight range, real zero point) in blocks of
     `rows` consecutive rows (the last block may be shorter). Returns the dequantized values and their storage."""
     out = torch.empty_like(v)
-    codes = torch.empty(v.shape[0], dtype=torch.uint8)
+    codes = torch.empty(v.shape[0], dtype=torch.uint8, device=v.device)
     params = []
     n, full = v.shape[0], v.shape[0] // rows * rows
     for r0, r1, size in [(0, full, rows), (full, n, n - full)]:
@@ -115,11 +114,13 @@ def solve(W: torch.Tensor, task: LayerTask) -> SolveResult:
     members = [position[group_index(d_in, group_size) == g] for g in range(n_groups)]
     fit_at = {int(m.min()): g for g, m in enumerate(members)}
     Dk = D.tolist()
-    scale = torch.empty(n_groups, d_out, dtype=W.dtype)  # transposed: one contiguous row per group
+    # On W's device, like everything the column loop writes into (a CUDA solve writes with `out=`).
+    scale = torch.empty(n_groups, d_out, dtype=W.dtype, device=W.device)  # transposed: one row per group
     zero = torch.empty_like(scale)
     stored = {"scale": [None] * n_groups, "zero": [None] * n_groups}  # quantized statistics, stat_bits < 16
     project = UniformProjection(scale, zero, group_index(d_in, group_size)[perm].tolist(), 2 ** bits - 1, perm)
-    corrections = torch.zeros(d_in, d_out, dtype=W.dtype)  # outliers' float16 corrections, processing order
+    # outliers' float16 corrections, in processing order
+    corrections = torch.zeros(d_in, d_out, dtype=W.dtype, device=W.device)
     feedback = ErrorFeedback(W, U, perm)
 
     def fit(g: int) -> None:
@@ -161,7 +162,7 @@ def solve(W: torch.Tensor, task: LayerTask) -> SolveResult:
         scales, zeros = scale.T.contiguous(), zero.T.contiguous()
     outliers = None
     if keep_outliers:
-        dense = torch.empty(d_out, d_in, dtype=W.dtype)
+        dense = torch.empty(d_out, d_in, dtype=W.dtype, device=W.device)
         dense[:, perm] = corrections.T
         outliers = SparseOutliers.from_dense(dense)
     rep = SpqrQuantized(project.codes(), bits, group_size, stat_bits, stat_group, scales, zeros, outliers)

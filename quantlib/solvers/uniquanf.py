@@ -66,9 +66,10 @@ class UniQuanFLinear(FakeQuantLinear):
         self.register_buffer("zero", z.reshape(d_out, n_groups))
         self.d1 = torch.nn.Parameter(s.log().reshape(d_out, n_groups))
         self.d2 = torch.nn.Parameter(torch.zeros_like(self.weight_fp))
-        self.d3 = torch.nn.Parameter(torch.zeros(d_out, 1))
+        # On the weight's device: `_u()` below runs before the runner moves the module (a CUDA block's weight).
+        self.d3 = torch.nn.Parameter(torch.zeros(d_out, 1, device=self.weight_fp.device))
         self.alpha = torch.nn.Parameter(alphas.reshape(d_out, n_groups, spec.bits))
-        self.register_buffer("index", torch.zeros(d_out, d_in, dtype=torch.long))
+        self.register_buffer("index", torch.zeros(d_out, d_in, dtype=torch.long, device=self.weight_fp.device))
         # Each weight starts on its nearest level (the block error before training is the init's); training then
         # remaps locally every `p` steps.
         self.remap(self._u().detach(), nearest=True)
