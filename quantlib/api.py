@@ -24,6 +24,7 @@ import torch
 
 from quantlib.access.datasets import calibration_windows as _calibration_windows
 from quantlib.access.datasets import eval_windows as _eval_windows
+from quantlib.access.datasets import mixture_windows as _mixture_windows
 from quantlib.access.datasets import read_texts  # noqa: F401  (part of the API)
 from quantlib.access.models import load_model as _load_model
 from quantlib.access.models import load_tokenizer  # noqa: F401  (part of the API)
@@ -62,12 +63,20 @@ def pack_checkpoint(src, out_dir, fmt: str = "ct", dtype: str = "float16", stat_
     return _pack(src, out_dir, fmt, dtype, stat_dtype)
 
 
-def calibration_windows(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int = 0,
-                        sampler: str = "documents") -> torch.Tensor:
+def calibration_windows(texts: list[str] | dict[str, list[str]], tokenizer, nsamples: int, seqlen: int,
+                        seed: int = 0, sampler: str = "documents", weights: dict[str, float] | None = None,
+                        chat_template: bool = False) -> torch.Tensor:
     """(nsamples, seqlen) token windows: GPTQ's sampler (a random window of a random long-enough document,
-    `documents`) or random windows of the texts joined (`concat`), seeded."""
-    windows, _ = _calibration_windows(texts, tokenizer, {"calibration_sampler": sampler}, nsamples, seqlen, seed)
-    return windows
+    `documents`) or random windows of the texts joined (`concat`), seeded. A dict {part: texts} draws a mixture, each
+    part's share of the windows its share of `weights` (default equal); `chat_template` formats every document as a
+    user turn of the tokenizer's chat template (as a config's `mixtures:` entry does)."""
+    if not isinstance(texts, dict) and not chat_template:
+        windows, _ = _calibration_windows(texts, tokenizer, {"calibration_sampler": sampler}, nsamples, seqlen, seed)
+        return windows
+    parts = texts if isinstance(texts, dict) else {"text": texts}
+    mixture = {"parts": weights or dict.fromkeys(parts, 1.0), "chat_template": chat_template,
+               "datasets": dict.fromkeys(parts, {"calibration_sampler": sampler})}
+    return _mixture_windows(parts, tokenizer, mixture, nsamples, seqlen, seed)[0]
 
 
 def eval_windows(texts: list[str], tokenizer, seqlen: int, join: str = "\n\n") -> torch.Tensor:

@@ -9,6 +9,7 @@ every later step reads a small local file and an air-gapped machine can be serve
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from quantlib.access.provenance import dataset_local_files, dataset_record, dataset_record_path
 from quantlib.artifacts.atomic import atomic_file, write_json
 from quantlib.artifacts.integrity import verify
+from quantlib.catalog.names import mixture_counts
 from quantlib.errors import DataError
 
 log = logging.getLogger("quantlib")
@@ -196,6 +198,59 @@ def calibration_windows(texts: list[str], tokenizer, ds_cfg: dict, n: int, seqle
     if sampler == "chunks":
         return sample_chunks(texts, tokenizer, n, seqlen)
     return sample_concat(texts, tokenizer, n, seqlen, seed, ds_cfg.get("join", "\n\n"))
+
+
+def part_seed(seed: int, part: str) -> int:
+    """A mixture part's own seed, keyed by its name: adding or reweighting another part leaves its draws as they
+    were (only its count changes)."""
+    return int(hashlib.sha256(f"{seed}:{part}".encode()).hexdigest()[:15], 16)
+
+
+class _TemplateTokenizer:
+    """Encodes chat-formatted text without adding special tokens again: the template already holds them (a second
+    BOS would change every window)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text):
+        return self.tokenizer(text, add_special_tokens=False)
+
+
+def chat_formatted(texts: list[str], tokenizer, what: str) -> list[str]:
+    """Each document as one user turn in the tokenizer's chat template (how instruct models see text)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{what} asks for chat_template: true, but this model's tokenizer has no chat template "
+                        "(no chat_template in tokenizer_config.json, no chat_template.jinja); calibrate it on plain "
+                        "text (drop chat_template) or give the model a tokenizer with one")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts]
+
+
+def mixture_windows(texts: dict[str, list[str]], tokenizer, mixture: dict, n: int, seqlen: int, seed: int):
+    """Calibration windows of a mixture `{"parts": {dataset: weight}, "chat_template": bool, "datasets": {dataset:
+    cfg}}`: each part's share of n (`mixture_counts`) drawn by its own dataset's sampler with its own seed
+    (`part_seed`), the windows then shuffled together with `seed`. The manifest records each window's part."""
+    if set(texts) != set(mixture["parts"]):
+        raise DataError(f"a mixture of parts {sorted(mixture['parts'])} was given the texts of {sorted(texts)}")
+    if mixture.get("chat_template"):
+        texts = {k: chat_formatted(v, tokenizer, f"calibration mixture part '{k}'") for k, v in texts.items()}
+        tokenizer = _TemplateTokenizer(tokenizer)
+    counts = mixture_counts(mixture["parts"], n)
+    windows, manifests, origin = [], {}, []
+    for part, count in counts.items():
+        if count == 0:
+            raise DataError(f"calibration mixture part '{part}' gets 0 of {n} windows at weight "
+                            f"{mixture['parts'][part]}; raise nsamples or its weight")
+        w, manifests[part] = calibration_windows(texts[part], tokenizer, mixture["datasets"][part], count, seqlen,
+                                                 part_seed(seed, part))
+        manifests[part].pop("draws", None)
+        windows.append(w)
+        origin += [part] * count
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return torch.cat(windows)[order], {"sampler": "mixture", "seed": seed, "counts": counts,
+                                       "chat_template": bool(mixture.get("chat_template")), "parts": manifests,
+                                       "window_parts": [origin[i] for i in order]}
 
 
 def eval_windows(texts: list[str], tokenizer, ds_cfg: dict, seqlen: int) -> tuple[torch.Tensor, dict]:

@@ -233,6 +233,18 @@ class CalibSpec:
         return name + (f".s{self.seed}" if self.seed else "")
 
 
+def mixture_counts(parts: dict[str, float], n: int) -> dict[str, int]:
+    """Windows per part of a mixture: n split in proportion to the weights, rounded by largest remainder (ties to
+    the part listed first), so the counts always sum to n."""
+    total = sum(parts.values())
+    exact = {k: n * w / total for k, w in parts.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    order = sorted(parts, key=lambda k: (counts[k] - exact[k], list(parts).index(k)))
+    for k in order[: n - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
 def parse_calib_name(name: str) -> tuple[str, CalibSpec]:
     """`{model}.{dataset}.n{n}.L{L}[.s{seed}]` -> (model, CalibSpec)."""
     tokens = name.split(".")

@@ -4,7 +4,6 @@ Snakefile imports it at parse time)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 from dataclasses import dataclass
 
@@ -16,32 +15,16 @@ from quantlib.catalog.names import (
     TASK_KEY_RE,
     CalibSpec,
     lmeval_protocol_name,
+    mixture_counts,
     ppl_protocol_name,
 )
 from quantlib.catalog.pack_formats import packable
 from quantlib.catalog.spec import QuantSpec
+from quantlib.config.plugins import load_plugins
 from quantlib.config.schema import validate
 from quantlib.config.shapes import ModelShapes, spec_shape_checks
+from quantlib.config.tabledefs import TableDef, table_def
 from quantlib.errors import ConfigError
-from quantlib.evaluation.metrics import is_lower_better
-
-
-def load_plugins(modules) -> None:
-    """Import the config's `plugins` (module names, found on PYTHONPATH), each of which registers catalog entries of
-    its own when imported (docs/adding-a-method.md, "A worked example, as a plugin"). Python imports a module once per
-    process, so loading the same plugins again registers nothing twice."""
-    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        raise ConfigError(f"config plugins: expected a list of module names, got {modules!r}")
-    for module in modules:
-        if module.endswith(".py") or not _fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
-            raise ConfigError(f"plugins: '{module}' is not a module name (my_methods, not my_methods.py or a path); "
-                              "put its folder on PYTHONPATH and list the module's name")
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # any failure of a plugin's own code is reported as a config error naming it
-            absent = isinstance(exc, ModuleNotFoundError) and f"{module}.".startswith(f"{exc.name}.")
-            hint = "add its folder to PYTHONPATH" if absent else "the error is in the plugin or what it imports"
-            raise ConfigError(f"plugins: cannot import '{module}' ({type(exc).__name__}: {exc}); {hint}") from exc
 
 
 @dataclass
@@ -68,34 +51,6 @@ class MethodEntry:
         return [(b, g) for b in m["bits"] for g in m.get("group_size", [-1])]
 
 
-@dataclass
-class TableDef:
-    key: str
-    title: str
-    models: list[str]
-    rows: list[str]
-    settings: list[str]
-    metrics: list[str]
-    paper: dict
-    paper_source: str | None
-    averages: dict[str, dict] = None
-    layout: str = "long"
-    default_target: bool = True
-    seeds: list[int] | None = None
-    compare: list[list[str]] | None = None
-
-    @property
-    def columns(self) -> list[str]:
-        """Displayed columns: the metrics in order, then the averages not named among them."""
-        return self.metrics + [a for a in (self.averages or {}) if a not in self.metrics]
-
-    def result_metrics(self) -> list[str]:
-        """Every metric read from result files: the displayed ones and the parts of the averages."""
-        avg = self.averages or {}
-        return list(dict.fromkeys([m for m in self.metrics if m not in avg] + [p for a in avg.values()
-                                                                                 for p in a["of"]]))
-
-
 class Experiment:
     """The validated config, expanded: which specs exist, which files each table reads."""
 
@@ -113,9 +68,14 @@ class Experiment:
                 raise ConfigError(f"model key '{key}' must match {MODEL_KEY_RE} and not end in '.fp'")
             if any(t in registry.SOLVERS or t in registry.PREPROCESSORS for t in key.split(".")):
                 raise ConfigError(f"model key '{key}' contains a method name; rename it")
-        for key in c["datasets"]:
+        for key in [*c["datasets"], *c["mixtures"]]:
             if not _fullmatch(DATASET_KEY_RE, key):
-                raise ConfigError(f"dataset key '{key}' must match {DATASET_KEY_RE} (no dots)")
+                raise ConfigError(f"dataset or mixture key '{key}' must match {DATASET_KEY_RE} (no dots)")
+        for key, mix in c["mixtures"].items():
+            if key in c["datasets"]:
+                raise ConfigError(f"mixtures.{key}: '{key}' is also a dataset key; a calibration names one of them")
+            for part in mix["parts"]:
+                self._need_dataset(part, f"mixtures.{key}.parts")
         for m in c["run_models"]:
             self._need_model(m, "run_models")
         self.calibration = self._calib(c.get("calibration"), "calibration") if c.get("calibration") else None
@@ -135,7 +95,7 @@ class Experiment:
             if not _fullmatch(TASK_KEY_RE, task):
                 raise ConfigError(f"lm_eval.tasks: '{task}' must match {TASK_KEY_RE} (no dots)")
             self.lmeval_tasks[task] = {"num_fewshot": 0, "limit": None, **(opts or {})}
-        self.tables = {key: self._table(key, t) for key, t in c["tables"].items()}
+        self.tables = {key: table_def(key, t, self) for key, t in c["tables"].items()}
 
     # ------------------------------------------------------------------ lookups
     def _need_model(self, key: str, where: str) -> dict:
@@ -150,8 +110,25 @@ class Experiment:
         return self.cfg["datasets"][key]
 
     def _calib(self, cal: dict, where: str) -> CalibSpec:
-        self._need_dataset(cal["dataset"], f"{where}.dataset")
+        if cal["dataset"] in self.cfg["mixtures"]:
+            counts = mixture_counts(self.cfg["mixtures"][cal["dataset"]]["parts"], cal["nsamples"])
+            if not all(counts.values()):
+                raise ConfigError(f"{where}: {cal['nsamples']} windows give mixture '{cal['dataset']}' parts no "
+                                  f"windows ({counts}); raise nsamples or those parts' weights")
+        else:
+            self._need_dataset(cal["dataset"], f"{where}.dataset (a dataset or a mixture)")
         return CalibSpec(cal["dataset"], cal["nsamples"], cal["seqlen"], cal.get("seed", 0))
+
+    def calibration_source(self, key: str) -> dict:
+        """What the calibration job samples from: a dataset's config, or a mixture with its parts' configs."""
+        if key not in self.cfg["mixtures"]:
+            return self.dataset_cfg(key)
+        mix = self.cfg["mixtures"][key]
+        return {**mix, "datasets": {k: self.dataset_cfg(k) for k in mix["parts"]}}
+
+    def calibration_datasets(self, key: str) -> list[str]:
+        """The datasets a calibration on `key` reads, in its parts' order."""
+        return list(self.cfg["mixtures"][key]["parts"]) if key in self.cfg["mixtures"] else [key]
 
     def model_cfg(self, key: str) -> dict:
         return self._need_model(key, "model")
@@ -194,11 +171,10 @@ class Experiment:
         and seed, and twice its windows (its first ones are the calibration windows)."""
         if calib is None and not {"dataset", "nsamples", "seqlen"} <= set(d):
             raise ConfigError("distill needs dataset, nsamples and seqlen when the method has no calibration")
-        dataset = d.get("dataset", calib.dataset if calib else None)
-        self._need_dataset(dataset, f"methods.{method_id}.distill.dataset")
-        window = CalibSpec(dataset, d.get("nsamples", 2 * calib.nsamples if calib else 0),
-                           d.get("seqlen", calib.seqlen if calib else 0),
-                           d.get("seed", calib.seed if calib else 0))
+        window = self._calib({"dataset": d.get("dataset", calib.dataset if calib else None),
+                              "nsamples": d.get("nsamples", 2 * calib.nsamples if calib else 0),
+                              "seqlen": d.get("seqlen", calib.seqlen if calib else 0),
+                              "seed": d.get("seed", calib.seed if calib else 0)}, f"methods.{method_id}.distill")
         options = {k: d[k] for k in ("lr", "epochs", "batch", "train_zero", "train_norm") if k in d}
         return DistillSpec.build(window, options)
 
@@ -345,63 +321,6 @@ class Experiment:
         return names.dataset_path(self.resources, dataset)
 
     # ------------------------------------------------------------------ tables
-    def _table(self, key: str, t: dict) -> TableDef:
-        models = t.get("models") or list(self.cfg["run_models"])
-        for m in models:
-            if m not in self.cfg["run_models"]:
-                raise ConfigError(f"tables.{key}.models: '{m}' is not in run_models")
-        rows = t.get("rows") or ["fp", *self.methods]
-        for r in rows:
-            if r != "fp" and r not in self.methods:
-                raise ConfigError(f"tables.{key}.rows: unknown method id '{r}'; ids: fp, {', '.join(self.methods)}")
-        all_settings = list(dict.fromkeys(names.setting_token(b, g) for r in rows if r != "fp"
-                                          for b, g in self.methods[r].settings()))
-        settings = t.get("settings") or all_settings
-        for s in settings:
-            if s not in all_settings:
-                raise ConfigError(f"tables.{key}.settings: '{s}' is not produced by any row; produced: "
-                                  f"{', '.join(all_settings)}")
-        averages = {a: {"of": v} if isinstance(v, list) else v for a, v in (t.get("averages") or {}).items()}
-        metrics = t.get("metrics") or list(self.cfg["perplexity"]["datasets"])
-        for avg, spec in averages.items():
-            if avg in self.cfg["perplexity"]["datasets"] or "." in avg:
-                raise ConfigError(f"tables.{key}.averages: '{avg}' must differ from the perplexity datasets and "
-                                  "contain no dot")
-            for part in spec["of"]:
-                if "." not in part:
-                    raise ConfigError(f"tables.{key}.averages.{avg}: '{part}' is not a task metric "
-                                      "`{task}.{metric}`; averages are over lm-eval task metrics")
-                self._check_metric(key, part)
-            if len({is_lower_better(p) for p in spec["of"]}) > 1:
-                raise ConfigError(f"tables.{key}.averages.{avg} mixes accuracies with perplexities")
-        for metric in metrics:
-            if metric not in averages:
-                self._check_metric(key, metric)
-        for pair in t.get("compare") or []:
-            if len(set(pair)) < len(pair):
-                raise ConfigError(f"tables.{key}.compare: [{', '.join(pair)}] compares row '{pair[0]}' with itself; "
-                                  f"give two different rows (rows: {', '.join(rows)})")
-            for r in pair:
-                if r not in rows:
-                    raise ConfigError(f"tables.{key}.compare: '{r}' is not a row of the table (rows: {', '.join(rows)})")
-        return TableDef(key, t.get("title", key), models, rows, settings, metrics, t.get("paper", {}),
-                        t.get("paper_source"), averages, t.get("layout", "long"), t.get("default_target", True),
-                        t.get("seeds"), t.get("compare"))
-
-    def _check_metric(self, table: str, metric: str) -> None:
-        if "." in metric:
-            task, _, field = metric.partition(".")
-            if task not in self.lmeval_tasks or not field or "." in field:
-                raise ConfigError(
-                    f"tables.{table}.metrics: '{metric}' names no task of lm_eval.tasks "
-                    f"({', '.join(self.lmeval_tasks) or 'none'}); a task metric is `{{task}}.{{metric}}`, e.g. "
-                    "arc_easy.acc_norm")
-        elif metric not in self.cfg["perplexity"]["datasets"]:
-            raise ConfigError(
-                f"tables.{table}.metrics: '{metric}' is neither a perplexity dataset (perplexity.datasets: "
-                f"{', '.join(self.cfg['perplexity']['datasets']) or 'none'}), a task metric `{{task}}.{{metric}}` of "
-                "lm_eval.tasks, nor a key of the table's averages")
-
     def default_tables(self) -> list[str]:
         """Keys of the tables a plain `snakemake` run builds: all but those marked `default_target: false`."""
         return [key for key, t in self.tables.items() if t.default_target]

@@ -22,10 +22,9 @@ def check_sources(exp: Experiment, offline: bool | None = None) -> None:
     used_models = exp.cfg["run_models"]
     used_datasets = set(exp.cfg["perplexity"]["datasets"])
     for spec in exp.all_specs():
-        if spec.calib:
-            used_datasets.add(spec.calib.dataset)
-        if spec.distill:
-            used_datasets.add(spec.distill.calib.dataset)
+        for calib in (spec.calib, spec.distill.calib if spec.distill else None):
+            if calib:
+                used_datasets.update(exp.calibration_datasets(calib.dataset))
     for key in used_models:  # shapes first, against each config.json on disk (the messages name the file)
         exp.check_model_shapes(key)
     for key in used_models:

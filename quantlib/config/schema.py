@@ -35,6 +35,20 @@ _DATASET = {
     },
 }
 
+_MIXTURE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["parts"],
+    "properties": {
+        "parts": {"type": "object", "minProperties": 1,
+                  "additionalProperties": {"type": "number", "exclusiveMinimum": 0},
+                  "description": "{dataset key: weight}: each part's share of the windows is its weight's share"},
+        "chat_template": {"type": "boolean", "default": False,
+                          "description": "format each document as a user turn of the tokenizer's chat template"},
+        "label": {"type": "string"},
+    },
+}
+
 _METHOD = {
     "type": "object",
     "additionalProperties": False,
@@ -172,6 +186,10 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "datasets": {"type": "object", "additionalProperties": _DATASET},
+        "mixtures": {"type": "object", "default": {}, "additionalProperties": _MIXTURE,
+                     "description": "calibration sets made of datasets (a calibration's or distillation's `dataset` "
+                                    "may name one): windows drawn from each part in proportion, optionally in the "
+                                    "chat template"},
         "run_models": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "calibration": {"$ref": "#/$defs/calibration"},
         "gradients": {

@@ -8,7 +8,7 @@ import sys
 import traceback
 from typing import Callable
 
-from quantlib.config.experiment import load_plugins
+from quantlib.config.plugins import load_plugins
 from quantlib.errors import QuantlibError
 
 

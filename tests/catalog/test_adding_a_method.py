@@ -22,7 +22,8 @@ from conftest import REPO, calib_tokens, tiny_model
 from quantlib.access.adapters import adapter_for
 from quantlib.catalog import registry
 from quantlib.catalog.spec import QuantSpec
-from quantlib.config.experiment import Experiment, load_plugins
+from quantlib.config.experiment import Experiment
+from quantlib.config.plugins import load_plugins
 from quantlib.errors import ConfigError
 from quantlib.runner.walk import quantize_model
 from quantlib.solvers.contract import LayerSolver, solve_layer
@@ -248,7 +249,7 @@ def test_the_config_hook(plugin):
         with pytest.raises(ConfigError, match=message):
             Experiment({**cfg, "plugins": plugins})
     # The entries module is pure Python: reading a config imports neither torch nor the implementations.
-    code = (f"import sys\nfrom quantlib.config.experiment import load_plugins\nload_plugins([{PLUGIN!r}])\n"
+    code = (f"import sys\nfrom quantlib.config.plugins import load_plugins\nload_plugins([{PLUGIN!r}])\n"
             f"print(sorted(m for m in sys.modules if m in ('torch', {IMPL!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=pythonpath(plugin.folder),
                           timeout=120, check=False)
