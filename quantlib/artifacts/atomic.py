@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -37,13 +39,19 @@ def _as_created(path: Path, directory: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, seal: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | Path, seal: bool = False, into: str | Path | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; rename it to `path` only if the block succeeds. With `seal`, an
-    artifact: its files' checksums are written into it first (quantlib.artifacts.integrity)."""
+    artifact: its files' checksums are written into it first (quantlib.artifacts.integrity). With `into`, that
+    folder (on the same filesystem) is the temporary, created if absent and kept as it is when the block fails: a
+    job's progress (`quantlib.runner.progress`), which a job started again goes on from."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    if into is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    else:
+        tmp = Path(into)
+        tmp.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
         _as_created(tmp, directory=True)
@@ -55,7 +63,7 @@ def atomic_dir(path: str | Path, seal: bool = False) -> Iterator[Path]:
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if into is None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -104,3 +112,17 @@ def versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
+
+
+@functools.cache
+def code_version() -> str:
+    """A hash of quantlib's own source files (the package and the repository's `kernels/`, which it imports as
+    `quantlib.kernels`): unlike the package's version, it changes with every edit of the code. Computed once per
+    process."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for root in (package, package.parent / "kernels"):
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else ():
+            digest.update(f"{root.name}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

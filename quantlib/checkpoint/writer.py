@@ -31,6 +31,9 @@ from quantlib.catalog.names import QUANT_METHOD
 from quantlib.errors import NumericalError
 
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
+# diagnostics.json's fields that measure time and nothing else (at any depth): the only bytes in which two runs of
+# the same job differ, a resumed one included (and checksums.json, through diagnostics.json's checksum).
+TIMING_FIELDS = frozenset({"seconds", "train_seconds", "total_seconds"})
 
 
 class CheckpointWriter:
@@ -52,15 +55,27 @@ class CheckpointWriter:
         self.stored[layer] = {k: v.cpu() for k, v in rep.to_tensors().items()}
 
     @contextlib.contextmanager
-    def writing(self, out_dir: str | Path, n_blocks: int):
+    def writing(self, out_dir: str | Path, n_blocks: int, into: str | Path | None = None):
         """Shards go into a temporary beside `out_dir`, renamed into place when the block of code succeeds (after
-        `save`); a crash leaves nothing."""
-        with atomic_dir(out_dir, seal=True) as tmp:
+        `save`); a crash leaves nothing. With `into` (a job's progress folder, `quantlib.runner.progress`), they go
+        there and stay when the job fails, for a job started again to keep (`restore_progress`)."""
+        with atomic_dir(out_dir, seal=True, into=into) as tmp:
             self._tmp, self._n_blocks, self._written = tmp, n_blocks, set()
             try:
                 yield self
             finally:
                 self._tmp = None
+
+    def progress_state(self) -> dict:
+        """What the writer knows of the shards written so far (JSON), for a job's progress record."""
+        return {"meta": self.meta, "weight_map": self.weight_map, "written": sorted(self._written)}
+
+    def restore_progress(self, state: dict) -> None:
+        """Take back `progress_state()` of an earlier attempt whose shards are already in the folder written into."""
+        if self.stored:
+            raise RuntimeError("restore_progress: layers were added before the earlier progress was restored")
+        self.meta, self.weight_map, self._written = dict(state["meta"]), dict(state["weight_map"]), set(
+            state["written"])
 
     def _shard(self, k: int) -> str:
         return SHARD.format(k + 1, self._n_blocks + 1)

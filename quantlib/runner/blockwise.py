@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +25,7 @@ from tqdm.auto import tqdm
 
 from quantlib.access.blocks import BlockAccess
 from quantlib.errors import NumericalError
+from quantlib.runner.progress import NoProgress
 from quantlib.runner.training import cosine, train
 from quantlib.solvers.contract import LayerSolver
 from quantlib.stats import capture
@@ -43,15 +41,17 @@ def _swap(block, name: str, module) -> None:
 
 
 def quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress: bool, seed: int,
-                    streams: str = "memory", access=None, n_blocks: int | None = None) -> None:
+                    streams: str = "memory", access=None, n_blocks: int | None = None,
+                    resume: NoProgress | None = None) -> None:
     """The block-wise mode of `quantlib.runner.walk.quantize_model` (see the module's docstring); `access` is the
-    runner's `BlockAccess`."""
+    runner's `BlockAccess`; the walk starts at the first block `resume` has not finished."""
     access = access or BlockAccess(model)
+    resume = resume or NoProgress()
     layer_solver = LayerSolver(spec)  # resolves the init (and the wrap function, as `solve`)
     wrap = layer_solver.solve
     blocks = adapter.block_list(model)
-    folder = Path(tempfile.mkdtemp(prefix="quantlib-streams-")) if streams == "disk" else None
-    try:
+    n_blocks = n_blocks or len(blocks)
+    with resume.stream_folder(streams) as folder:
         with torch.no_grad(), access.outer(device):
             # One window per entry: training steps take `batch` windows at a time.
             states = capture.block_inputs(model, blocks, tokens, 1, device)
@@ -61,14 +61,18 @@ def quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress
             x_q.append(h)
             x_fp.append(h)
         del states
-        for i in tqdm(range(n_blocks or len(blocks)), desc="reconstruct", disable=not progress, mininterval=5):
+        saved = resume.restore(streams, folder, device)
+        if saved is not None:  # both streams as they were after the last finished block
+            x_q.drop()
+            x_fp.drop()
+            x_q, x_fp = saved["x_q"], saved["x_fp"]
+        for i in tqdm(range(resume.start, n_blocks), initial=resume.start, total=n_blocks, desc="reconstruct",
+                      disable=not progress, mininterval=5):
             block = access.open(i, device)
             x_q, x_fp = _reconstruct_block(i, adapter, block, spec, layer_solver, wrap, x_q, x_fp, kwargs, device,
                                            report, sink, seed, streams, folder)
             access.close(i, block)
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+            resume.finished(i, report, {"x_q": x_q, "x_fp": x_fp})
 
 
 def _reconstruct_block(i, adapter, block, spec, layer_solver, wrap, x_q, x_fp, kwargs, device, report, sink, seed,

@@ -6,14 +6,17 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from quantlib.runner.group import GroupQuantizer, log_block, to_device
+from quantlib.runner.progress import NoProgress
 
 
 def quantize_without_forward(model, adapter, device, progress: bool, access, quant: GroupQuantizer, source,
-                             n_blocks: int) -> None:
-    """Quantize the first `n_blocks` blocks. `source` is the opened statistic that hands each subgroup's Hessian
-    (`hessian(block, group)`), or None."""
+                             n_blocks: int, resume: NoProgress) -> None:
+    """Quantize the first `n_blocks` blocks, from the first one `resume` has not finished. `source` is the opened
+    statistic that hands each subgroup's Hessian (`hessian(block, group)`), or None."""
     blocks = adapter.block_list(model)
-    for i in tqdm(range(n_blocks), desc="quantize", disable=not progress, mininterval=5):
+    resume.restore("memory", None, device)  # no streams: the random generators only
+    for i in tqdm(range(resume.start, n_blocks), initial=resume.start, total=n_blocks, desc="quantize",
+                  disable=not progress, mininterval=5):
         block = access.open(i, device)
         for group in adapter.subgroups:
             quant(i, adapter, block, group, None if source is None else to_device(source.hessian(i, group), device),
@@ -21,3 +24,4 @@ def quantize_without_forward(model, adapter, device, progress: bool, access, qua
         access.close(i, block)
         if source is not None:
             log_block(quant.report, adapter, i, len(blocks))
+        resume.finished(i, quant.report)

@@ -11,32 +11,36 @@ pass stopped at that subgroup's input, then once more to propagate. Both give th
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from quantlib.runner.group import GroupQuantizer, log_block
+from quantlib.runner.progress import NoProgress
 from quantlib.stats import capture
 
 
 def quantize_layerwise(model, adapter, spec, tokens, device, chunk_tokens: int, progress: bool, streams: str,
-                       access, quant: GroupQuantizer, token_weights, n_blocks: int) -> None:
-    """The layer-wise walk over the first `n_blocks` blocks (see the module's docstring). `token_weights(block)` gives the per-token weights of each
-    layer's inputs in the Hessian capture ({layer: (windows, tokens, g)}, GuidedQuant's objective) or None."""
+                       access, quant: GroupQuantizer, token_weights, n_blocks: int, resume: NoProgress) -> None:
+    """The layer-wise walk over the first `n_blocks` blocks (see the module's docstring), from the first one
+    `resume` has not finished. `token_weights(block)` gives the per-token weights of each layer's inputs in the
+    Hessian capture ({layer: (windows, tokens, g)}, GuidedQuant's objective) or None."""
     blocks = adapter.block_list(model)
     report = quant.report
     chunk = max(1, min(len(tokens), chunk_tokens // tokens.shape[1]))
-    folder = Path(tempfile.mkdtemp(prefix="quantlib-streams-")) if streams == "disk" else None
-    with torch.no_grad(), _removed(folder):
+    with torch.no_grad(), resume.stream_folder(streams) as folder:
         with access.outer(device):
             states = capture.States(capture.block_inputs(model, blocks, tokens, chunk, device), streams, folder,
                                     device)
-        for i in tqdm(range(n_blocks), desc="quantize", disable=not progress, mininterval=5):
+        saved = resume.restore(streams, folder, device)
+        if saved is not None:  # the quantized prefix's outputs, saved after the last finished block
+            if len(saved["hidden"]) != len(states):
+                raise RuntimeError(f"the saved progress holds {len(saved['hidden'])} chunks, not {len(states)}")
+            states.hidden.drop()
+            states.hidden = saved["hidden"]
+        for i in tqdm(range(resume.start, n_blocks), initial=resume.start, total=n_blocks, desc="quantize",
+                      disable=not progress, mininterval=5):
             tb = time.time()
             block = access.open(i, device)
             weights = token_weights(i)
@@ -57,15 +61,7 @@ def quantize_layerwise(model, adapter, spec, tokens, device, chunk_tokens: int, 
                 states = states.through(block)
             access.close(i, block)
             log_block(report, adapter, i, len(blocks), time.time() - tb)
-
-
-@contextlib.contextmanager
-def _removed(folder: Path | None):
-    try:
-        yield
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+            resume.finished(i, report, {"hidden": states.hidden})
 
 
 def _single_pass(block_idx, adapter, block, state, quant, device, weights=None):

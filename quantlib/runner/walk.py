@@ -8,7 +8,8 @@ catalog entries imply (`QuantSpec.mode`):
 - block-wise: a whole block trained at once against the FP block's outputs (`quantlib.runner.blockwise`).
 
 The runner resolves the spec's components once (`LayerSolver`), hands every layer's representation to `on_layer`
-(the checkpoint writer packs it) and never packs itself.
+(the checkpoint writer packs it) and never packs itself. A job's walk keeps its progress after each block and, run
+again after a kill, starts after the last finished block (`quantlib.runner.progress`, shared by the three modes).
 
 When all calibration windows fit in one chunk, one forward pass per block does everything: a pre-forward hook on a
 subgroup's first linear accumulates its Hessian from the whole batch, quantizes the subgroup in place and lets the
@@ -31,6 +32,7 @@ from quantlib.runner.blockwise import quantize_blocks
 from quantlib.runner.datafree import quantize_without_forward
 from quantlib.runner.group import GroupQuantizer, QuantizedModelReport
 from quantlib.runner.layerwise import quantize_layerwise
+from quantlib.runner.progress import BlockProgress, NoProgress
 from quantlib.solvers.contract import LayerSolver
 
 
@@ -95,7 +97,7 @@ class StatisticsHandoff:
 def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str = "cpu", chunk_tokens: int = 65536,
                    progress: bool = True, statistics: dict | None = None,
                    on_layer: Callable | None = None, seed: int = 0, streams: str = "memory",
-                   access: BlockAccess | None = None) -> QuantizedModelReport:
+                   access: BlockAccess | None = None, resume: BlockProgress | None = None) -> QuantizedModelReport:
     """Quantize every decoder linear of `model` in place according to `spec`.
 
     `tokens` (n, seqlen) are the calibration windows (None when the spec reads none); `statistics` maps each
@@ -103,7 +105,9 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
     representation goes to `on_layer(name, rep)`, or into the report's `reps`. `seed` is for block-wise methods;
     `streams` (`memory` or `disk`) is where the calibration activations are kept between blocks. `access` reaches
     the blocks (default: all in memory; `BlockAccess(model, lazy=...)` reads each from disk and frees it when done).
-    Returns per-layer diagnostics.
+    With `resume` (`quantlib.runner.progress.BlockProgress`, the job's progress beside its output), the state after
+    each block is kept, and the walk starts after the last block an earlier attempt finished (those blocks are not
+    touched: their layers went to `on_layer`'s checkpoint then). Returns per-layer diagnostics.
     """
     adapter = adapter_for(model)
     access = access or BlockAccess(model)
@@ -117,15 +121,21 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
     if mode != "data_free" and spec.needs_tokens and tokens is None:
         raise ValueError(f"{spec.describe()} needs calibration tokens")
     n_blocks = quantized_blocks(model, spec)
+    if resume is not None and on_layer is None:
+        raise ValueError("resuming needs `on_layer` (a checkpoint writer): the finished blocks' layers are on disk")
+    resume = resume or NoProgress()
+    resume.begin(n_blocks, report)
     if mode == "block":
-        quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress, seed, streams, access, n_blocks)
+        quantize_blocks(model, adapter, spec, tokens, device, report, sink, progress, seed, streams, access, n_blocks,
+                        resume)
     else:
         quant = GroupQuantizer(LayerSolver(spec), report, sink, handoff.layer_stats if handoff.per_layer else None)
         if mode == "data_free" or not spec.needs_tokens:
-            quantize_without_forward(model, adapter, device, progress, access, quant, handoff.source, n_blocks)
+            quantize_without_forward(model, adapter, device, progress, access, quant, handoff.source, n_blocks,
+                                     resume)
         else:
             quantize_layerwise(model, adapter, spec, tokens, device, chunk_tokens, progress, streams, access, quant,
-                               lambda i: handoff.token_weights(adapter, i), n_blocks)
+                               lambda i: handoff.token_weights(adapter, i), n_blocks, resume)
     for i in range(n_blocks, len(adapter.block_list(model))):  # left unquantized (`blocks`): passed on as they are
         access.close(i, access.open(i, "cpu"))
     report.seconds = time.time() - t0

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
-
 from conftest import REPO
-from quantlib.artifacts.atomic import atomic_dir, write_json
+from packaging.requirements import Requirement
 from test_workflow import SNAKEMAKE, snakemake, tiny_config, write_config
+
+from quantlib.artifacts.atomic import atomic_dir, write_json
+from quantlib.runner.progress import KILL_AFTER_BLOCK
 
 # Rules that run no code of their own (a target rule; pack_refused, which only stops the DAG) need no environment.
 RULES_WITHOUT_ENV = {"all", "pack_refused"}
@@ -276,6 +277,27 @@ def test_killed_during_quantize_resumes_to_identical_results(tmp_path, tiny_dir,
     assert "rule fetch_model" not in rerun.stderr and f"wildcards: name={name}" in rerun.stderr
     assert result_fingerprint(tmp_path) == result_fingerprint(reference_run)
     assert_nothing_partial(tmp_path)
+
+
+def test_quantize_jobs_killed_after_block_1_resume_at_block_2(tmp_path, tiny_dir, text_files, reference_run,
+                                                              monkeypatch):
+    # Each quantize job kills itself (SIGKILL) once block 1 of 2 is recorded; Snakemake deletes the failed jobs'
+    # outputs, not the progress beside them, and the next run's jobs go on from block 2 (quantlib.runner.progress).
+    write_config(tmp_path, cluster_config(tiny_dir, text_files))
+    monkeypatch.setenv(KILL_AFTER_BLOCK, "1")
+    killed = snakemake(tmp_path, "--cores", "2")
+    assert killed.returncode != 0
+    partial = sorted(p.name for p in (tmp_path / "results" / "quantized").glob(".*.partial"))
+    assert partial and not list((tmp_path / "results" / "quantized").glob("[!.]*"))
+    monkeypatch.delenv(KILL_AFTER_BLOCK)
+    rerun = snakemake(tmp_path, "--cores", "2")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    for folder in partial:
+        log = (tmp_path / "results" / "logs" / "quantize" / f"{folder[1:].removesuffix('.partial')}.log").read_text()
+        assert "resuming at block 2 of 2" in log, log[-3000:]
+    assert result_fingerprint(tmp_path) == result_fingerprint(reference_run)
+    assert_nothing_partial(tmp_path)
+    assert not list(tmp_path.rglob("*.partial"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
