@@ -23,14 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import record as rec
 import torch
 
-from quantlib.checkpoint.reader import load_quantized
 from quantlib.artifacts.atomic import versions
-from quantlib.checkpoint.pack.writer import pack_checkpoint
 from quantlib.checkpoint.pack.load import PackedLinear, load_packed
-
-import record as rec
+from quantlib.checkpoint.pack.writer import pack_checkpoint
+from quantlib.checkpoint.reader import load_quantized
 
 
 def median_seconds(fn, repeats: int, warmup: int = 3, sync=lambda: None) -> float:
@@ -137,7 +136,7 @@ def main():
         ref_logits = logits(reference, tokens)
         del reference
         result = {"benchmark": "pack_bench", "checkpoint": src.name, "fp16_bytes": 2 * params,
-                  "quantlib_bytes": (Path(src) / "model.safetensors").stat().st_size, "formats": {}}
+                  "quantlib_bytes": sum(f.stat().st_size for f in Path(src).glob("*.safetensors")), "formats": {}}
         for fmt in args.formats:
             out = root / fmt / src.name
             try:

@@ -31,18 +31,25 @@ def is_quantized_dir(path: str | Path) -> bool:
 def read_representations(path: str | Path, qcfg: dict) -> tuple[dict, dict]:
     """(the unquantized tensors, {layer: representation}) of a checkpoint written by `save_quantized`, whose
     config's `quantization_config` is `qcfg`."""
-    state = WeightSource(path).state()
+    source = WeightSource(path)
+    return read_part(source, qcfg, list(source.keys()), list(qcfg["layers"]))
+
+
+def read_part(source: WeightSource, qcfg: dict, names, layers) -> tuple[dict, dict]:
+    """`read_representations` of part of a checkpoint (one decoder block's shard, `quantlib.checkpoint.pack`): the
+    tensors `names` are read, and `layers`, quantized layers whose stored tensors are among them, are rebuilt."""
+    state = source.read(names)
     reps = {}
-    for layer, meta in qcfg["layers"].items():
+    for layer in layers:
         prefix = f"{layer}."
         tensors = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)
                                                            and k[len(prefix):] not in ("bias",)]}
         try:
-            reps[layer] = load_representation(meta, tensors)
+            reps[layer] = load_representation(qcfg["layers"][layer], tensors)
         except (ValueError, KeyError) as exc:
-            raise DataError(f"{Path(path)}: layer '{layer}' does not match its metadata "
+            raise DataError(f"{source.path}: layer '{layer}' does not match its metadata "
                             f"({exc}); the checkpoint is damaged or was written by another version: "
-                            f"{rebuild_hint(path)}") from exc
+                            f"{rebuild_hint(source.path)}") from exc
     return state, reps
 
 

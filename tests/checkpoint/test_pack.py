@@ -5,25 +5,25 @@ and every refusal happens before anything is written."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tokenizer, calib_tokens, tiny_model
 
-from conftest import build_tokenizer, calib_tokens, tiny_config, tiny_model
-from quantlib.errors import ConfigError, DataError
+from quantlib.access.lazy import WeightSource
+from quantlib.catalog.pack_formats import PACK_FORMATS, pack_format, packable, wildcard_pattern
+from quantlib.catalog.spec import QuantSpec
+from quantlib.checkpoint.pack.layouts import detect
+from quantlib.checkpoint.pack.load import PackedLinear, load_packed
+from quantlib.checkpoint.pack.writer import pack_checkpoint
 from quantlib.checkpoint.reader import load_quantized
 from quantlib.checkpoint.writer import save_quantized
+from quantlib.errors import ConfigError, DataError
 from quantlib.formats.bcq import BcqQuantized
 from quantlib.formats.lut import LutQuantized
 from quantlib.formats.uniform import UniformGrid, UniformQuantized, pack_codes
-from quantlib.catalog.pack_formats import PACK_FORMATS, pack_format, packable, wildcard_pattern
-from quantlib.checkpoint.pack.writer import pack_checkpoint
-from quantlib.checkpoint.pack.layouts import detect
-from quantlib.checkpoint.pack.load import PackedLinear, load_packed
 from quantlib.runner.walk import quantize_model
-from quantlib.catalog.spec import QuantSpec
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +98,10 @@ def test_ct_with_float16_statistics_our_loader_equals_the_external_one(checkpoin
 
 def test_ct_zero_points_are_compressed_tensors_own_packing(checkpoints, tmp_path):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-    from safetensors.torch import load_file
 
     src = checkpoints("tiny.rtn.w3g32")
     pack_checkpoint(src, tmp_path / "ct", "ct", "float32", "float32")
-    state = load_file(str(tmp_path / "ct/model.safetensors"))
+    state = WeightSource(tmp_path / "ct").state()
     _, reps = load_quantized(src, with_representations=True)
     layer = "model.layers.1.mlp.down_proj"
     rep = reps[layer]
@@ -127,14 +126,12 @@ def test_every_format_reloads_to_the_quantlib_checkpoint(fmt, name, checkpoints,
 
 
 def test_gptq_layout_transposes_our_codes_and_keeps_zero_points(checkpoints, tmp_path):
-    from safetensors.torch import load_file
-
     src = checkpoints("tiny.rtn.w3g32")
     pack_checkpoint(src, tmp_path / "g", "gptq", "float16", "float16")
     cfg = json.loads((tmp_path / "g/config.json").read_text())["quantization_config"]
     assert cfg == {"quant_method": "gptq", "bits": 3, "group_size": 32, "desc_act": False, "sym": False,
                    "checkpoint_format": "gptq_v2"}
-    state = load_file(str(tmp_path / "g/model.safetensors"))
+    state = WeightSource(tmp_path / "g").state()
     _, reps = load_quantized(src, with_representations=True)
     layer = "model.layers.0.self_attn.q_proj"
     rep = reps[layer]
@@ -291,6 +288,7 @@ def test_ct_on_the_offline_model(name, fp16_tolerance, tmp_path):
     """SmolLM2-135M (the shared assets): ct with float32 statistics reloads through transformers bit-identical to
     the quantlib checkpoint; with float16 statistics our loader equals transformers' bit for bit."""
     from conftest import SMOL_DIR, SMOL_GGUF, requires_assets
+
     from quantlib.access.models import fetch_model, load_model
 
     if not (SMOL_DIR / SMOL_GGUF).exists():
@@ -317,6 +315,7 @@ def test_config_pack_targets_and_bad_keys():
 
     import yaml
     from conftest import REPO
+
     from quantlib.config.experiment import Experiment
 
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())

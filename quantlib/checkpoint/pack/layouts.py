@@ -1,8 +1,13 @@
 """Writers and readers of the pack formats, one class per layout; the catalog (`quantlib.catalog.pack_formats`) lists
 the formats and names each one's class, built with its entry. A writer turns each quantlib layer representation into
-the tensors of its layout (`check`, `layer_tensors`, `config`) and reads those tensors back into a kernel view
-(`read`), the packed tensors that `quantlib.kernels` computes with (`uniform`: LSB-first code stream, scales, zeros;
-`lut`: code stream and tables; `bcq`: sign planes, alpha, offset). docs/packing.md describes every layout.
+the tensors of its layout and reads those tensors back into a kernel view (`read`), the packed tensors that
+`quantlib.kernels` computes with (`uniform`: LSB-first code stream, scales, zeros; `lut`: code stream and tables;
+`bcq`: sign planes, alpha, offset). docs/packing.md describes every layout.
+
+The pack stage converts one decoder block at a time (`quantlib.checkpoint.pack.writer`), so what a writer must know of
+the whole checkpoint comes from the layers' metadata (`check_meta`, `config`) and from the few small stored tensors
+it names in `survey_leaves` (`survey`, before any layer is converted); `check_tensors` and `layer_tensors` see one
+block's representations. `check(reps)` is `check_meta` and `check_tensors` of a set of representations.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ def _refuse(fmt: str, layer: str, what: str) -> ConfigError:
     return ConfigError(f"cannot pack layer '{layer}' as {fmt}: {what}")
 
 
-def _check_kinds(fmt: str, reps: dict, accepts: tuple[str, ...]) -> None:
-    for layer, rep in reps.items():
-        if rep.format not in accepts:
+def _check_kinds(fmt: str, metas: dict, accepts: tuple[str, ...]) -> None:
+    for layer, meta in metas.items():
+        kind = meta["format"]
+        if kind not in accepts:
             extra = {"uniform_outliers": " (its full-precision outliers have no place in it)",
-                     "spqr": " (its outliers and quantized statistics have no place in it)"}.get(rep.format, "")
-            raise _refuse(fmt, layer, f"it is stored as '{rep.format}'{extra}; {fmt} holds "
+                     "spqr": " (its outliers and quantized statistics have no place in it)"}.get(kind, "")
+            raise _refuse(fmt, layer, f"it is stored as '{kind}'{extra}; {fmt} holds "
                                       f"{' or '.join(accepts)} layers")
 
 
@@ -39,23 +45,20 @@ def _check_codes(fmt: str, layer: str, codes: torch.Tensor, bits: int) -> None:
         raise _refuse(fmt, layer, f"a code {int(codes.max())} does not fit in {bits} bits")
 
 
-def _single_setting(fmt: str, reps: dict) -> tuple[int, int]:
+def _single_setting(fmt: str, metas: dict) -> tuple[int, int]:
     """The one (bits, group size) a format with one quantization scheme per checkpoint needs."""
-    settings = {(rep.grid.bits, rep.grid.group_size) for rep in reps.values()}
+    settings = {(meta["bits"], meta["group_size"]) for meta in metas.values()}
     if len(settings) != 1:
         raise ConfigError(f"{fmt} stores one bit width and group size per checkpoint; this one mixes "
                           f"{sorted(settings)}")
     return next(iter(settings))
 
 
-def _integer_zeros(fmt: str, reps: dict) -> None:
-    for layer, rep in reps.items():
-        z = rep.grid.zero
-        if not torch.equal(z, z.round()) or z.min() < 0 or z.max() > rep.grid.maxq:
-            raise _refuse(fmt, layer, "its zero points are real numbers (NeUQI's init, or trained by distillation); "
-                                      f"{fmt} stores integers in 0..{rep.grid.maxq}: quantize with the neuqi_int "
-                                      "init, or pack as bcq, which holds any zero point")
-        _check_codes(fmt, layer, rep.codes, rep.grid.bits)
+def _integer_zeros(fmt: str, layer: str, z: torch.Tensor, maxq: int) -> None:
+    if not torch.equal(z, z.round()) or z.min() < 0 or z.max() > maxq:
+        raise _refuse(fmt, layer, "its zero points are real numbers (NeUQI's init, or trained by distillation); "
+                                  f"{fmt} stores integers in 0..{maxq}: quantize with the neuqi_int "
+                                  "init, or pack as bcq, which holds any zero point")
 
 
 def _stat(value: torch.Tensor, dtype, layer: str, what: str) -> torch.Tensor:
@@ -73,48 +76,76 @@ def _take(state: dict, layer: str, leaves) -> dict:
 
 
 class PackWriter:
-    """What every layout's class shares: its catalog entry's name and the layer formats it holds, and how its
-    config.json is recognised (`detect`)."""
+    """What every layout's class shares: its catalog entry's name and the layer formats it holds, how its
+    config.json is recognised (`detect`), and the checks' split into the metadata's and the tensors' (the module's
+    docstring)."""
 
     quant_method: str | None = None  # the `quant_method` its quantization_config names
     config_key: str | None = None  # or the top-level config.json key that marks the layout
+    # Stored tensors of every quantized layer (their names in the quantlib checkpoint, after `{layer}.`) that `survey`
+    # sees before any layer is converted; none: no survey.
+    survey_leaves: tuple[str, ...] = ()
 
     def __init__(self, entry):
         self.name, self.accepts = entry.name, entry.accepts
 
-    def check_kinds(self, reps: dict) -> None:
-        _check_kinds(self.name, reps, self.accepts)
+    def check(self, reps: dict) -> None:
+        """Every check of these representations, as if they were the whole checkpoint."""
+        self.check_meta({layer: rep.meta() for layer, rep in reps.items()})
+        self.check_tensors(reps)
+
+    def check_meta(self, metas: dict) -> None:
+        """The checks that the layers' metadata ({layer: format metadata}, quantization_config's `layers`) decide."""
+        _check_kinds(self.name, metas, self.accepts)
+
+    def check_tensors(self, reps: dict) -> None:
+        """The checks of the representations' tensors, one block's at a time."""
+
+    def survey(self, layer: str, meta: dict, tensors: dict) -> None:
+        """See one layer's `survey_leaves` ({leaf: tensor}) before any layer is converted."""
 
 
-class CompressedTensors(PackWriter):
+class IntegerGrid(PackWriter):
+    """What ct and gptq share: one bit width and group size per checkpoint, integer zero points, and whether the
+    grid is symmetric (z = 2^(b-1) everywhere), all known from the zero points before any layer is converted."""
+
+    survey_leaves = ("zeros",)  # the uniform format's stored zero points (quantlib.formats.uniform)
+    sym: bool | None = None  # every zero point surveyed so far is 2^(b-1) (None: none surveyed)
+
+    def check_meta(self, metas):
+        super().check_meta(metas)
+        _single_setting(self.name, metas)
+
+    def check_tensors(self, reps):
+        for layer, rep in reps.items():
+            _integer_zeros(self.name, layer, rep.grid.zero, rep.grid.maxq)
+            _check_codes(self.name, layer, rep.codes, rep.grid.bits)
+
+    def survey(self, layer, meta, tensors):
+        zero, bits = tensors["zeros"], meta["bits"]
+        _integer_zeros(self.name, layer, zero, 2 ** bits - 1)
+        self.sym = self.sym is not False and bool((zero == 2 ** (bits - 1)).all())
+
+
+class CompressedTensors(IntegerGrid):
     """compressed-tensors `pack-quantized`. Its code stream is quantlib's (its signed code + 2^(b-1) = ours), so
     `weight_packed` is our packed codes unchanged; the zero point is stored signed and packed along the output
-    dimension; symmetric grids (z = 2^(b-1) everywhere) omit it."""
+    dimension; symmetric grids (z = 2^(b-1) everywhere, `survey`) omit it."""
 
     quant_method = "compressed-tensors"
-
-    def check(self, reps):
-        self.check_kinds(reps)
-        _single_setting(self.name, reps)
-        _integer_zeros(self.name, reps)
-
-    @staticmethod
-    def symmetric(reps) -> bool:
-        return all(bool((rep.grid.zero == 2 ** (rep.grid.bits - 1)).all()) for rep in reps.values())
 
     def layer_tensors(self, layer, rep, stat_dtype):
         g, (d_out, d_in) = rep.grid, rep.shape
         out = {"weight_packed": pack_codes(rep.codes, g.bits),
                "weight_scale": _stat(g.scale, stat_dtype, layer, "scales"),
                "weight_shape": torch.tensor([d_out, d_in], dtype=torch.int64)}
-        if not self._sym:
+        if not self.sym:
             out["weight_zero_point"] = pack_codes(g.zero.T.to(torch.uint8), g.bits).T.contiguous()
         return out
 
-    def config(self, reps, model_config, stat_dtype):
-        bits, group_size = _single_setting(self.name, reps)
-        self._sym = self.symmetric(reps)
-        weights = {"num_bits": bits, "type": "int", "symmetric": self._sym,
+    def config(self, metas, model_config, stat_dtype):
+        bits, group_size = _single_setting(self.name, metas)
+        weights = {"num_bits": bits, "type": "int", "symmetric": bool(self.sym),
                    "strategy": "channel" if group_size == -1 else "group",
                    "group_size": None if group_size == -1 else group_size,
                    "dynamic": False, "observer": "minmax", "actorder": None}
@@ -123,7 +154,7 @@ class CompressedTensors(PackWriter):
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                           "input_activations": None, "output_activations": None,
                                           "format": "pack-quantized"}},
-            "ignore": unquantized_linears(model_config, reps), "kv_cache_scheme": None,
+            "ignore": unquantized_linears(model_config, metas), "kv_cache_scheme": None,
         }}
 
     def read(self, config, state):
@@ -145,10 +176,8 @@ class CompressedTensors(PackWriter):
                                 zeros=zeros.contiguous(), bits=bits, group_size=gs, shape=(d_out, d_in))
         return views
 
-    _sym = False
 
-
-def unquantized_linears(model_config: dict, reps) -> list[str]:
+def unquantized_linears(model_config: dict, packed) -> list[str]:
     """Every linear module of the architecture that is not packed (the head, and any a method left alone), which
     compressed-tensors must be told to ignore since its target is every Linear."""
     from accelerate import init_empty_weights
@@ -158,38 +187,32 @@ def unquantized_linears(model_config: dict, reps) -> list[str]:
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     return sorted(name for name, module in skeleton.named_modules()
-                  if isinstance(module, torch.nn.Linear) and name not in reps)
+                  if isinstance(module, torch.nn.Linear) and name not in packed)
 
 
-class GptqV2(PackWriter):
+class GptqV2(IntegerGrid):
     """GPTQ `gptq_v2`: codes packed along the input dimension (our packed codes transposed), zero points packed
     along the output dimension and stored as they are (v1 stores z - 1 and cannot hold z = 0), fp scales per
     (group, output), g_idx."""
 
     quant_method = "gptq"
 
-    def check(self, reps):
-        self.check_kinds(reps)
-        _single_setting(self.name, reps)
-        _integer_zeros(self.name, reps)
-
     def layer_tensors(self, layer, rep, stat_dtype):
-        g, (d_out, d_in) = rep.grid, rep.shape
+        g, (_, d_in) = rep.grid, rep.shape
         gs = d_in if g.group_size == -1 else g.group_size
         return {"qweight": pack_codes(rep.codes, g.bits).T.contiguous(),
                 "qzeros": pack_codes(g.zero.T.to(torch.uint8), g.bits),
                 "scales": _stat(g.scale.T.contiguous(), stat_dtype, layer, "scales"),
                 "g_idx": (torch.arange(d_in) // gs).to(torch.int32)}
 
-    def config(self, reps, model_config, stat_dtype):
-        bits, group_size = _single_setting(self.name, reps)
-        sym = CompressedTensors.symmetric(reps)
+    def config(self, metas, model_config, stat_dtype):
+        bits, group_size = _single_setting(self.name, metas)
         if stat_dtype != "float16":
             # gptqmodel allocates its scales buffer in float16 whatever the checkpoint holds (7.6.0, measured).
             log.warning("%s: GPTQ runtimes keep scales in float16, so gptqmodel rounds these %s scales when it "
                         "loads them (our loader does not); use ct to keep them exactly", self.name, stat_dtype)
         return {"quantization_config": {"quant_method": self.quant_method, "bits": bits, "group_size": group_size,
-                                        "desc_act": False, "sym": sym, "checkpoint_format": "gptq_v2"}}
+                                        "desc_act": False, "sym": bool(self.sym), "checkpoint_format": "gptq_v2"}}
 
     def read(self, config, state):
         qc = config["quantization_config"]
@@ -215,25 +238,32 @@ class AnyPrecision(PackWriter):
     # The layout's own config.json key (Any-Precision's loader reads it), not the catalog's name of the format.
     config_key = "anyprec"
 
-    def check(self, reps):
-        self.check_kinds(reps)
-        bits = set()
-        for layer, rep in reps.items():
-            b = _bits(rep)
-            bits.add(b)
-            if rep.format == "uniform" and rep.grid.group_size != -1:
+    def check_meta(self, metas):
+        super().check_meta(metas)
+        for layer, meta in metas.items():
+            if meta["format"] == "uniform" and meta["group_size"] != -1:
                 raise _refuse(self.name, layer, "Any-Precision has one table per row; a grouped uniform grid "
-                                                "(group size {rep.grid.group_size}) does not fit: quantize per "
-                                                "channel (g -1)".format(rep=rep))
-            if rep.shape[1] % 32:
-                raise _refuse(self.name, layer, f"its input dimension {rep.shape[1]} is not a multiple of 32, "
+                                                f"(group size {meta['group_size']}) does not fit: quantize per "
+                                                "channel (g -1)")
+            if meta["shape"][1] % 32:
+                raise _refuse(self.name, layer, f"its input dimension {meta['shape'][1]} is not a multiple of 32, "
                                                 "which Any-Precision's bit planes need")
-            _check_codes(self.name, layer, rep.codes, b)
+        bits = {meta["bits"] for meta in metas.values()}
+        if len(bits) != 1:
+            raise ConfigError(f"{self.name} stores one bit width per checkpoint; this one mixes {sorted(bits)}")
+        # "{model}.{layers}.{i}.{module}" (model.layers.0.self_attn.q_proj; OPT: model.decoder.layers.0.fc1)
+        lists = {m.groups()[:2] if m else (layer, "") for layer in metas
+                 for m in [re.fullmatch(r"(.+)\.(\w+)\.\d+\.(.+)", layer)]}
+        if len(lists) != 1:
+            raise ConfigError(f"{self.name} needs every packed layer inside one list of decoder blocks; got "
+                              f"{sorted('.'.join(p).rstrip('.') for p in lists)}")
+
+    def check_tensors(self, reps):
+        for layer, rep in reps.items():
+            _check_codes(self.name, layer, rep.codes, _bits(rep))
             table = self.table(rep)
             if not torch.isfinite(table).all() or table.abs().max() > FP16_MAX:
                 raise _refuse(self.name, layer, "its lookup table is not finite in float16")
-        if len(bits) != 1:
-            raise ConfigError(f"{self.name} stores one bit width per checkpoint; this one mixes {sorted(bits)}")
 
     @staticmethod
     def table(rep) -> torch.Tensor:
@@ -248,13 +278,9 @@ class AnyPrecision(PackWriter):
         return {"qweight": pack_planes(rep.codes, b),
                 f"lut{b}": _stat(self.table(rep), stat_dtype, layer, "lookup tables")}
 
-    def config(self, reps, model_config, stat_dtype):
-        b = _bits(next(iter(reps.values())))
-        # "{model}.{layers}.{i}.{module}" (model.layers.0.self_attn.q_proj; OPT: model.decoder.layers.0.fc1)
-        parts = {re.fullmatch(r"(.+)\.(\w+)\.\d+\.(.+)", layer).groups() for layer in reps}
-        if len({p[:2] for p in parts}) != 1:
-            raise ConfigError(f"{self.name} needs every packed layer inside one list of decoder blocks; got "
-                              f"{sorted({'.'.join(p[:2]) for p in parts})}")
+    def config(self, metas, model_config, stat_dtype):
+        b = next(iter(metas.values()))["bits"]
+        parts = {re.fullmatch(r"(.+)\.(\w+)\.\d+\.(.+)", layer).groups() for layer in metas}  # check_meta's
         (model_name, layers_name), = {p[:2] for p in parts}
         return {self.config_key: {"seed_precision": b, "parent_precision": b, "group_count": 1,
                                   "arch_config": {"model_name": model_name, "layers_name": layers_name,
@@ -286,8 +312,7 @@ class BinaryCoding(PackWriter):
 
     quant_method = "bcq"
 
-    def check(self, reps):
-        self.check_kinds(reps)
+    def check_tensors(self, reps):
         for layer, rep in reps.items():
             if rep.format == "uniform":
                 _check_codes(self.name, layer, rep.codes, rep.grid.bits)
@@ -305,10 +330,9 @@ class BinaryCoding(PackWriter):
         return {"planes": planes, "alpha": _stat(alpha, stat_dtype, layer, "alphas"),
                 "offset": _stat(offset, stat_dtype, layer, "offsets")}
 
-    def config(self, reps, model_config, stat_dtype):
-        layers = {layer: {"bits": _bits(rep), "shape": list(rep.shape),
-                          "group_size": rep.grid.group_size if rep.format == "uniform" else rep.group_size}
-                  for layer, rep in reps.items()}
+    def config(self, metas, model_config, stat_dtype):
+        layers = {layer: {"bits": meta["bits"], "shape": list(meta["shape"]), "group_size": meta["group_size"]}
+                  for layer, meta in metas.items()}
         return {"quantization_config": {"quant_method": self.quant_method, "format_version": 1, "layers": layers}}
 
     def read(self, config, state):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from quantlib.access.lazy import WeightSource
 from quantlib.artifacts.integrity import rebuild_hint, verify
 from quantlib.checkpoint.pack import layouts
 from quantlib.errors import DataError
@@ -66,16 +67,16 @@ class PackedLinear(torch.nn.Module):
 
 def load_packed(path, dtype: torch.dtype | None = None, attn: str = "sdpa", backend: str = "auto"):
     """The model of a packed checkpoint (ct, gptq, anyprec or bcq) with `PackedLinear` modules. Unquantized tensors
-    are cast to `dtype` (default: as stored)."""
+    are cast to `dtype` (default: as stored). The checkpoint is sharded (model.safetensors.index.json, as the pack
+    stage writes it) or one `model.safetensors` (packed before that)."""
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     verify(path)
     raw = json.loads((path / "config.json").read_text())
     fmt = layouts.detect(raw)
-    state = load_file(str(path / "model.safetensors"))
+    state = WeightSource(path).state()
     views = layouts.read_layers(fmt, raw, state)
     if not views:
         raise DataError(f"{path}: no packed layer found for format {fmt}; the checkpoint is damaged: "
