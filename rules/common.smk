@@ -110,15 +110,14 @@ def model_params_b(model):
 
 
 def calib_inputs(wildcards):
+    """The model and the dataset file of each dataset the calibration reads (a mixture's parts, in order)."""
     model, calib = parse_calib_name(wildcards.calib)
-    return {
-        "model": EXP.model_path(model),
-        "dataset": EXP.dataset_path(calib.dataset),
-    }
+    files = [EXP.dataset_path(d) for d in EXP.calibration_datasets(calib.dataset)]
+    return {"model": EXP.model_path(model), "dataset": files[0] if len(files) == 1 else files}
 
 
 def calib_dataset_cfg(wildcards):
-    return EXP.dataset_cfg(parse_calib_name(wildcards.calib)[1].dataset)
+    return EXP.calibration_source(parse_calib_name(wildcards.calib)[1].dataset)
 
 
 def quantize_inputs(wildcards):
@@ -223,8 +222,8 @@ def model_input(wildcards):
 
 
 def pack_mem(wildcards):
-    # The source checkpoint's codes are unpacked per layer and the packed copy is built beside them.
-    spec = spec_of(wildcards.unpacked)
+    # One decoder block at a time: its source tensors, codes and packed copy (quantlib.jobs.memory.pack_phases).
+    spec = spec_of(f"{wildcards.unpacked}.pack-{wildcards.packformat}")
     return job_mem("pack", spec.model, spec)
 
 

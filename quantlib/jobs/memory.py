@@ -201,6 +201,50 @@ def whole_model_peak(cfg: dict, seqlen: int, batch: int, dtype_bytes: int = 4) -
         2 * tokens * s.vocab * 4
 
 
+# ------------------------------------------------------------------------------------------------ packing
+# Working memory of converting a layer into a pack format, in bytes per weight of the largest layer (the code
+# streams' int64 temporaries; Any-Precision's bit planes are built for the whole matrix). Measured on Llama-2-7B
+# shapes (2 and 4 blocks, w4): peaks 0.8-1.0x the estimate, the same for 2 and 4 blocks.
+PACK_WORK_BYTES = {"ct": 12, "gptq": 10, "anyprec": 20, "bcq": 12}
+
+
+def pack_phases(cfg: dict, spec, fmt: str, dtype_bytes: int = 4, pack_bytes: int = 2, stat_bytes: int = 2) -> dict:
+    """Bytes of a pack job's phases (`quantlib.checkpoint.pack.writer`, one decoder block at a time): `block`, one
+    block's source tensors (packed codes, float32 statistics, the rest in `dtype_bytes`), its codes unpacked (a byte
+    per weight), its packed tensors twice (safetensors serialises them to bytes before writing) and the working
+    memory of its largest layer; `outer`, the embeddings and head as stored and in the pack's dtype (or twice in it,
+    while safetensors serialises them)."""
+    shapes, adapter = Shapes.of(cfg), get_adapter(cfg.get("model_type", "?"))
+    d_in, d_out = adapter.input_dims(cfg), adapter.output_dims(cfg)
+    bits, g = spec.bits or 16, spec.group_size
+    weights = sum(d_in[n] * d_out[n] for n in d_in)
+    # per (row, group) a scale and zero, or bcq's alphas and offset; per row a table (lookup tables, anyprec)
+    per_group = bits + 1 if spec.format == "bcq" else 2
+    per_row = 2 ** bits if spec.format == "lut" or fmt == "anyprec" else 0
+    stats = sum(d_out[n] * ((d_in[n] // g if g > 0 else 1) * per_group + per_row) for n in d_in)
+    other = max(0, shapes.block_params - weights)
+    source = weights * bits // 8 + stats * 4 + other * dtype_bytes
+    packed = weights * bits // 8 + stats * stat_bytes + other * pack_bytes
+    work = PACK_WORK_BYTES.get(fmt, max(PACK_WORK_BYTES.values())) * max(d_in[n] * d_out[n] for n in d_in)
+    embeddings = shapes.vocab * shapes.hidden * (1 if shapes.tied else 2)
+    return {"block": source + weights + 2 * packed + work,
+            "outer": embeddings * max(dtype_bytes + pack_bytes, 2 * pack_bytes)}
+
+
+def plan_pack(cfg: dict, spec, pack_cfg: dict, compute: dict, dtype_bytes: int = 4) -> Plan:
+    """A pack job's figures (`spec` a `.pack-{format}` name's); a `compute.max_memory` below its peak is refused
+    before any weight is read."""
+    b = {k: DTYPE_BYTES.get(pack_cfg.get(k, "float16"), 2) for k in ("dtype", "stat_dtype")}
+    plan = Plan(0, "memory", pack_phases(cfg, spec, spec.pack, dtype_bytes, b["dtype"], b["stat_dtype"]),
+                parse_memory(compute.get("max_memory")))
+    if plan.budget is not None and plan.peak > plan.budget:
+        parts = ", ".join(f"{k} {v / MB:,.0f} MB" for k, v in plan.phases.items())
+        raise ConfigError(f"compute.max_memory is {plan.budget / MB:,.0f} MB, but packing {spec.short_name()} needs "
+                          f"{plan.peak / MB:,.0f} MB: runtime {RUNTIME_MB} MB + the larger phase of ({parts}). "
+                          f"Raise compute.max_memory to at least {plan.peak / MB:,.0f} MB.")
+    return plan
+
+
 # ------------------------------------------------------------------------------------------------ cluster requests
 
 MARGIN = 1.5  # over the estimate: allocator slack and what the model leaves out (measured peaks 0.95-1.35x of the estimate on the offline model)
@@ -284,6 +328,8 @@ def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, params_b: floa
         peak = whole_model_peak(model_cfg, lmeval_tokens(cfg["lm_eval"]["tasks"]), cfg["lm_eval"]["batch_size"], b)
     elif job.startswith("stats:"):  # stats:{statistic name}; `spec` is the calibration (a CalibSpec)
         peak = stats_peak(model_cfg, job.partition(":")[2], spec, compute, b)
-    else:  # a job that holds the whole model: packing, a packed model's perplexity; distillation two
+    elif job == "pack":  # `spec` is the packed one's ({name}.pack-{format})
+        peak = plan_pack(model_cfg, spec, cfg.get("pack", {}), {}, b).peak
+    else:  # a job that holds the whole model: a packed model's perplexity; distillation two
         peak = whole_model_peak(model_cfg, 2048, 1, b) * (2 if job == "distill" else 1)
     return max(FLOOR_MB, int(MARGIN * peak / MB))

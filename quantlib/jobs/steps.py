@@ -10,7 +10,7 @@ import torch
 
 from quantlib.access.adapters import check_group_size_fits, check_row_groups_fit, read_config
 from quantlib.access.blocks import BlockAccess
-from quantlib.access.datasets import calibration_windows, eval_windows, read_texts
+from quantlib.access.datasets import calibration_windows, eval_windows, mixture_windows, read_texts
 from quantlib.access.lazy import LazyModel, offloaded
 from quantlib.access.models import load_model, load_tokenizer, resolve_attn, resolve_device, resolve_dtype
 from quantlib.artifacts.atomic import atomic_file, versions, write_json
@@ -25,9 +25,18 @@ from quantlib.checkpoint.writer import CheckpointWriter
 from quantlib.errors import ConfigError
 from quantlib.evaluation.lmeval import TaskSet, evaluate_tasks
 from quantlib.evaluation.perplexity import perplexity_by_block
-from quantlib.jobs.memory import MB, lmeval_tokens, parse_memory, plan_quantize, whole_model_peak
+from quantlib.jobs.memory import (
+    DTYPE_BYTES,
+    MB,
+    lmeval_tokens,
+    parse_memory,
+    plan_pack,
+    plan_quantize,
+    whole_model_peak,
+)
 from quantlib.runner.distill import distill as train
 from quantlib.runner.group import QuantizedModelReport
+from quantlib.runner.progress import BlockProgress
 from quantlib.runner.walk import quantize_model
 from quantlib.stats.artifacts import compute_statistic, open_statistic
 
@@ -46,16 +55,25 @@ def load_tensor(path):
 
 
 def calibrate(model_dir, dataset_file, ds_cfg: dict, calib_name: str, out_pt, out_json) -> None:
-    """Sample the calibration windows named by `calib_name` ({model}.{dataset}.n{n}.L{L}[.s{seed}])."""
+    """Sample the calibration windows named by `calib_name` ({model}.{dataset}.n{n}.L{L}[.s{seed}]). A mixture
+    (`ds_cfg` from `Experiment.calibration_source`, with `parts`) reads one dataset file per part, in its order."""
     _, calib = parse_calib_name(calib_name)
     tok = load_tokenizer(model_dir)
-    windows, manifest = calibration_windows(read_texts(dataset_file), tok, ds_cfg, calib.nsamples, calib.seqlen,
-                                            calib.seed)
+    if "parts" in ds_cfg:
+        files = [dataset_file] if isinstance(dataset_file, (str, Path)) else list(dataset_file)
+        texts = {part: read_texts(f) for part, f in zip(ds_cfg["parts"], files, strict=True)}
+        windows, manifest = mixture_windows(texts, tok, ds_cfg, calib.nsamples, calib.seqlen, calib.seed)
+    else:
+        windows, manifest = calibration_windows(read_texts(dataset_file), tok, ds_cfg, calib.nsamples, calib.seqlen,
+                                                calib.seed)
     _save_tensor(windows, out_pt)
     write_json(out_json, {"name": calib_name, "dataset": calib.dataset, "source": ds_cfg, "nsamples": calib.nsamples,
                           "seqlen": calib.seqlen, "tokens": windows.numel(), **manifest})
-    log.info("calibration %s: %d windows of %d tokens from %d documents", calib_name, calib.nsamples, calib.seqlen,
-             manifest.get("documents", 0))
+    drawn_from = (", ".join(f"{k}: {v}" for k, v in manifest["counts"].items()) if "counts" in manifest
+                  else f"{manifest['documents']} documents" if "documents" in manifest
+                  else f"{manifest.get('text_tokens', '?')} tokens of joined text" if "text_tokens" in manifest
+                  else manifest["sampler"])
+    log.info("calibration %s: %d windows of %d tokens (%s)", calib_name, calib.nsamples, calib.seqlen, drawn_from)
 
 
 def make_eval_windows(model_dir, dataset_file, ds_cfg: dict, seqlen: int, out_pt) -> None:
@@ -97,16 +115,21 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     prefix = lazy.prefix
     access = BlockAccess(lazy.model, lazy=lazy,
                          on_block=lambda i, block: writer.write_block(i, f"{prefix}.{i}", block.state_dict()))
-    with writer.writing(out_dir, len(lazy)):
+    # Progress kept beside the output after each block (its shard, the streams after it): a job killed and started
+    # again goes on from the block after the last finished one, to the same bytes (quantlib.runner.progress).
+    progress = BlockProgress(out_dir, spec.short_name(), inputs={**inputs, "model": model_dir},
+                             settings={"seed": seed, "device": device, "dtype": str(dtype), "attn": attn,
+                                       "chunk_tokens": plan.chunk_tokens}, parts={"checkpoint": writer})
+    with progress, writer.writing(out_dir, len(lazy), into=progress.checkpoint):
         report = quantize_model(lazy.model, spec, tokens, device=device, chunk_tokens=plan.chunk_tokens,
                                 statistics=statistics, on_layer=writer.add, seed=seed, streams=plan.streams,
-                                access=access)
+                                access=access, resume=progress)
         extra = {"compute": {"device": device, "dtype": str(dtype), "attn": attn,
                              "threads": torch.get_num_threads()}, "memory": plan.record(), "total_seconds": None}
         if inputs.get("calib_json"):
             import json
             extra["calibration"] = {k: v for k, v in json.loads(Path(inputs["calib_json"]).read_text()).items()
-                                    if k != "draws"}
+                                    if k not in ("draws", "window_parts")}
         extra["total_seconds"] = round(time.time() - t0, 2)
         writer.save(lazy.model, spec, report, out_dir, model_dir, extra, outer_state=lazy.outer_state())
     log.info("%s quantized in %.1fs", name, time.time() - t0)
@@ -163,11 +186,17 @@ def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute:
                       chunk_tokens=compute.get("calib_chunk_tokens", 65536), access=access)
 
 
-def pack(name: str, src, out_dir, pack_cfg: dict) -> dict:
-    """Write the quantized checkpoint `src` in the external layout that `name`'s `.pack-{format}` token names."""
+def pack(name: str, src, out_dir, pack_cfg: dict, compute: dict | None = None) -> dict:
+    """Write the quantized checkpoint `src` in the external layout that `name`'s `.pack-{format}` token names, one
+    decoder block at a time; a `compute.max_memory` below the memory model's peak (`plan_pack`) is refused before
+    any weight is read."""
     spec = QuantSpec.parse(name)
     if spec.pack is None:
         raise ConfigError(f"'{name}' names no pack format (a final .pack-{{format}} token)")
+    cfg = read_config(src)
+    stored = cfg.get("dtype") or cfg.get("torch_dtype")  # of the unquantized tensors (transformers renamed the key)
+    plan = plan_pack(cfg, spec, pack_cfg, compute or {}, DTYPE_BYTES.get(stored, 4))
+    log.info("%s: estimated peak %d MB", name, plan.peak // MB)
     report = pack_checkpoint(src, out_dir, spec.pack, pack_cfg.get("dtype", "float16"),
                              pack_cfg.get("stat_dtype", "float16"))
     log.info("%s: %d layers packed as %s, %.3f bits per weight on disk, %.1f MB, %.1f s", name,

@@ -441,3 +441,20 @@ def test_init_table_builds_when_asked_for(tmp_path):
     for name in ("ldlq.neuqi.w2g64", "ldlq.neuqi_int.w3", "magr.ldlq.w3g64"):
         assert f"results/quantized/smollm2-135m.c4.n32.L512.{name}" in proc.stdout
     assert "results/tables/init.md" in proc.stdout
+
+
+def test_mixture_calibration_runs_through_the_workflow(tiny_run, tmp_path):
+    """A `mixtures:` entry is calibrated on like a dataset: one job reads each part's fetched file, the windows come
+    from each part in proportion, and the name's dataset part is the mixture's key."""
+    work = tmp_path / "copy"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["mixtures"] = {"toymix": {"parts": {"toytrain": 3, "toytest": 1}}}
+    cfg["methods"].append({"id": "ldlq_mix", "solver": "ldlq", "bits": [4], "group_size": [32],
+                           "calibration": {"dataset": "toymix", "nsamples": 8, "seqlen": 32}})
+    write_config(work, cfg)
+    proc = snakemake(work, "--cores", "2", "results/quantized/tiny.toymix.n8.L32.ldlq.w4g32")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    manifest = json.loads((work / "results/calibration/tiny.toymix.n8.L32.json").read_text())
+    assert manifest["sampler"] == "mixture" and manifest["counts"] == {"toytrain": 6, "toytest": 2}
+    assert sorted(manifest["window_parts"]) == ["toytest"] * 2 + ["toytrain"] * 6
