@@ -6,10 +6,16 @@
     python benchmarks/memory_bench.py model --model-dir resources/models/smollm2-135m-instruct-q4_1 \\
         --calib results/calibration/smollm2-135m-instruct-q4_1.c4.n32.L512.pt \\
         --windows results/evaldata/smollm2-135m-instruct-q4_1/wikitext2.L512.pt --max-windows 40
+    # the streamed backward's two jobs alone: the gradients statistic and distillation of an RTN w3g64 base
+    python benchmarks/memory_bench.py model --model-dir resources/models/smollm2-135m-instruct-q4_1 \
+        --calib results/calibration/smollm2-135m-instruct-q4_1.c4.n32.L512.pt --stages gradients distill \
+        --distill-calib results/calibration/smollm2-135m-instruct-q4_1.c4.n64.L512.pt [--compute '{"max_memory": "1500MB"}']
 
 Each job runs in a fresh Python process that reports its own peak resident set (getrusage ru_maxrss): the quantize
 job of `quantlib.jobs.steps.quantize` (blocks read from disk one at a time, the checkpoint written one shard per
-block) and block-by-block perplexity (`quantlib.evaluation.perplexity.perplexity_by_block` on the model read lazily). Figures
+block), block-by-block perplexity (`quantlib.evaluation.perplexity.perplexity_by_block` on the model read lazily),
+and (stages `gradients`, `distill`) the jobs with a streamed backward: the statistics job of
+`quantlib.jobs.steps.statistic` and the distillation job of `quantlib.jobs.steps.distill`. Figures
 depend on the machine's allocator and library versions: compare the estimate's ratio, not the megabytes, across
 machines. Run it alone: two torch processes on two cores slow each other, though peaks hardly move.
 """
@@ -53,6 +59,28 @@ lazy = LazyModel(path)
 res = perplexity_by_block(lazy.model, w, max_windows, batch, access=BlockAccess(lazy.model, lazy=lazy), progress=False)
 print("RESULT", json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                            "seconds": time.time() - t, "ppl": res["ppl"], "windows": res["windows"]}))
+"""
+
+CHILD_STAT = """
+import json, resource, sys, time
+from quantlib.jobs.steps import statistic
+stat, calib_name, model_dir, calib, out, compute = sys.argv[1:7]
+t = time.time()
+statistic(stat, calib_name, model_dir, calib, out, json.loads(compute))
+print("RESULT", json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "seconds": time.time() - t, "streams": json.load(open(out + "/manifest.json"))["streams"]}))
+"""
+
+CHILD_DISTILL = """
+import json, resource, sys, time
+from quantlib.jobs.steps import distill
+name, model_dir, base, calib, out, compute = sys.argv[1:7]
+t = time.time()
+distill(name, model_dir, {"base": base, "calib": calib}, out, json.loads(compute))
+diag = json.load(open(out + "/diagnostics.json"))
+print("RESULT", json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "seconds": time.time() - t, "estimate": diag["memory"],
+                            "loss_first_last": [diag["distill"]["loss"][0], diag["distill"]["loss"][-1]]}))
 """
 
 
@@ -128,6 +156,45 @@ def measure(model_dir: Path, name: str, calib: Path | None, windows: Path | None
     return row
 
 
+def measure_backward(model_dir: Path, calib: Path, stages: list[str], stat: str, distill_calib: Path | None,
+                     base_method: str, work: Path, compute: dict, keep: bool = False) -> dict:
+    """The jobs with a streamed backward, each in a fresh process: the statistic `stat` on `calib`, and
+    distillation of `base_method` (quantized here first, in its own process) on `distill_calib`."""
+    import shutil
+
+    import torch
+
+    from quantlib.catalog.names import CalibSpec
+    from quantlib.jobs.memory import MB, plan_statistic
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    row = {}
+    if "gradients" in stages:
+        n, seqlen = torch.load(calib).shape
+        out = work / f"stat-{stat}"
+        shutil.rmtree(out, ignore_errors=True)
+        g = run_child(CHILD_STAT, stat, f"model.c4.n{n}.L{seqlen}", model_dir, calib, out, json.dumps(compute))
+        est = plan_statistic(cfg, stat, CalibSpec("c4", n, seqlen), compute).peak / MB
+        row[stat] = {**g, "estimated_peak_mb": round(est), "peak_over_estimate": g["peak_mb"] / est}
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+    if "distill" in stages:
+        n, seqlen = torch.load(calib).shape
+        dn, dseqlen = torch.load(distill_calib).shape
+        base, out = work / f"base-{base_method}", work / f"distilled-{base_method}"
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        run_child(CHILD_QUANTIZE, f"model.{base_method}", model_dir, "-", base, json.dumps(compute))
+        name = f"model.{base_method}.kd.c4.n{dn}.L{dseqlen}"
+        d = run_child(CHILD_DISTILL, name, model_dir, base, distill_calib, out, json.dumps(compute))
+        row["distill"] = {**d, "name": name,
+                          "peak_over_estimate": d["peak_mb"] / d["estimate"]["estimated_peak_mb"]}
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
 def _seqlen(windows: Path) -> int:
     import torch
 
@@ -149,6 +216,14 @@ def main() -> None:
     m.add_argument("--method", default="ldlq.w3g64")
     m.add_argument("--windows", type=Path, help="evaluation windows of the workflow (perplexity too)")
     m.add_argument("--max-windows", type=int, default=40)
+    m.add_argument("--stages", nargs="+", default=["quantize"], choices=["quantize", "gradients", "distill"],
+                   help="quantize (and perplexity with --windows); the streamed backward's gradients statistic and "
+                        "distillation")
+    m.add_argument("--stat", default="gradients.G4", help="the statistic of stage gradients")
+    m.add_argument("--distill-calib", type=Path, help="distillation windows (n, L) of the workflow")
+    m.add_argument("--base", default="rtn.w3g64", help="the method of the checkpoint stage distill distils")
+    m.add_argument("--compute", default="{}", help="JSON settings added to compute (block_streams, max_memory)")
+    m.add_argument("--keep", action="store_true", help="keep the artifacts of the gradients and distill stages")
     for p in (s, m):
         p.add_argument("--work", type=Path, default=Path("/tmp/quantlib-membench"))
         p.add_argument("--batch", type=int, default=4)
@@ -176,11 +251,17 @@ def main() -> None:
         shapes = {"model": "synthetic Llama-2-7B block shapes", **LLAMA2_7B, "blocks": args.blocks,
                   "weights_on_disk": "float16", "compute_dtype": "float32"}
     else:
+        compute.update(json.loads(args.compute))
         calib = torch.load(args.calib)
         n, seqlen = calib.shape
         name = f"model.c4.n{n}.L{seqlen}.{args.method}"
-        runs["model"] = measure(args.model_dir, name, args.calib, args.windows, args.max_windows, args.batch,
-                                args.work, compute)
+        runs["model"] = {}
+        if "quantize" in args.stages:
+            runs["model"] = measure(args.model_dir, name, args.calib, args.windows, args.max_windows, args.batch,
+                                    args.work, compute)
+        runs["model"].update(measure_backward(args.model_dir, args.calib, args.stages, args.stat, args.distill_calib,
+                                              args.base, args.work, compute, args.keep))
+        runs["model"]["compute"] = compute
         print(json.dumps(runs, indent=1))
         shapes = {"model": str(args.model_dir)}
     rec.append({"benchmark": "memory", **shapes, "runs": runs, "machine": platform.machine(),

@@ -69,6 +69,9 @@ def tiny_config(family: str, vocab: int = 300):
         return T.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **common)
     if family == "gpt_neox":
         return T.GPTNeoXConfig(intermediate_size=128, **common)
+    if family == "gemma3_text":  # sliding-window and global layers alternating, a window shorter than the windows
+        return T.Gemma3TextConfig(intermediate_size=128, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"], **common)
     if family == "gpt2":
         return T.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4)
     raise ValueError(family)

@@ -126,8 +126,16 @@ _BLOOM = Adapter(
 )
 _FALCON = Adapter("falcon", _BLOOM.blocks, _BLOOM.subgroups, _bloom_falcon_dims, _bloom_falcon_out)
 
-# config.json `model_type` -> adapter. SmolLM2 is a Llama.
+# config.json `model_type` -> adapter. SmolLM2 is a Llama. Gemma 1-3 have Llama's linears in Llama's order; what
+# differs lies outside them and is the model's own code: RMSNorm gains stored as w and applied as (1 + w) (a GGUF
+# stores 1 + w; transformers subtracts the 1 on loading), query/key norms after q_proj/k_proj, norms after attention
+# and MLP too, GeGLU, embeddings scaled by sqrt(hidden). Gemma 2 and 3 interleave sliding-window and global layers,
+# each kind with its own mask and rotary table: quantlib.access.blocks.LayerKwargs hands each block its own.
+# Gemma 3's text model is `gemma3_text` (its GGUF loads as one); `gemma3`, the multimodal model, is not supported.
+# Gemma 2 loads only with `attn_implementation: eager` (transformers has no SDPA path for its soft-capping).
+# See docs/architectures.md.
 ADAPTERS: dict[str, Adapter] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+                                "gemma": _LLAMA, "gemma2": _LLAMA, "gemma3_text": _LLAMA,
                                 "opt": _OPT, "gpt_neox": _NEOX, "bloom": _BLOOM, "falcon": _FALCON}
 
 

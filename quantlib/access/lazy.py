@@ -154,15 +154,26 @@ class LazyModel:
     def _key(self, name: str) -> str:
         return name[len(self._strip):] if self._strip and name.startswith(self._strip) else name
 
+    def _stored_keys(self, layer: str) -> tuple[str, list[str]]:
+        """(the checkpoint's prefix of a quantized layer, the keys of its stored tensors)."""
+        prefix = f"{self._key(layer)}."
+        return prefix, [k for k in self.source.keys() if k.startswith(prefix) and k[len(prefix):] != "bias"]
+
+    def representations(self, layers) -> dict:
+        """{layer: its stored representation} of quantized layers (model names), as the checkpoint holds them: the
+        codes and the grid, not dequantized (a job that trains the grid, such as distillation)."""
+        keys = {layer: self._stored_keys(layer) for layer in layers}
+        tensors = self.source.read([k for _, names in keys.values() for k in names])
+        return {layer: load_representation(self.quantized[layer], {k[len(prefix):]: tensors.pop(k) for k in names})
+                for layer, (prefix, names) in keys.items()}
+
     def _read(self, names: list[str], where: str) -> dict[str, torch.Tensor]:
         """The named tensors (model names), quantized layers dequantized, in the model's dtype, checked finite."""
         wanted, quantized = {}, {}
         for name in names:
             layer, _, leaf = name.rpartition(".")
             if leaf == "weight" and layer in self.quantized:
-                prefix = f"{self._key(layer)}."
-                quantized[name] = (layer, prefix, [k for k in self.source.keys()
-                                                   if k.startswith(prefix) and k[len(prefix):] != "bias"])
+                quantized[name] = (layer, *self._stored_keys(layer))
                 wanted.update({k: None for k in quantized[name][2]})
             elif self._key(name) in self.source:
                 wanted[self._key(name)] = None
@@ -191,9 +202,13 @@ class LazyModel:
         state = {n: state[f"{prefix}{n}"].to(device) for n in names}
         module.load_state_dict(state, strict=False, assign=True)
 
-    def load_block(self, i: int, device="cpu") -> torch.nn.Module:
+    def load_block(self, i: int, device="cpu", quantized: bool = True) -> torch.nn.Module:
+        """Block i's weights read into its modules; without `quantized`, the quantized layers' weights stay on the
+        meta device (a job that builds those layers from `representations` instead)."""
         block = self.blocks[i]
-        names = [n for n, _ in block.named_parameters()]
+        skip = set() if quantized else {f"{layer[len(f'{self.prefix}.{i}.'):]}.weight" for layer in self.quantized
+                                        if layer.startswith(f"{self.prefix}.{i}.")}
+        names = [n for n, _ in block.named_parameters() if n not in skip]
         self._load(block, f"{self.prefix}.{i}.", names, device)
         return block
 

@@ -100,9 +100,11 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
     if tokenizer and looks_local(tokenizer) and not Path(tokenizer).expanduser().is_dir():
         raise DataError(f"model '{model_key or source}': local tokenizer '{tokenizer}' is no directory; set "
                         "`tokenizer:` to a tokenizer directory or hub id")
+    # What transformers reads: a local folder with `~` expanded (it would take "~/..." for a hub id), or the hub id.
+    where = str(src) if src.is_dir() else source
     with atomic_dir(out_dir, seal=True) as tmp:
         if gguf_file:
-            _convert_gguf(source, gguf_file, revision, tmp)
+            _convert_gguf(where, gguf_file, revision, tmp)
         elif src.is_dir():
             if (src / "config.json").exists():
                 check(read_config(src))
@@ -119,11 +121,16 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
         elif tokenizer:
             from transformers import AutoTokenizer
             AutoTokenizer.from_pretrained(tokenizer, revision=revision).save_pretrained(tmp)
+        if gguf_file and not tokenizer and not _has_tokenizer(tmp):
+            # A GGUF carries its tokenizer (vocabulary, merges or scores, special tokens): used when none lies beside
+            # it and none is named (Gemma's official tokenizer repositories are gated).
+            from transformers import AutoTokenizer
+            AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, revision=revision).save_pretrained(tmp)
         cfg = read_config(tmp)
         check(cfg)
         # Local copies are hard links of the source's files: the scan's SHA-256 is the source's (one read for both).
         scan = check_weight_files(tmp, source, hash_files=not gguf_file and src.is_dir())
-        if not any((tmp / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        if not _has_tokenizer(tmp):
             raise DataError(f"no tokenizer found for model '{source}'; set `tokenizer:` to a directory or hub id")
         known = {name: {k: v for k, v in rec.items() if k in ("size", "sha256")} for name, rec in scan["files"].items()}
         extra = {"dtype": cfg.get("dtype") or cfg.get("torch_dtype"), "hub_commit": _hub_commit(tmp)}
@@ -132,6 +139,10 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
         entry = {"source": source, "gguf_file": gguf_file, "revision": revision, "tokenizer": tokenizer}
         # Inside the folder before it is sealed: its checksum record covers the provenance record too.
         write_json(tmp / MODEL_RECORD, model_record(entry, model_key, known=known, weights=scan, extra=extra))
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
 def check_weight_files(folder: Path, source: str, hash_files: bool = False) -> dict:

@@ -70,7 +70,7 @@ class Statistic:
     by every method that reads it. The entry carries the statistic's whole meaning; no other module names it.
 
     - `impl` computes it: `compute(model, tokens, out_dir, meta, params, inputs, device, chunk_tokens, progress,
-      access)`; `reader` opens a saved artifact (a `quantlib.stats.artifacts.StatisticReader`).
+      access)`, and `streams` for a `backward` statistic; `reader` opens a saved artifact (a `quantlib.stats.artifacts.StatisticReader`).
     - `params`: integer parameters written into the artifact's name as `.{param}{value}` tokens (e.g. `.g4`);
       `choose(spec, settings)` picks them for a spec, or for none (`spec` None: the statistic is another's
       dependency) from `settings`, the config's settings of the statistics ({statistic: {key: value}}; None when they
@@ -86,6 +86,9 @@ class Statistic:
       whole model. Memory model: `read_bytes(shapes, params)` is what a quantize job holds of it per block,
       `compute_bytes(shapes, params)` what its own job holds beyond a calibration pass of one block (block by block)
       or beyond the whole model and one window's forward pass (whole model); `shapes` is a `quantlib.jobs.memory.Shapes`.
+    - `backward`: computed with the streamed backward (`quantlib.stats.streamed`): every block's inputs are kept over
+      all windows, in memory or on disk (`streams`), and the memory model counts them (`backward_phases`) besides
+      `compute_bytes` per block.
     """
 
     name: str
@@ -100,6 +103,7 @@ class Statistic:
     read_by: Callable[[Any], bool] | None = None
     hands: tuple[str, ...] = ()
     block_by_block: bool = False
+    backward: bool = False
     read_bytes: Callable[[Any, dict], int] = lambda shapes, params: 0
     compute_bytes: Callable[[Any, dict], int] = lambda shapes, params: 0
 

@@ -9,6 +9,8 @@ from quantlib.catalog.registry import Statistic, register_statistic
 from quantlib.errors import ConfigError
 
 DEFAULT_SALIENCY_GROUPS = 4  # the config's gradients.groups default (GuidedQuant's released runs use 4)
+# The gradients' end loss is taken this many logits (tokens x vocabulary) at a time: 16 MB in float32.
+LOSS_LOGITS = 1 << 22
 
 
 def _guided_groups(spec) -> int:
@@ -64,9 +66,10 @@ register_statistic(Statistic(
     # The guided objective on the runner's own captures: each token weighted by the saliency.
     read_by=lambda spec: _layer_wise_hessians(spec) and not spec.opt("fp_inputs") and bool(_guided_groups(spec)),
     hands=("layer_stats", "token_weights"),
+    block_by_block=True, backward=True,
     read_bytes=lambda shapes, params: shapes.block_params * 4,  # the Fisher: one float per weight
-    # The whole model's weight gradients and the Fisher sums beside the weights: two more model sizes in float32.
-    compute_bytes=lambda shapes, params: 2 * shapes.blocks * shapes.block_params * 4,
+    # Beside the streamed backward's block, gradients and kept activations: the block's Fisher sums.
+    compute_bytes=lambda shapes, params: shapes.block_params * 4,
 ))
 
 

@@ -7,7 +7,6 @@ of each window; ppl = exp(sum of NLL / (n_windows * (seqlen - 1))). The protocol
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from quantlib.access.adapters import adapter_for
 from quantlib.access.blocks import BlockAccess
 from quantlib.stats.capture import States, block_inputs
+from quantlib.stats.streamed import final_states
 
 
 def perplexity(model, windows: torch.Tensor, max_windows: int | None = None, batch_size: int = 4,
@@ -56,9 +56,9 @@ def perplexity_by_block(model, windows: torch.Tensor, max_windows: int | None = 
                         device: str = "cpu", progress: bool = True, access=None, streams: str = "memory") -> dict:
     """The same protocol with one decoder block in memory at a time: every window's hidden states go through block
     i before block i+1 is read (`access`: the runner's `BlockAccess`, lazy for a model on disk), kept in memory
-    or on disk (`streams`); then the model's own forward, each block replaced by one that hands back the final
-    states of the batch, gives the logits (the family's final norm and head, whatever they are). Batches are the
-    same as `perplexity`'s, so the figures agree to float rounding."""
+    or on disk (`streams`); then the model's own forward, each block stood in for by one that hands back the final
+    states of the batch (`quantlib.stats.streamed.final_states`), gives the logits (the family's final norm and
+    head, whatever they are). Batches are the same as `perplexity`'s, so the figures agree to float rounding."""
     access = access or BlockAccess(model)
     if max_windows:
         windows = windows[:max_windows]
@@ -74,42 +74,12 @@ def perplexity_by_block(model, windows: torch.Tensor, max_windows: int | None = 
                 states = states.through(block)
                 access.close(i, block)
             total_nll = 0.0
-            with access.outer(device, head=True), _final_states(blocks, states) as feed:
+            with access.outer(device, head=True), final_states(blocks, states.tuple_output) as feed:
                 for k, s in enumerate(range(0, n, batch_size)):
-                    feed(k)
+                    feed(states.hidden[k])
                     total_nll += _window_nll(model, windows[s:s + batch_size].to(device))
+            states.hidden.drop()
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     return _result(total_nll, n, seqlen)
-
-
-class _Handback(torch.nn.Module):
-    """Stands in for a decoder block: returns the states it was given (`value`) or passes its input on."""
-
-    def __init__(self, as_tuple: bool):
-        super().__init__()
-        self.as_tuple, self.value = as_tuple, None
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = hidden_states if self.value is None else self.value
-        return (out,) if self.as_tuple else out
-
-
-@contextlib.contextmanager
-def _final_states(blocks, states):
-    """Blocks swapped for stand-ins for the duration; `feed(k)` sets batch k's final states."""
-    originals = list(blocks)
-    first, rest = _Handback(states.tuple_output), _Handback(states.tuple_output)
-    for i in range(len(blocks)):
-        blocks[i] = first if i == 0 else rest
-
-    def feed(k: int) -> None:
-        first.value = states.hidden[k]
-
-    try:
-        yield feed
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-        states.hidden.drop()

@@ -20,6 +20,13 @@ Peak = runtime + the largest of three phases (b: bytes per element of the comput
   finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard,
             twice (safetensors serialises each tensor to bytes before writing)
 With streams on disk, the activation term is one chunk instead of N tokens.
+
+Jobs that back-propagate through the model block by block (`quantlib.stats.streamed`: a statistic whose catalog
+entry is `backward`, and distillation) hold instead, besides the runtime (`backward_phases`): the inputs of every
+block over every item (one item with streams on disk); one block's weights, their gradients (float32) and one
+item's recomputed forward with its autograd graph; the loss on the final states (the gradients' logits over the
+vocabulary; distillation's targets). Distillation also keeps its trainables with AdamW's state, the student's
+embeddings and every block's integer codes (one byte per weight; on disk with streams on disk): `distill_phases`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 
 from quantlib.access.adapters import get_adapter
 from quantlib.catalog import registry
+from quantlib.catalog.statistics import LOSS_LOGITS
 from quantlib.errors import ConfigError
 
 MB = 1 << 20
@@ -191,14 +199,120 @@ def eval_peak(cfg: dict, windows: int, seqlen: int, batch: int, dtype_bytes: int
     return RUNTIME_MB * MB + max(eval_phases(Shapes.of(cfg), windows, seqlen, batch, dtype_bytes).values())
 
 
-def whole_model_peak(cfg: dict, seqlen: int, batch: int, dtype_bytes: int = 4) -> int:
-    """A job that holds the whole model (lm-eval, statistics, distillation's two models count twice): the
-    weights plus one batch's forward and its logits."""
-    s = Shapes.of(cfg)
+def whole_model_bytes(s: Shapes, seqlen: int, batch: int, dtype_bytes: int = 4) -> int:
+    """A job that holds the whole model (lm-eval, packing): the weights plus one batch's forward and its logits."""
     weights = s.blocks * s.block_params * dtype_bytes + s.vocab * s.hidden * dtype_bytes * (1 if s.tied else 2)
     tokens = batch * seqlen
-    return RUNTIME_MB * MB + weights + tokens * (6 * s.hidden + 3 * s.intermediate) * dtype_bytes + \
-        2 * tokens * s.vocab * 4
+    return weights + tokens * (6 * s.hidden + 3 * s.intermediate) * dtype_bytes + 2 * tokens * s.vocab * 4
+
+
+def whole_model_peak(cfg: dict, seqlen: int, batch: int, dtype_bytes: int = 4) -> int:
+    """`whole_model_bytes` of a config.json's model, with the runtime."""
+    return RUNTIME_MB * MB + whole_model_bytes(Shapes.of(cfg), seqlen, batch, dtype_bytes)
+
+
+# ------------------------------------------------------------------------------------------ streamed backward
+# Autograd's working set of one block's forward recomputed with gradients and its backward, per token of the item, in
+# units of the hidden and intermediate sizes (float32): the tensors a Llama block's graph saves (norm outputs, q, k,
+# v, the attention output, the MLP's three intermediate products) and the gradients in flight, counted generously.
+# On the offline model the measured peaks came 1.1x (distillation) and 1.2x (gradients, streams on disk) over the
+# model's figures, about the allocator's slack seen for the other jobs (benchmarks/memory_bench.py).
+BACKWARD_HIDDEN, BACKWARD_INTERMEDIATE = 16, 8
+LOGITS_COPIES = 4  # a piece of the end loss: logits, their log-softmax and both gradients (float32)
+
+
+def backward_phases(shapes: Shapes, items: int, item_tokens: int, streams: str, b: int, block_extra: int = 0,
+                    head: int = 0, resident: int = 0) -> dict:
+    """Bytes of the phases of a streamed backward over `items` items of `item_tokens` tokens (b: bytes per element
+    of the activations): `forward` (the kept inputs of every block, a block's weights and one item's forward),
+    `head` (the kept inputs, the final states and their gradients, and `head`: the loss on the final states) and
+    `backward` (the kept inputs, two gradient streams, a block's weights and their float32 gradients, `block_extra`,
+    one item's recomputed forward and backward); each plus `resident`, what the job holds throughout."""
+    h, inter = shapes.hidden, shapes.intermediate
+    one = item_tokens * h * b
+    stream = items * one if streams == "memory" else one
+    kept = shapes.blocks * stream
+    weights = shapes.block_params * b
+    forward = item_tokens * (6 * h + 3 * inter) * b
+    recompute = item_tokens * (BACKWARD_HIDDEN * h + BACKWARD_INTERMEDIATE * inter) * 4
+    return {"forward": resident + kept + stream + weights + forward,
+            "head": resident + kept + 2 * stream + weights + head,
+            "backward": resident + kept + 2 * stream + weights + shapes.block_params * 4 + block_extra + recompute}
+
+
+def statistic_phases(shapes: Shapes, name: str, calib, compute: dict, streams: str, b: int) -> dict:
+    """Bytes of each phase of a statistics job on the calibration `calib` (a CalibSpec). Read block by block, it is
+    a calibration pass like a quantize job's (the embeddings while the windows go through them; one block, its inputs
+    and outputs over every token and one chunk's forward) plus what its catalog entry computes per block; with a
+    streamed backward, the backward's phases (`backward_phases`; the loss: the embeddings and head, the logits of
+    one window); otherwise the whole model and one window's forward plus the entry's figure."""
+    stat, _ = registry.parse_stat_name(name)
+    entry = registry.STATISTICS[stat]
+    extra = statistic_bytes(shapes, name, "compute_bytes")
+    n, L = calib.nsamples, calib.seqlen
+    embeddings = shapes.vocab * shapes.hidden * b
+    if entry.backward:  # the end loss, pieces of LOSS_LOGITS logits at a time
+        piece = max(1, min(L, LOSS_LOGITS // shapes.vocab)) * shapes.vocab
+        head = embeddings * (1 if shapes.tied else 2) + LOGITS_COPIES * piece * 4
+        return {"capture": embeddings + n * L * shapes.hidden * b,
+                **backward_phases(shapes, n, L, streams, b, block_extra=extra, head=head)}
+    if entry.block_by_block:
+        capture, block = calibration_pass(shapes, n * L, L, compute.get("calib_chunk_tokens", 65536), "memory", 2, b)
+        return {"capture": capture, "block": block + extra}
+    return {"model": whole_model_bytes(shapes, L, 1, b) + extra}
+
+
+def distill_phases(shapes: Shapes, spec, streams: str) -> dict:
+    """Bytes of each phase of a distillation job (float32; `spec` a `.kd` name's): `targets` (the FP model's streamed
+    forward: its embeddings and block-0 inputs, then two streams of every window's states and one block), `student`
+    (reading the base's representations once) and the streamed backward of one batch (`backward_phases`), with the
+    targets, the student's embeddings, the codes and the trainables with AdamW's state resident."""
+    d = spec.distill
+    n, L, h = d.calib.nsamples, d.calib.seqlen, shapes.hidden
+    tokens = d.opt("batch") * L
+    every = n * L * h * 4 if streams == "memory" else L * h * 4  # one state of every window
+    embeddings = shapes.vocab * h * 4
+    linear = sum(d_in * rows for d_in, rows in shapes.subgroups)  # a block's quantized weights
+    g = spec.group_size
+    groups = shapes.blocks * sum(rows * (d_in // g if g > 0 else 1) for d_in, rows in shapes.subgroups)
+    codes = linear * (shapes.blocks if streams == "memory" else 1)  # uint8
+    resident = embeddings + every + codes + groups * 2 * 4 * 4  # scales and zeros, their gradients, two moments
+    weights = shapes.block_params * 4
+    return {"targets": embeddings + n * L * h * 4 + 2 * every + weights + L * (6 * h + 3 * shapes.intermediate) * 4,
+            "student": resident + weights + 5 * linear,
+            # a block's trainable linears: the codes (uint8), the weights they make and those weights' gradients
+            **backward_phases(shapes, 1, tokens, streams, 4, block_extra=9 * linear, head=2 * tokens * h * 4,
+                              resident=resident)}
+
+
+def _fit(what: str, phases, compute: dict) -> Plan:
+    """The streams (compute.block_streams, else on disk when the budget asks) under `compute.max_memory` for a job
+    whose phases are `phases(streams)`; a budget that cannot hold it even with every stream on disk is refused
+    before any work, with the figures."""
+    budget = parse_memory(compute.get("max_memory"))
+    chunk, streams = compute.get("calib_chunk_tokens", 65536), compute.get("block_streams", "memory")
+    for where in ([streams, "disk"] if streams == "memory" else [streams]):
+        plan = Plan(chunk, where, phases(where), budget)
+        if budget is None or plan.peak <= budget:
+            return plan
+    parts = ", ".join(f"{k} {v / MB:,.0f} MB" for k, v in plan.phases.items())
+    raise ConfigError(
+        f"compute.max_memory is {budget / MB:,.0f} MB, but {what} needs at least {plan.peak / MB:,.0f} MB even with "
+        f"activations on disk: runtime {RUNTIME_MB} MB + the largest phase of ({parts}). Raise compute.max_memory to "
+        f"at least {plan.peak / MB:,.0f} MB (or run the job on a machine with more memory).")
+
+
+def plan_statistic(cfg: dict, name: str, calib, compute: dict, dtype_bytes: int = 4) -> Plan:
+    """Where a statistics job keeps its activations under `compute.max_memory` (`_fit`), and its figures."""
+    shapes = Shapes.of(cfg)
+    return _fit(f"the statistic {name}", lambda where: statistic_phases(shapes, name, calib, compute, where,
+                                                                          dtype_bytes), compute)
+
+
+def plan_distill(cfg: dict, spec, compute: dict) -> Plan:
+    """Where a distillation job keeps its activations, targets and codes under `compute.max_memory` (`_fit`)."""
+    shapes = Shapes.of(cfg)
+    return _fit(f"distilling {spec.short_name()}", lambda where: distill_phases(shapes, spec, where), compute)
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -267,21 +381,6 @@ def statistic_bytes(shapes: Shapes, name: str, which: str) -> int:
     return getattr(registry.STATISTICS[stat], which)(shapes, params)
 
 
-def stats_peak(model_cfg: dict, name: str, calib, compute: dict, b: int) -> int:
-    """A statistics job on the calibration `calib` (a CalibSpec). Read block by block, it is a calibration pass
-    like a quantize job's (the embeddings while the windows go through them; one block, its inputs and outputs over
-    every token and one chunk's forward) plus what its catalog entry computes per block; otherwise the whole model
-    and one window's forward plus the entry's figure (say, the accumulators of a backward pass)."""
-    shapes = Shapes.of(model_cfg)
-    stat, _ = registry.parse_stat_name(name)
-    extra = statistic_bytes(shapes, name, "compute_bytes")
-    if not registry.STATISTICS[stat].block_by_block:
-        return whole_model_peak(model_cfg, calib.seqlen, 1, b) + extra
-    capture, block = calibration_pass(shapes, calib.nsamples * calib.seqlen, calib.seqlen,
-                                      compute.get("calib_chunk_tokens", 65536), "memory", 2, b)
-    return RUNTIME_MB * MB + max(capture, block + extra)
-
-
 # Before the model is fetched there is no config.json: rules of thumb from its size in billions of parameters (the
 # config's params_b), float32 weights at 4 bytes per parameter times the copies a job holds.
 FALLBACK_COPIES = {"fetch": 2, "quantize": 3, "distill": 5, "stats": 3, "perplexity": 3, "lmeval": 3, "pack": 2}
@@ -326,10 +425,14 @@ def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, params_b: floa
             peak = max(peak, eval_peak(model_cfg, windows, seqlen, ppl["batch_size"], b))
     elif job == "lmeval":
         peak = whole_model_peak(model_cfg, lmeval_tokens(cfg["lm_eval"]["tasks"]), cfg["lm_eval"]["batch_size"], b)
-    elif job.startswith("stats:"):  # stats:{statistic name}; `spec` is the calibration (a CalibSpec)
-        peak = stats_peak(model_cfg, job.partition(":")[2], spec, compute, b)
+    elif job.startswith("stats:") or job == "distill":  # stats:{statistic}: `spec` is the calibration (a CalibSpec)
+        plan = plan_distill(model_cfg, spec, compute) if job == "distill" else \
+            plan_statistic(model_cfg, job.partition(":")[2], spec, compute, b)
+        if plan.budget is not None:
+            return int(plan.budget / MB)
+        peak = plan.peak
     elif job == "pack":  # `spec` is the packed one's ({name}.pack-{format})
         peak = plan_pack(model_cfg, spec, cfg.get("pack", {}), {}, b).peak
-    else:  # a job that holds the whole model: a packed model's perplexity; distillation two
-        peak = whole_model_peak(model_cfg, 2048, 1, b) * (2 if job == "distill" else 1)
+    else:  # a job that holds the whole model: a packed model's perplexity
+        peak = whole_model_peak(model_cfg, 2048, 1, b)
     return max(FLOOR_MB, int(MARGIN * peak / MB))

@@ -20,7 +20,7 @@ from quantlib.catalog.names import parse_calib_name, parse_lmeval_protocol, pars
 from quantlib.catalog.spec import QuantSpec
 from quantlib.checkpoint.pack.load import load_packed
 from quantlib.checkpoint.pack.writer import pack_checkpoint
-from quantlib.checkpoint.reader import is_packed_dir, load_any, load_quantized
+from quantlib.checkpoint.reader import is_packed_dir, load_any
 from quantlib.checkpoint.writer import CheckpointWriter
 from quantlib.errors import ConfigError
 from quantlib.evaluation.lmeval import TaskSet, evaluate_tasks
@@ -30,8 +30,10 @@ from quantlib.jobs.memory import (
     MB,
     lmeval_tokens,
     parse_memory,
+    plan_distill,
     plan_pack,
     plan_quantize,
+    plan_statistic,
     whole_model_peak,
 )
 from quantlib.runner.distill import distill as train
@@ -137,33 +139,43 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
 
 def distill(name: str, model_dir, inputs: dict, out_dir, compute: dict, max_steps: int | None = None) -> None:
     """Distil the quantized model `name`'s base (a `.kd` name): `inputs` holds its base checkpoint (`base`) and the
-    distillation windows (`calib`, `calib_json`); the teacher is the FP model in `model_dir`."""
+    distillation windows (`calib`, `calib_json`); the teacher is the FP model in `model_dir`. Both are read block by
+    block (`quantlib.runner.distill`); each block's shard is written when its trained layers are."""
     import json
-
 
     spec = QuantSpec.parse(name)
     if spec.distill is None:
         raise ValueError(f"{name} has no distillation part (.kd...)")
     device, _, attn = _compute(compute)
+    # Streams within compute.max_memory; a budget too small fails here, before any weight is read.
+    plan = plan_distill(read_config(model_dir), spec, compute)
     t0 = time.time()
     tokens = load_tensor(inputs["calib"])
-    student, reps = load_quantized(inputs["base"], torch.float32, attn, with_representations=True)
-    teacher = load_model(model_dir, torch.float32, attn)
-    new_reps, diag = train(student, reps, teacher, tokens, spec, seed=compute.get("seed", 0), device=device,
-                           max_steps=max_steps)
+    student = LazyModel(inputs["base"], torch.float32, attn)
+    if not student.quantized:
+        raise ConfigError(f"{inputs['base']} is not a quantlib checkpoint: distillation trains a quantized model")
+    teacher = LazyModel(model_dir, torch.float32, attn)
     writer = CheckpointWriter()
     layers = {}
-    for layer, rep in new_reps.items():
-        writer.add(layer, rep)
-        layers[layer] = {"shape": list(rep.shape), "bits_per_weight": rep.bits_per_weight}
-    report = QuantizedModelReport(layers=layers, seconds=diag["seconds"])
-    extra = {"distill": diag, "compute": {"device": device, "dtype": "torch.float32", "attn": attn,
-                                          "threads": torch.get_num_threads()}}
-    if inputs.get("calib_json"):
-        extra["calibration"] = {k: v for k, v in json.loads(Path(inputs["calib_json"]).read_text()).items()
-                                if k != "draws"}
-    extra["total_seconds"] = round(time.time() - t0, 2)
-    writer.save(student, spec, report, out_dir, inputs["base"], extra)
+
+    def write(i, block, reps):
+        for layer, rep in reps.items():
+            writer.add(layer, rep)
+            layers[layer] = {"shape": list(rep.shape), "bits_per_weight": rep.bits_per_weight}
+        writer.write_block(i, f"{student.prefix}.{i}", {k: v.cpu() for k, v in block.state_dict().items()
+                                                         if v.device.type != "meta"})
+
+    with writer.writing(out_dir, len(student)):
+        outer, diag = train(student, teacher, tokens, spec, seed=compute.get("seed", 0), device=device,
+                            max_steps=max_steps, streams=plan.streams, on_block=write)
+        report = QuantizedModelReport(layers=layers, seconds=diag["seconds"])
+        extra = {"distill": diag, "compute": {"device": device, "dtype": "torch.float32", "attn": attn,
+                                              "threads": torch.get_num_threads()}, "memory": plan.record()}
+        if inputs.get("calib_json"):
+            extra["calibration"] = {k: v for k, v in json.loads(Path(inputs["calib_json"]).read_text()).items()
+                                    if k not in ("draws", "window_parts")}
+        extra["total_seconds"] = round(time.time() - t0, 2)
+        writer.save(student.model, spec, report, out_dir, inputs["base"], extra, outer_state=outer)
     log.info("%s distilled in %.1fs (loss %.5f -> %.5f)", name, time.time() - t0, diag["loss"][0] if diag["loss"]
              else float("nan"), diag["loss"][-1] if diag["loss"] else float("nan"))
 
@@ -173,17 +185,25 @@ def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute:
     """Compute the statistics artifact `stat` (a statistic and its parameters, as `rules/stats.smk` names it) of the FP
     model on the calibration windows `calib_name`: an artifact shared by every method that needs it. `inputs` maps
     the statistics it is computed from to their artifacts."""
-    model_key, _ = parse_calib_name(calib_name)
+    model_key, calib = parse_calib_name(calib_name)
     device, dtype, attn = _compute(compute)
+    # Where activations are kept within compute.max_memory; a budget too small fails here, before any weight is read.
+    plan = plan_statistic(read_config(model_dir), stat, calib, compute, torch.finfo(dtype).bits // 8)
     tokens = load_tensor(calib_pt)
     access = None
     if registry.STATISTICS[registry.parse_stat_name(stat)[0]].block_by_block:
         lazy = LazyModel(model_dir, dtype, attn)
         model, access = lazy.model, BlockAccess(lazy.model, lazy=lazy)
-    else:  # computed on the whole model (a backward pass through it, say)
+    else:  # computed on the whole model
         model = load_model(model_dir, dtype, attn)
-    compute_statistic(stat, model, tokens, out_dir, calib_name, model_key, inputs=inputs, device=device,
-                      chunk_tokens=compute.get("calib_chunk_tokens", 65536), access=access)
+    # A statistic computed block by block keeps its progress beside its output: started again after a kill, it goes
+    # on after the last finished block (quantlib.runner.progress; what it computes from identifies the progress).
+    settings = {k: compute.get(k) for k in ("calib_chunk_tokens", "dtype", "device")}
+    with BlockProgress(out_dir, f"{stat}:{calib_name}", {"model": model_dir, "calib": calib_pt, **(inputs or {})},
+                       settings) as resume:
+        compute_statistic(stat, model, tokens, out_dir, calib_name, model_key, inputs=inputs, device=device,
+                          chunk_tokens=compute.get("calib_chunk_tokens", 65536), access=access,
+                          streams=plan.streams, resume=resume if access is not None else None)
 
 
 def pack(name: str, src, out_dir, pack_cfg: dict, compute: dict | None = None) -> dict:

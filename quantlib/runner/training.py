@@ -51,12 +51,13 @@ def train(params: Sequence, optimiser: Callable[[Sequence], torch.optim.Optimize
           schedule: Callable[[int, int], float], loss_of: Callable[[list[int]], torch.Tensor], n: int, epochs: int,
           batch: int, generator: torch.Generator, label: str, clip: float | None = None, max_steps: int | None = None,
           check: Callable[[int], None] | None = None, progress_every: int | None = None,
-          lower: str = "the learning rate (option lr)") -> History:
+          lower: str = "the learning rate (option lr)", backward: bool = True) -> History:
     """Train `params` (tensors or parameter groups) with `optimiser(params)` for `epochs` passes over `n` windows,
     `batch` windows per step in an order drawn from `generator` each epoch, at most `max_steps` steps (default: all
     of them); the learning rate follows `schedule(step, total)`. `clip` bounds the gradient norm, `check(step)` runs
     after every step (it raises to stop), `progress_every` steps are logged. `label` names the run in messages;
-    `lower` is what to lower when the loss stops being finite."""
+    `lower` is what to lower when the loss stops being finite. Without `backward`, `loss_of` computes the gradients
+    itself (a streamed backward, `quantlib.stats.streamed`) and returns the loss detached."""
     history = History()
     total = epochs * math.ceil(n / batch) if max_steps is None else max_steps
     if total == 0:
@@ -71,11 +72,12 @@ def train(params: Sequence, optimiser: Callable[[Sequence], torch.optim.Optimize
             for b0 in range(0, n, batch):
                 if step >= total:
                     break
+                opt.zero_grad(set_to_none=True)
                 loss = loss_of(order[b0:b0 + batch])
                 if not torch.isfinite(loss):
                     raise NumericalError(f"{label}: the loss is {loss.item()} at step {step + 1}; lower {lower}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if backward:
+                    loss.backward()
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(clipped, clip)
                 history.lrs.append(opt.param_groups[0]["lr"])

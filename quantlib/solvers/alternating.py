@@ -53,12 +53,16 @@ def fit(x: torch.Tensor, b: int, rounds: int, offset: bool) -> tuple[torch.Tenso
     """ALTERNATING on the rows of x (R, n): (alphas (R, b) descending, level index (R, n), offsets (R,))."""
     alphas, index = greedy(x, b)
     o = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    eye = 1e-6 * torch.eye(b, dtype=x.dtype, device=x.device)
+    # The b x b systems are solved in float64: B^T B holds counts up to n, beside which float32 loses the 1e-6 ridge,
+    # and a group whose sign planes coincide (one outlier among near-equal weights: a row of Gemma 3's down_proj)
+    # is then exactly singular.
+    eye = 1e-6 * torch.eye(b, dtype=torch.float64, device=x.device)
     for _ in range(rounds):
         B = (signs_of(index, b).to(x.dtype) * 2 - 1).permute(1, 2, 0)  # (R, n, b)
-        A = B.transpose(1, 2) @ B + eye
-        rhs = (B * (x - o.unsqueeze(1)).unsqueeze(-1)).sum(1)
-        alphas = torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1).abs().sort(-1, descending=True).values
+        A = (B.transpose(1, 2) @ B).double() + eye
+        rhs = (B * (x - o.unsqueeze(1)).unsqueeze(-1)).sum(1).double()
+        alphas = torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1).to(x.dtype)
+        alphas = alphas.abs().sort(-1, descending=True).values
         index = nearest_level(x - o.unsqueeze(1), alphas)
         if offset:
             o = (x - _apply(alphas, index)).mean(-1)

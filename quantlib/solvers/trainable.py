@@ -62,26 +62,33 @@ class UniformFakeQuant(FakeQuantLinear):
 
 
 class TrainableUniformLinear(torch.nn.Module):
-    """A quantized linear with fixed codes: w = s (q - z) (+ fixed outliers), s and z trainable per (row, group)."""
+    """A quantized linear with fixed codes: w = s (q - z) (+ fixed outliers), s and z trainable per (row, group).
+    `scale` and `zero` (Parameters) are taken as they are when given: trainables that outlive the module (a model
+    read block by block builds the module anew each time it reads the block)."""
 
-    def __init__(self, rep, bias: torch.Tensor | None, train_zero: bool):
+    def __init__(self, rep, bias: torch.Tensor | None, train_zero: bool, scale: torch.nn.Parameter | None = None,
+                 zero: torch.nn.Parameter | None = None):
         super().__init__()
         self.outliers = rep.outliers if isinstance(rep, OutlierQuantized) else None
         base = rep.base if isinstance(rep, OutlierQuantized) else rep
         self.bits, self.group_size = base.grid.bits, base.grid.group_size
-        self.register_buffer("codes", base.codes.float())
-        self.register_buffer("columns", group_index(base.codes.shape[1], base.grid.group_size))
-        self.scale = torch.nn.Parameter(base.grid.scale.float().clone())
-        zero = base.grid.zero.float().clone()
-        self.zero = torch.nn.Parameter(zero) if train_zero else None
+        self.register_buffer("codes", base.codes)  # uint8: promoted to float inside the weight's one expression
+        self.scale = scale if scale is not None else torch.nn.Parameter(base.grid.scale.float().clone())
+        fixed = base.grid.zero.float().clone()
+        self.zero = (zero if zero is not None else torch.nn.Parameter(fixed)) if train_zero else None
         if not train_zero:
-            self.register_buffer("zero_fixed", zero)
+            self.register_buffer("zero_fixed", fixed)
         self.register_buffer("dense_outliers", None if self.outliers is None else self.outliers.dense())
         self.register_buffer("bias", bias)
 
     def weight_now(self) -> torch.Tensor:
+        """s (q - z), each (row, group)'s s and z broadcast over the group's columns (no gather: as costly as the
+        layer's product otherwise, and the distillation forms the weight twice per step)."""
         zero = self.zero if self.zero is not None else self.zero_fixed
-        w = self.scale[:, self.columns] * (self.codes - zero[:, self.columns])
+        d_out, d_in = self.codes.shape
+        groups = self.scale.shape[1]
+        q = self.codes.view(d_out, groups, d_in // groups)
+        w = (self.scale[:, :, None] * (q - zero[:, :, None])).view(d_out, d_in)
         return w if self.dense_outliers is None else w + self.dense_outliers
 
     def forward(self, x):

@@ -10,10 +10,12 @@ safetensors file per decoder block, so a reader holds one block at a time.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
@@ -33,26 +35,37 @@ def block_file(i: int) -> str:
     return f"block{i:04d}.safetensors"
 
 
-def fp_blocks(model, tokens: torch.Tensor, device: str, chunk_tokens: int, progress: bool, desc: str, access=None):
+def fp_blocks(model, tokens: torch.Tensor, device: str, chunk_tokens: int, progress: bool, desc: str, access=None,
+              resume=None):
     """Walk the decoder blocks of the unquantized model: yields (index, block, states), the block on the device and
     `states` its inputs per chunk of windows (as `capture.block_inputs` gives them, `chunk` windows each); after each
     step the block's outputs become the next block's inputs. `access` is the runner's `BlockAccess` (lazy: each
-    block read from disk and freed after)."""
+    block read from disk and freed after). `resume` (a `quantlib.runner.progress.BlockProgress`, made by the job)
+    keeps the walk's state after each block, the caller's block files written into `resume.checkpoint`: a walk
+    started again skips the blocks an earlier attempt finished."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     access = access or BlockAccess(model)
     chunk = max(1, min(len(tokens), chunk_tokens // tokens.shape[1]))
+    done = SimpleNamespace(layers={}, blocks=[])  # what the progress record keeps besides the streams: nothing
+    start = resume.begin(len(blocks), done) if resume is not None else 0
     with torch.no_grad():
-        with access.outer(device):
+        with access.outer(device):  # block 0's inputs: cheap, and they give every chunk's keyword arguments
             states = capture.States(capture.block_inputs(model, blocks, tokens, chunk, device), "memory", None,
                                     device)
-        for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, mininterval=5):
+        restored = resume.restore("memory", None, device) if resume is not None else None
+        if restored is not None:
+            states.hidden = restored["fp"]
+        for i in tqdm(range(start, len(blocks)), desc=desc, disable=not progress, mininterval=5, initial=start,
+                      total=len(blocks)):
             block = access.open(i, device)
             t0 = time.time()
             yield i, block, states, chunk
             states = states.through(block)
             log.info("%s: block %d/%d in %.1fs", desc, i + 1, len(blocks), time.time() - t0)
             access.close(i, block)
+            if resume is not None:
+                resume.finished(i, done, {"fp": states.hidden})
 
 
 class BlockFiles:
@@ -133,10 +146,12 @@ def open_statistic(stat: str, path, spec) -> StatisticReader:
 
 def compute_statistic(name: str, model, tokens: torch.Tensor, out_dir, calib_name: str, model_key: str,
                       inputs: dict | None = None, device: str = "cpu", chunk_tokens: int = 65536,
-                      progress: bool = True, access=None) -> None:
+                      progress: bool = True, access=None, streams: str = "memory", resume=None) -> None:
     """Compute the statistics artifact `name` (a statistic and its parameters, as `{stat}.g4`); `inputs`
     maps each statistic it is computed from to its artifact. `access`: the blocks of a model read lazily (only for
-    a statistic whose catalog entry is `block_by_block`)."""
+    a statistic whose catalog entry is `block_by_block`); `streams`: where a statistic computed with a streamed
+    backward keeps its activations (`memory` or `disk`); `resume`: the job's progress (a block-by-block statistic
+    started again goes on after the last block an earlier attempt finished)."""
     stat, params = registry.parse_stat_name(name)
     missing = [n for n in registry.STATISTICS[stat].needs if n not in (inputs or {})]
     if missing:
@@ -144,5 +159,8 @@ def compute_statistic(name: str, model, tokens: torch.Tensor, out_dir, calib_nam
     if access is not None and not registry.STATISTICS[stat].block_by_block:
         raise ValueError(f"{name} is not computed block by block: it needs the whole model in memory")
     compute = registry.load_impl(registry.STATISTICS[stat].impl)
+    extra = {"streams": streams} if registry.STATISTICS[stat].backward else {}
+    if resume is not None and "resume" in inspect.signature(compute).parameters:  # a plugin's may not take it
+        extra["resume"] = resume
     compute(model, tokens, out_dir, {"model": model_key, "calib": calib_name}, params=params, inputs=inputs or {},
-            device=device, chunk_tokens=chunk_tokens, progress=progress, access=access)
+            device=device, chunk_tokens=chunk_tokens, progress=progress, access=access, **extra)

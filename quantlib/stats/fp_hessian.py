@@ -22,14 +22,15 @@ log = logging.getLogger("quantlib")
 
 def capture_fp_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict | None = None,
                         inputs: dict | None = None, device: str = "cpu", chunk_tokens: int = 65536,
-                        progress: bool = True, access=None) -> None:
+                        progress: bool = True, access=None, resume=None) -> None:
     """Write the `fp_hessian` artifact: per block, the Hessian of each subgroup's input (keyed by the subgroup's
     first layer), the block's outputs from its unquantized weights going on to the next block."""
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     t0 = time.time()
-    with atomic_dir(out_dir, seal=True) as tmp:
-        for i, block, states, _ in fp_blocks(model, tokens, device, chunk_tokens, progress, "fp hessians", access):
+    with atomic_dir(out_dir, seal=True, into=getattr(resume, "checkpoint", None)) as tmp:
+        for i, block, states, _ in fp_blocks(model, tokens, device, chunk_tokens, progress, "fp hessians", access,
+                                             resume):
             found = capture.hessians(block, adapter.subgroups, states, device, stop=False)
             save_file({group[0]: H.cpu().contiguous() for group, H in zip(adapter.subgroups, found)},
                       str(tmp / block_file(i)))

@@ -7,26 +7,38 @@ pass of the unquantized model per calibration window, the loss the mean cross-en
 - `saliency`: per window and token, the squared output gradient (10^3 dl/dz)^2 averaged over G contiguous blocks
   of output channels (bfloat16, (windows, tokens, G)); g blocks for any g dividing G are averages of G/g adjacent
   ones.
-Weight gradients are folded into the Fisher accumulators as backward produces them, so beyond the accumulators at
-most one layer's gradient is held at a time.
+
+The model is read block by block (`quantlib.stats.streamed.BlockChain`): every window goes forward through the
+blocks with each block's inputs kept; the loss's gradient w.r.t. the final states is taken per window (the model's
+own final norm and head, a few hundred tokens' logits at a time); then the windows go back through one block at a
+time, last to first, its forward recomputed from its kept inputs. The windows are the inner loop of each block's
+backward, so only that block's Fisher sums are held: each window's weight gradient is folded into them as backward
+produces it (at most one layer's gradient at a time), and the block's shard is written as soon as its last window
+is through. Equal to one whole-model backward per window (`tests/stats/test_streamed.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from quantlib.access.adapters import adapter_for, check_row_groups
+from quantlib.access.blocks import BlockAccess
 from quantlib.artifacts.atomic import atomic_dir, versions
 from quantlib.artifacts.integrity import rebuild_hint
+from quantlib.catalog.statistics import LOSS_LOGITS
 from quantlib.errors import DataError, NumericalError
+from quantlib.stats import capture
 from quantlib.stats.artifacts import StatisticReader, block_file
+from quantlib.stats.streamed import BlockChain, final_states
 
 log = logging.getLogger("quantlib")
 SALIENCY_SCALE = 1e3  # GuidedQuant's: keeps the squared gradients away from bfloat16's underflow
@@ -48,72 +60,111 @@ def check_groups(model, groups: int, what: str) -> None:
         check_row_groups(d_out, groups, name, what)
 
 
+def _end_loss_gradients(model, blocks, tokens, final, chain, access, device) -> tuple[list[float], object]:
+    """Per window, the loss (mean next-token cross-entropy of the model's own logits: final norm and head) and its
+    gradient w.r.t. the final states `final` (a stream, dropped). The logits are taken `LOSS_LOGITS // vocabulary`
+    tokens at a time (each token's share of the loss and of its gradient is its own), so the head's working set
+    stays a few logits tensors of 16 MB instead of the whole window's."""
+    n, L = tokens.shape
+    step = max(1, min(L, LOSS_LOGITS // model.config.vocab_size))
+    losses, grads = [], chain.stream()
+    with access.outer(device, head=True), final_states(blocks, chain.tuple_output) as feed:
+        for w in range(n):
+            x = final[w].detach()
+            ids = tokens[w:w + 1].to(device)
+            labels = torch.full_like(ids, -100)
+            labels[:, :-1] = ids[:, 1:]
+            grad, loss = torch.empty_like(x), 0.0
+            for s in range(0, L, step):
+                part = x[:, s:s + step].detach().requires_grad_(True)
+                feed(part)
+                with torch.enable_grad():
+                    logits = model(ids[:, s:s + step], use_cache=False).logits.float()
+                    piece = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, s:s + step].reshape(-1),
+                                            ignore_index=-100, reduction="sum") / (L - 1)
+                piece.backward()
+                grad[:, s:s + step] = part.grad
+                loss += piece.item()
+                del logits, piece, part
+            if not math.isfinite(loss):
+                raise NumericalError(f"the loss of calibration window {w} is {loss}; check the model's weights and "
+                                     "compute dtype")
+            grads.append(grad)
+            losses.append(loss)
+    final.drop()
+    return losses, grads
+
+
 def capture_gradients(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict, inputs: dict | None = None,
-                      device: str = "cpu", progress: bool = True, **_) -> None:
-    """Write the `gradients.G{G}` artifact (see the module's docstring)."""
+                      device: str = "cpu", progress: bool = True, access=None, streams: str = "memory", **_) -> None:
+    """Write the `gradients.G{G}` artifact (see the module's docstring). `access` reaches the blocks (default: the
+    model's own, in memory; lazy: each read from disk and freed after); `streams` is where the kept activations and
+    gradients are (`memory` or `disk`)."""
     G = params["G"]
     check_groups(model, G, "the saliency's group count G")
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
+    access = access or BlockAccess(model)
     n, L = tokens.shape
-    model.to(device)
-    model.requires_grad_(False)
-    names = [(i, name, lin) for i, b in enumerate(blocks) for name, lin in adapter.linears(b)]
-    fisher = {(i, name): torch.zeros(lin.weight.shape, dtype=torch.float32, device=device) for i, name, lin in names}
-    saliency = {(i, name): torch.empty(n, L, G, dtype=torch.bfloat16) for i, name, _ in names}
-    window = {"n": 0}
-    handles = []
-    for i, name, lin in names:
-        key = (i, name)
-        lin.weight.requires_grad_(True)
-
-        def fold(p, key=key):  # the squared gradient of this window into the Fisher, then free the gradient
-            fisher[key].add_(p.grad.float().square())
-            p.grad = None
-
-        def keep_output(module, args, out, key=key):
-            def saliency_of(grad):
-                s = (grad.float() * SALIENCY_SCALE).square().reshape(grad.shape[0], L, G, -1).mean(-1)
-                saliency[key][window["n"]] = s[0].to(torch.bfloat16).cpu()
-            out.register_hook(saliency_of)
-
-        handles.append(lin.weight.register_post_accumulate_grad_hook(fold))
-        handles.append(lin.register_forward_hook(keep_output))
+    model.requires_grad_(False)  # only the quantized linears' weights, block by block (`fold`)
     t0 = time.time()
-    losses = []
-    try:
-        for w in tqdm(range(n), desc="gradients", disable=not progress, mininterval=5):
-            window["n"] = w
-            ids = tokens[w:w + 1].to(device)
-            loss = model(ids, labels=ids, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise NumericalError(f"the loss of calibration window {w} is {float(loss)}; check the model's "
-                                     "weights and compute dtype")
-            loss.backward()
-            losses.append(loss.item())
-            if (w + 1) % max(1, n // 8) == 0 or w + 1 == n:
-                log.info("gradients: window %d/%d, loss %.4f, %.1fs", w + 1, n, losses[-1], time.time() - t0)
-    finally:
-        for h in handles:
-            h.remove()
-        model.requires_grad_(False)
-    for (i, name), F in fisher.items():
-        if not torch.isfinite(F).all():
-            raise NumericalError(f"the gradients of layer '{adapter.blocks}.{i}.{name}' contain NaN or Inf")
-    with atomic_dir(out_dir, seal=True) as tmp:
-        for i in range(len(blocks)):
-            part = {}
-            for b, name, _ in names:
-                if b == i:
-                    part[f"{name}.fisher"] = fisher[(b, name)].cpu().contiguous()
-                    part[f"{name}.saliency"] = saliency[(b, name)].contiguous()
-            save_file(part, str(tmp / block_file(i)))
-        manifest = {"stat": "gradients", **meta, "G": G, "scale": SALIENCY_SCALE, "windows": n, "seqlen": L,
-                    "tokens_sha256": tokens_digest(tokens), "blocks": len(blocks), "block_path": adapter.blocks,
-                    "layers": sorted({name for _, name, _ in names}), "loss": [round(x, 6) for x in losses],
-                    "device": device, "dtype": str(next(model.parameters()).dtype),
-                    "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 2), "versions": versions()}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    with torch.no_grad(), access.outer(device):
+        states = capture.block_inputs(model, blocks, tokens, 1, device)
+    layers = []
+    with BlockChain(access, [kw for _, kw in states], device, streams) as chain:
+        final = chain.forward([h for h, _ in states], len(blocks))
+        del states
+        log.info("gradients: forward through %d blocks in %.1fs", len(blocks), time.time() - t0)
+        losses, grads = _end_loss_gradients(model, blocks, tokens, final, chain, access, device)
+        with atomic_dir(out_dir, seal=True) as tmp:
+
+            @contextlib.contextmanager
+            def fold(i, block):
+                """Block i's Fisher sums and saliency while its windows go back through it; its shard after."""
+                linears = adapter.linears(block)
+                fisher = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=device)
+                          for name, lin in linears}
+                saliency = {name: torch.empty(n, L, G, dtype=torch.bfloat16) for name, _ in linears}
+                block.requires_grad_(False)
+                handles = []
+                for name, lin in linears:
+                    def add(p, name=name):  # this window's squared gradient into the Fisher, the gradient freed
+                        fisher[name].add_(p.grad.float().square())
+                        p.grad = None
+
+                    def keep_output(module, args, out, name=name):
+                        def saliency_of(grad):
+                            s = (grad.float() * SALIENCY_SCALE).square().reshape(grad.shape[0], L, G, -1).mean(-1)
+                            saliency[name][chain.position[1]] = s[0].to(torch.bfloat16).cpu()
+                        out.register_hook(saliency_of)
+
+                    lin.weight.requires_grad_(True)
+                    handles.append(lin.weight.register_post_accumulate_grad_hook(add))
+                    handles.append(lin.register_forward_hook(keep_output))
+                try:
+                    yield
+                finally:
+                    for h in handles:
+                        h.remove()
+                    block.requires_grad_(False)
+                part = {}
+                for name, F in fisher.items():
+                    if not torch.isfinite(F).all():
+                        raise NumericalError(f"the gradients of layer '{adapter.blocks}.{i}.{name}' contain NaN or "
+                                             "Inf")
+                    part[f"{name}.fisher"] = F.cpu().contiguous()
+                    part[f"{name}.saliency"] = saliency[name].contiguous()
+                save_file(part, str(tmp / block_file(i)))
+                layers.extend(fisher)
+
+            chain.backward(grads, install=fold, label="gradients" if progress else "")
+            manifest = {"stat": "gradients", **meta, "G": G, "scale": SALIENCY_SCALE, "windows": n, "seqlen": L,
+                        "tokens_sha256": tokens_digest(tokens), "blocks": len(blocks), "block_path": adapter.blocks,
+                        "layers": sorted(set(layers)), "loss": [round(x, 6) for x in losses], "device": device,
+                        "dtype": str(next(model.parameters()).dtype), "streams": streams,
+                        "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 2),
+                        "versions": versions()}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("gradients: %d windows in %.1fs, mean loss %.4f", n, time.time() - t0, sum(losses) / n)
 
 

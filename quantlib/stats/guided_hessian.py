@@ -24,7 +24,7 @@ log = logging.getLogger("quantlib")
 
 def capture_guided_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict, inputs: dict,
                             device: str = "cpu", chunk_tokens: int = 65536, progress: bool = True, access=None,
-                            **_) -> None:
+                            resume=None, **_) -> None:
     """Write the `guided_hessian.g{g}` artifact from the FP model's inputs and the `gradients` artifact."""
     g = params["g"]
     check_groups(model, g, "the guided objective's group count g")
@@ -33,9 +33,9 @@ def capture_guided_hessians(model, tokens: torch.Tensor, out_dir, meta: dict, pa
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     t0 = time.time()
-    with atomic_dir(out_dir, seal=True) as tmp:
+    with atomic_dir(out_dir, seal=True, into=getattr(resume, "checkpoint", None)) as tmp:
         for i, block, states, chunk in fp_blocks(model, tokens, device, chunk_tokens, progress, "guided hessians",
-                                                 access):
+                                                 access, resume):
             weights = {name: grads.saliency(i, name, g) for group in adapter.subgroups for name in group}
             found = capture.hessians(block, adapter.subgroups, states, device, stop=False, weights=weights,
                                      chunk=chunk)

@@ -1,0 +1,1 @@
+"""Orthogonal transforms shared by incoherence processing (QTIP) and rotations (QuaRot, SpinQuant)."""
