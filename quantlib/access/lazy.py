@@ -24,6 +24,8 @@ from quantlib.artifacts.integrity import rebuild_hint, verify
 from quantlib.catalog.names import QUANT_METHOD
 from quantlib.errors import DataError
 from quantlib.formats import load_representation
+from quantlib.transforms.activations import CONFIG_KEY as FORWARD_KEY
+from quantlib.transforms.activations import install as install_forward
 
 INDEX = "model.safetensors.index.json"
 
@@ -140,6 +142,8 @@ class LazyModel:
             self.model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
         self.model.config.use_cache = False
         self.model.eval()
+        if raw.get(FORWARD_KEY):  # a weight-and-activation quantized model: its quantized forward, as stored
+            install_forward(self.model, raw[FORWARD_KEY])
         self.source = WeightSource(self.path)
         self.blocks = self.adapter.block_list(self.model)
         self.prefix = self.adapter.blocks

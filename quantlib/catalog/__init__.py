@@ -4,4 +4,4 @@ what it needs (`registry` holds the machinery, one module per family the entries
 
 # Imported for their registrations (each module registers its entries when imported).
 # Imported in this order: statistics and formats first, since methods name them.
-from quantlib.catalog import statistics, formats, uniform, lookup_table, binary_coding  # noqa: F401, I001
+from quantlib.catalog import statistics, formats, uniform, lookup_table, binary_coding, rotations, vector  # noqa: F401, I001

@@ -5,6 +5,7 @@ each exists only on specs it affects, so no two names build the same model."""
 
 from __future__ import annotations
 
+from quantlib.catalog import registry
 from quantlib.catalog.names import Option, register_option
 from quantlib.errors import ConfigError
 
@@ -32,6 +33,44 @@ BLOCKS = Option(
     "large model quickly; the setting is part of the short name, so such a model never passes for a full one")
 for _o in (DAMP, TRUE_SEQUENTIAL, FP_INPUTS, GUIDED, SYM, BLOCKS):
     register_option(_o, "the runner")
+
+# The quantized model's forward beyond its weights (`quantlib.transforms.activations`): activations at every decoder
+# linear's input, per token, and the key/value cache, per token and head. 16 bits: not quantized. The clipping
+# ratios are QuaRot's (0.9 for activations, 0.95 for the KV cache).
+ACT_BITS = Option("act_bits", 16, int, "a", "bits of every decoder linear's input activations, per token (16: not "
+                  "quantized)")
+ACT_SYM = Option("act_sym", False, bool, "actsym", "symmetric activation grid (default asymmetric, per token)")
+ACT_CLIP = Option("act_clip", 0.9, float, "aclip", "activation clipping ratio: each token's range shrunk by this factor")
+KV_BITS = Option("kv_bits", 16, int, "kv", "bits of the key and value cache, per token and head (16: not quantized)")
+KV_SYM = Option("kv_sym", False, bool, "kvsym", "symmetric KV-cache grid (default asymmetric)")
+KV_CLIP = Option("kv_clip", 0.95, float, "kvclip", "KV-cache clipping ratio")
+KV_GROUP = Option("kv_group", 0, int, "kvg", "KV-cache group size along each head (0: the whole head)")
+FORWARD = (ACT_BITS, ACT_SYM, ACT_CLIP, KV_BITS, KV_SYM, KV_CLIP, KV_GROUP)
+for _o in FORWARD:
+    register_option(_o, "the quantized forward")
+
+
+def forward_settings(spec) -> dict | None:
+    """The quantized forward a spec's model runs (`quantlib.transforms.activations.ForwardQuant`'s fields), or None
+    when it is the plain one: no quantized activations or cache and no rotation needing online Hadamards."""
+    rotated = any(registry.component("preprocess", p).scope == "model" for p in spec.preprocess)
+    out = {o.key: spec.opt_or(o.key, o.default) for o in FORWARD}
+    out["rotated"] = rotated
+    if not rotated and out["act_bits"] >= 16 and out["kv_bits"] >= 16:
+        return None
+    return out
+
+
+def check_forward(spec) -> None:
+    """Refusals of the forward options."""
+    for key in ("act_bits", "kv_bits"):
+        if not 2 <= spec.opt(key) <= 16:
+            raise ConfigError(f"{key} must be between 2 and 16 (16: not quantized), got {spec.opt(key)}")
+    for key in ("act_clip", "kv_clip"):
+        if not 0 < spec.opt(key) <= 1:
+            raise ConfigError(f"{key} is a fraction of each token's range in (0, 1], got {spec.opt(key)}")
+    if spec.opt("kv_group") < 0:
+        raise ConfigError(f"kv_group must be >= 0 (0: the whole head), got {spec.opt('kv_group')}")
 
 
 def block_training(epochs: int, lr: float, batch: int = 1, qdrop: float = 0.5) -> tuple[Option, ...]:

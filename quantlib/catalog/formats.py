@@ -15,6 +15,9 @@ register_format(Format("spqr", "quantlib.formats.spqr:SpqrQuantized", "SpQR",
                             "second level), plus float16 outliers"))
 
 
+register_format(Format("trellis", "quantlib.formats.trellis:TrellisQuantized", "trellis (QTIP)",
+                       help="k bits per weight: tail-biting bitshift-trellis codes of incoherence-processed 16 x 16 "
+                            "tiles, a scale and two Hadamard sign seeds per layer"))
 register_format(Format("bcq", "quantlib.formats.bcq:BcqQuantized", "binary coding",
                        help="b sign planes (1 bit per weight each) with b float16 scales and a float16 offset per "
                             "(row, group)"))

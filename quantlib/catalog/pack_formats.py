@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from quantlib.catalog import registry
+from quantlib.catalog.contract import forward_settings
 from quantlib.errors import ConfigError
 
 
@@ -107,6 +108,9 @@ def packable(spec, fmt: str) -> str | None:
     entry = pack_format(fmt)
     if spec.is_fp:
         return "an FP model has nothing to pack (the unquantized model has no codes); pack a quantized model's name"
+    if forward_settings(spec) is not None:
+        return ("its forward quantizes activations or the KV cache or applies online Hadamards, which a packed "
+                "layout (weights only) does not carry")
     layer_format = registry.component("solver", spec.solver).format_for(spec)
     if layer_format not in entry.accepts:
         return f"its layers are stored as '{layer_format}'; {fmt} holds {' or '.join(entry.accepts)} layers"

@@ -49,6 +49,9 @@ class Component:
     defaults: tuple[tuple[str, Any], ...] = ()
     takes_guided: bool = False
     damp_ladder: str = "gptq"
+    # Preprocessors: "layer" (`preprocess(W, task) -> W'`, per subgroup) or "model" (`apply(model, spec, tokens)`,
+    # the whole model transformed in memory before the walk, e.g. QuaRot's rotations).
+    scope: str = "layer"
 
     def load(self) -> Callable:
         return load_impl(self.impl)
@@ -154,6 +157,8 @@ def register(component: Component) -> Component:
         raise ValueError(f"method name '{component.name}' must be lower case letters, digits and '_'")
     if component.mode not in MODES:
         raise ValueError(f"{component.name}: mode must be one of {MODES}")
+    if component.scope not in ("layer", "model"):
+        raise ValueError(f"{component.name}: scope must be 'layer' or 'model'")
     for need in component.needs + tuple(n for o in component.options for n in o.removes_needs):
         if need not in NEEDS and need not in STATISTICS:
             raise ValueError(f"{component.name}: unknown need '{need}' (known: {', '.join([*NEEDS, *STATISTICS])})")

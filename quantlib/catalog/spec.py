@@ -120,6 +120,8 @@ class QuantSpec:
             raise ConfigError(f"blocks is a number of decoder blocks to quantize (0: all), got {self.opt('blocks')}")
         if self.mode == "block":
             contract.check_block_training(self)
+        else:
+            contract.check_forward(self)
         for comp in self.components():
             if comp.check:
                 comp.check(self)
@@ -219,6 +221,8 @@ class QuantSpec:
         solver = registry.component("solver", self.solver) if not self.is_fp else None
         own_defaults = dict(solver.defaults) if solver else {}
         applied = [] if self.is_fp else [contract.BLOCKS]
+        if not self.is_fp and solver.mode != "block":
+            applied += list(contract.FORWARD)
         if self.needs_hessian:
             applied.append(contract.DAMP)
             if self.mode == "layer":

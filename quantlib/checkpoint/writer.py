@@ -148,6 +148,8 @@ class CheckpointWriter:
                        "avg_bits_per_weight": average_bits(report.layers), **(extra or {}), "layers": report.layers}
         if report.blocks:
             diagnostics["blocks"] = report.blocks
+        if getattr(report, "preprocess", None):
+            diagnostics["preprocess"] = report.preprocess
         (tmp / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2))
 
 

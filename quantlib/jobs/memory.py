@@ -148,8 +148,17 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
     training = 3 * shapes.block_params * 4 if mode == "block" else 0
     block += (0 if mode == "block" else solve) + stats + training
     embeddings = shapes.vocab * shapes.hidden * b
-    return {"capture": capture, "block": block,
-            "finish": 2 * embeddings * (1 if shapes.tied else 2)}  # save_file copies each tensor to bytes
+    phases = {"capture": capture, "block": block,
+              "finish": 2 * embeddings * (1 if shapes.tied else 2)}  # save_file copies each tensor to bytes
+    if any(registry.component("preprocess", p).scope == "model" for p in spec.preprocess):
+        # a rotation holds the whole model (head untied) through every phase; rotating a matrix makes a float64 copy
+        whole = shapes.blocks * shapes.block_params * b + 2 * embeddings
+        phases = {k: v + whole for k, v in phases.items()}
+        phases["rotate"] = whole + 2 * embeddings * 8 // b
+        if "spinquant" in spec.preprocess:  # the rotated copy of every weight, its gradient, one window's activations
+            phases["rotate"] += 2 * whole + 4 * spec.opt("spin_batch") * spec.calib.seqlen * (
+                shapes.blocks * (8 * shapes.hidden + 3 * shapes.intermediate) + shapes.vocab)
+    return phases
 
 
 def plan_quantize(cfg: dict, spec, compute: dict, dtype_bytes: int = 4) -> Plan:

@@ -39,7 +39,7 @@ from quantlib.jobs.memory import (
 from quantlib.runner.distill import distill as train
 from quantlib.runner.group import QuantizedModelReport
 from quantlib.runner.progress import BlockProgress
-from quantlib.runner.walk import quantize_model
+from quantlib.runner.walk import quantize_model, transforms_model
 from quantlib.stats.artifacts import compute_statistic, open_statistic
 
 log = logging.getLogger("quantlib")
@@ -115,7 +115,12 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     lazy = LazyModel(model_dir, dtype, attn)
     writer = CheckpointWriter()
     prefix = lazy.prefix
-    access = BlockAccess(lazy.model, lazy=lazy,
+    # A spec that transforms the whole model first (rotations) holds it in memory; its outside-the-blocks tensors
+    # (rotated embeddings, untied head) are then the model's own, not the checkpoint's.
+    whole = transforms_model(spec)
+    if whole:
+        lazy.load_all()
+    access = BlockAccess(lazy.model, lazy=None if whole else lazy,
                          on_block=lambda i, block: writer.write_block(i, f"{prefix}.{i}", block.state_dict()))
     # Progress kept beside the output after each block (its shard, the streams after it): a job killed and started
     # again goes on from the block after the last finished one, to the same bytes (quantlib.runner.progress).
@@ -133,7 +138,8 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
             extra["calibration"] = {k: v for k, v in json.loads(Path(inputs["calib_json"]).read_text()).items()
                                     if k not in ("draws", "window_parts")}
         extra["total_seconds"] = round(time.time() - t0, 2)
-        writer.save(lazy.model, spec, report, out_dir, model_dir, extra, outer_state=lazy.outer_state())
+        writer.save(lazy.model, spec, report, out_dir, model_dir, extra,
+                    outer_state=None if whole else lazy.outer_state())
     log.info("%s quantized in %.1fs", name, time.time() - t0)
 
 

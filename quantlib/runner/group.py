@@ -23,6 +23,7 @@ class QuantizedModelReport:
     layers: dict = field(default_factory=dict)  # full layer name -> diagnostics
     reps: dict = field(default_factory=dict)  # full layer name -> representation (when no `on_layer` took them)
     blocks: list = field(default_factory=list)  # per-block diagnostics (block-wise mode)
+    preprocess: dict = field(default_factory=dict)  # model-scope preprocessors' diagnostics (rotations' training)
     seconds: float = 0.0
 
 
@@ -60,7 +61,8 @@ class GroupQuantizer:
         if isinstance(H, GuidedHessian):
             self._guided(block_idx, adapter, group, linears, W, H, stats, t)
             return
-        result = self.solver(W, H, f"{adapter.blocks}.{block_idx}.{'+'.join(group)}", stats)
+        result = self.solver(W, H, f"{adapter.blocks}.{block_idx}.{'+'.join(group)}", stats,
+                             tuple(lin.out_features for lin in linears))
         self._check_format(result.rep)
         row = 0
         for name, lin in zip(group, linears):

@@ -27,6 +27,7 @@ import torch
 from quantlib.access.adapters import adapter_for, check_group_size
 from quantlib.access.blocks import BlockAccess
 from quantlib.catalog import registry
+from quantlib.catalog.contract import forward_settings
 from quantlib.errors import ConfigError
 from quantlib.runner.blockwise import quantize_blocks
 from quantlib.runner.datafree import quantize_without_forward
@@ -34,6 +35,7 @@ from quantlib.runner.group import GroupQuantizer, QuantizedModelReport
 from quantlib.runner.layerwise import quantize_layerwise
 from quantlib.runner.progress import BlockProgress, NoProgress
 from quantlib.solvers.contract import LayerSolver
+from quantlib.transforms.activations import install as install_forward
 
 
 def check_shapes(model, spec) -> None:
@@ -42,6 +44,30 @@ def check_shapes(model, spec) -> None:
     for i, block in enumerate(adapter.block_list(model)):
         for name, lin in adapter.linears(block):
             check_group_size(lin.in_features, spec.group_size, f"{adapter.blocks}.{i}.{name}")
+
+
+def transforms_model(spec) -> bool:
+    """Whether the spec transforms the whole model before the walk (a model-scope preprocessor: it needs the model
+    in memory, not read block by block)."""
+    return any(registry.component("preprocess", p).scope == "model" for p in spec.preprocess)
+
+
+def prepare_forward(model, spec, tokens, access: BlockAccess) -> dict:
+    """Before the walk: the spec's model-scope preprocessors (rotations) transform the whole model in memory, and
+    its quantized forward (activations, KV cache, online Hadamards: `contract.forward_settings`) is installed, so
+    that every Hessian is captured from the model as it will run. The settings land in the model's config, which the
+    checkpoint stores. Returns the preprocessors' diagnostics."""
+    out = {}
+    model_scope = [c for c in (registry.component("preprocess", p) for p in spec.preprocess) if c.scope == "model"]
+    if model_scope and access.lazy is not None:  # the rotations mix every block with the embeddings and the head
+        raise ConfigError(f"{spec.describe()} transforms the whole model before quantizing; load it in memory "
+                          "(not block by block)")
+    for comp in model_scope:
+        out[comp.name] = comp.load()(model, spec, tokens)
+    settings = forward_settings(spec)
+    if settings is not None:
+        install_forward(model, settings)
+    return out
 
 
 def quantized_blocks(model, spec) -> int:
@@ -117,6 +143,7 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
     report = QuantizedModelReport()
     sink = on_layer or report.reps.__setitem__
     t0 = time.time()
+    report.preprocess = prepare_forward(model, spec, tokens, access)
     mode = spec.mode
     if mode != "data_free" and spec.needs_tokens and tokens is None:
         raise ValueError(f"{spec.describe()} needs calibration tokens")

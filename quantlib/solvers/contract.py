@@ -38,6 +38,9 @@ class LayerTask:
     hessian: PreparedHessian | None = None
     init: Callable | None = None  # init(W, hdiag) -> grid, bound to the spec
     stats: dict = field(default_factory=dict)  # per-weight statistics of these rows (e.g. "fisher")
+    # rows of each layer stacked in W (q/k/v), for a solver whose representation mixes rows (QTIP's output-side
+    # transform); None: W is one layer (or rows a solver may cut anywhere)
+    rows: tuple[int, ...] | None = None
 
     def init_grid(self, W: torch.Tensor):
         """The spec's parameter init for W, weighted by the damped diag(H) where there is a Hessian."""
@@ -60,7 +63,9 @@ class LayerSolver:
         self.spec = spec
         solver = registry.component("solver", spec.solver)
         self.solve = solver.load()
-        self.preprocessors = [registry.component("preprocess", p).load() for p in spec.preprocess]
+        # model-scope preprocessors (rotations) ran on the whole model before the walk
+        self.preprocessors = [c.load() for c in (registry.component("preprocess", p) for p in spec.preprocess)
+                              if c.scope == "layer"]
         self.init = None
         if solver.takes_init:
             init = registry.component("init", spec.init).load()
@@ -69,20 +74,22 @@ class LayerSolver:
         self.act_order = spec.opt_or("act_order", False)
         self.ladder = solver.damp_ladder
 
-    def task(self, H: torch.Tensor | None, name: str, stats: dict | None = None) -> LayerTask:
+    def task(self, H: torch.Tensor | None, name: str, stats: dict | None = None,
+             rows: tuple[int, ...] | None = None) -> LayerTask:
         hessian = None if H is None else PreparedHessian(H, self.damp, self.act_order, name, self.ladder)
-        return LayerTask(name, self.spec, hessian, self.init, stats or {})
+        return LayerTask(name, self.spec, hessian, self.init, stats or {}, rows)
 
-    def __call__(self, W: torch.Tensor, H: torch.Tensor | None, name: str, stats: dict | None = None) -> SolveResult:
-        task = self.task(H, name, stats)
+    def __call__(self, W: torch.Tensor, H: torch.Tensor | None, name: str, stats: dict | None = None,
+                 rows: tuple[int, ...] | None = None) -> SolveResult:
+        task = self.task(H, name, stats, rows)
         # Preprocessing (e.g. MagR) changes what the solver quantizes; callers still compare with the original W.
         for pre in self.preprocessors:
             W = pre(W, task)
         return self.solve(W, task)
 
 
-def solve_layer(W: torch.Tensor, H: torch.Tensor | None, spec, name: str = "layer", stats: dict | None = None
-                ) -> SolveResult:
+def solve_layer(W: torch.Tensor, H: torch.Tensor | None, spec, name: str = "layer", stats: dict | None = None,
+                rows: tuple[int, ...] | None = None) -> SolveResult:
     """Quantize one weight matrix with its undamped mean Hessian H (None for data-free specs) as `spec` says;
     `stats` holds per-weight statistics a method reads (e.g. {"fisher": (d_out, d_in)})."""
-    return LayerSolver(spec)(W, H, name, stats)
+    return LayerSolver(spec)(W, H, name, stats, rows)

@@ -74,6 +74,34 @@ class ErrorFeedback:
                     target[j + 1:].addr_(Ub[j, j + 1:], e)
         self.done = d_in
 
+    def run_blocks(self, step, width: int) -> None:
+        """BlockLDLQ (QuIP#, QTIP): the columns in blocks of `width`, each block rounded jointly by
+        `step(k0, targets)` (targets (width, d_out), the block's columns as rows; returns their w_hat) with error
+        feedback between blocks only.
+
+        Grouping H = U D U^T by blocks, H = U_b D_b U_b^T with U_b = U M^-1 (M the diagonal blocks of U: U_b's are
+        identities) and D_b = M D M^T block diagonal; then target_B = w_B + sum_{j before B} e_j (U_b)_jB makes
+        (e U_b)_B the block's own rounding error, so the objective is sum_B r_B D_b,B r_B^T. A vector quantizer of
+        the block (minimising |r_B|^2, as QTIP's trellis does) then sees exactly the error feedback LDLQ gives a
+        column. width = 1 is `run` with a scalar step.
+        """
+        Wt, U, err = self.Wt, self.U, self.err
+        d_in = Wt.shape[0]
+        if d_in % width:
+            raise ValueError(f"BlockLDLQ: blocks of {width} columns do not tile {d_in} columns")
+        for b0 in range(0, d_in, width):
+            b1 = b0 + width
+            target = self.targets[b0:b1]
+            target.copy_(Wt[b0:b1])
+            if b0:
+                # (U_b)_{:b0, B} = U_{:b0, B} U_BB^-1 (U_BB unit upper triangular)
+                F = torch.linalg.solve_triangular(U[b0:b1, b0:b1], U[:b0, b0:b1], upper=True, left=False,
+                                                  unitriangular=True)
+                target.addmm_(F.T, err[:b0])
+            self.done = b0
+            torch.sub(Wt[b0:b1], step(b0, target), out=err[b0:b1])
+        self.done = d_in
+
 
 def is_relaxed(it: int, iterations: int) -> bool:
     """QuantEase's accelerated schedule (Algorithm 2): every third sweep (it = 1, 4, 7, ...) skips rounding, except

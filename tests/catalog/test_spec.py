@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from quantlib.catalog import names, registry
+from quantlib.catalog import contract, names, registry
 from quantlib.errors import ConfigError
 from quantlib.catalog.names import parse_ppl_protocol, ppl_protocol_name
 from quantlib.catalog.names import CalibSpec, parse_calib_name
@@ -15,7 +15,8 @@ CAL = CalibSpec("c4", 128, 2048)
 
 # A valid value away from the default for every option (an option with companions gets them in COMPANIONS).
 TEST_VALUES = {"outliers": 0.01, "qdrop": 0.25, "stat_bits": 16, "batch": 2, "grid": 1024, "grid_coarse": 32,
-               "clip_beta": 0.5}
+               "clip_beta": 0.5, "trellis_L": 12, "hyb_bits": 8, "act_bits": 4, "kv_bits": 4, "act_clip": 0.8, "kv_clip": 0.8,
+               "kv_group": 64, "spin_iters": 10, "spin_lr": 0.5, "spin_batch": 2}
 COMPANIONS = {"structured": {"outliers": 0.02}, "outlier_step": {"outliers": 0.02}, "true_sequential": {"fp_inputs": False}}
 
 
@@ -34,14 +35,21 @@ def _specs():
     cal = CalibSpec("wikitext2", 32, 512, 7)
     for solver in registry.SOLVERS.values():
         inits = list(registry.INITS) if solver.takes_init else ["minmax"]
-        pres = [()] + ([(p,) for p in registry.PREPROCESSORS] if solver.mode != "block" else [])
-        per_row = solver.format == "lut"  # one lookup table per row: no group size
+        # rotations (model-scope) refuse solvers reading statistics of the unrotated FP model, and `fpin`
+        rotation_ok = not any(n in registry.STATISTICS for n in solver.needs)
+        pres = [()] + ([(p,) for p, c in registry.PREPROCESSORS.items() if c.scope == "layer" or rotation_ok]
+                       if solver.mode != "block" else [])
+        per_row = solver.format in ("lut", "trellis")  # one table per row, one scale per layer: no group size
         for init, pre in itertools.product(inits, pres):
             for bits, gs in ((2, 128), (3, -1), (4, 64), (8, 32)):
-                yield QuantSpec.build("llama-2-7b", solver.name, bits, -1 if per_row else gs, init, pre, calib=CAL)
+                options = {"code_1mad": True} if solver.name == "qtip" and bits > 4 else {}  # HYB steps 2k <= 8 bits
+                yield QuantSpec.build("llama-2-7b", solver.name, bits, -1 if per_row else gs, init, pre, calib=CAL,
+                                      options=options)
             gs = -1 if per_row else 128
             base = QuantSpec.build("qwen-2.5-7b", solver.name, 3, gs, init, pre, calib=cal)
             for o in base.option_defs().values():
+                if o.key == "fp_inputs" and any(registry.PREPROCESSORS[p].scope == "model" for p in pre):
+                    continue
                 options = {**COMPANIONS.get(o.key, {}), o.key: _test_value(o, base)}
                 yield QuantSpec.build("qwen-2.5-7b", solver.name, 3, gs, init, pre, calib=cal, options=options)
 
@@ -152,7 +160,10 @@ def test_refused_combinations_name_the_problem_in_one_line(name, message):
 
 def test_options_exist_only_where_they_have_an_effect():
     rtn = QuantSpec.build("m", "rtn", 4, 64)
-    assert set(rtn.option_defs()) == {"sym", "blocks"}  # blocks: every quantized spec can stop after n blocks
+    # blocks: every quantized spec can stop after n blocks; the quantized forward (a4, kv4, ...) applies to every
+    # layer-wise or data-free spec
+    assert set(rtn.option_defs()) == {"sym", "blocks"} | {o.key for o in contract.FORWARD}
+    assert not {o.key for o in contract.FORWARD} & set(QuantSpec.build("m", "lsq", 4, 64, calib=CAL).option_defs())
     for key in ("damp", "true_sequential"):
         with pytest.raises(ConfigError, match="does not apply to rtn"):
             QuantSpec.build("m", "rtn", 4, 64, options={key: 0.1 if key == "damp" else False})

@@ -100,10 +100,10 @@ def test_tokenizer_checked_like_the_source(cfg, tmp_path, monkeypatch):
 
 def test_table_left_out_of_the_default_run(cfg):
     exp = Experiment(cfg)
-    # NeUQI's, GuidedQuant's, the distillation, UniQuanF, outlier and calibration-set tables take ten minutes to
-    # hours on a CPU
+    # NeUQI's, GuidedQuant's (scalar and vector), the distillation, UniQuanF, outlier, calibration-set and
+    # weight-and-activation tables take ten minutes to hours on a CPU
     left_out = {"init", "guidedquant", "guidedquant_w2_n128", "distill", "uniquanf", "main_seeds", "noise",
-                "outliers_vs_spqr", "calibration_sets"}
+                "outliers_vs_spqr", "calibration_sets", "guidedquant_vector", "weight_activation"}
     assert exp.default_tables() == [key for key in exp.tables if key not in left_out]
     cfg["tables"]["init"]["default_target"] = "no"
     with pytest.raises(ConfigError, match="tables.init.default_target"):

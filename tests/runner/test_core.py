@@ -27,6 +27,7 @@ FORMAT_EXAMPLES = {
     "spqr": "m.c4.n8.L32.spqr.w3g16",
     "lut": "m.c4.n8.L32.lnq.w3.qin.hdinit",
     "bcq": "m.alternating.w3",
+    "trellis": "m.c4.n8.L32.qtip.w2.hybq6.tl8",
 }
 
 

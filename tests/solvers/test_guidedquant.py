@@ -176,7 +176,8 @@ def test_lut_format_round_trip_and_bits():
 
 @pytest.mark.parametrize("name", ["m.c4.n6.L16.sqllm.w3", "m.c4.n6.L16.lnq.w2", "m.c4.n6.L16.lnq.w2.gq2",
                                   "m.c4.n6.L16.ldlq.w3g32.gq2", "m.c4.n6.L16.ldlq.w3g32.fpin.gq2",
-                                  "m.c4.n6.L16.lnq.w3.qin.hdinit", "m.c4.n6.L16.lnq.w2.gptqassign"])
+                                  "m.c4.n6.L16.lnq.w3.qin.hdinit", "m.c4.n6.L16.lnq.w2.gptqassign",
+                                  "m.c4.n6.L16.qtip.w2.1mad.tl8", "m.c4.n6.L16.qtip.w2.gq2.hybq6.tl8"])
 def test_methods_run_through_the_runner(name, stats):
     root, tokens = stats
     spec = QuantSpec.parse(name)
@@ -188,6 +189,8 @@ def test_methods_run_through_the_runner(name, stats):
         assert torch.equal(report.reps[layer].dequantize(), model.get_submodule(layer).weight), layer
         if spec.opt_or("guided_groups", 0):
             assert d["guided_groups"] == 2 and len(d["row_blocks"]) == 2 and d["guided_error"] > 0
+            if spec.solver == "qtip":  # each row block its own transforms, solved with its own transformed H_k
+                assert len(report.reps[layer].segments) == 2
         if spec.solver == "lnq":
             assert d.get("lnq_final", 0) <= d.get("lnq_start", 1) or "row_blocks" in d
 

@@ -1,0 +1,112 @@
+"""SpinQuant (Liu et al. 2024): R1 and R2 learned on calibration windows instead of drawn at random.
+
+Both start as QuaRot's seeded random Hadamards and are trained on the quantized model's next-token loss: the model
+runs with its quantized forward in the loop (activations, KV cache, online R3/R4: `quantlib.transforms.activations`)
+and, optionally, its weights fake-quantized per output channel (symmetric round-to-nearest, straight-through). The
+weights are a function of the rotations (`rotation.rotated_state`), evaluated with `torch.func.functional_call`, so
+the model's own parameters are untouched until the learned rotations are applied at the end.
+
+Optimiser: SGD on the Stiefel manifold by the Cayley transform (Li, Fuxin and Todorovic 2020): with the Euclidean
+gradient G of an orthogonal R, A = G R^T - R G^T is skew-symmetric and R <- (I + a/2 A)^-1 (I - a/2 A) R stays
+exactly orthogonal (solved here, not iterated), moving along -A R, a descent direction. The learning rate decays
+linearly to 0, as in the reference's training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+import torch
+
+from quantlib.catalog.contract import forward_settings
+from quantlib.transforms.activations import ForwardQuant, install
+from quantlib.transforms.rotation import (
+    fold_norms,
+    quarot_rotations,
+    rotate_down_inputs,
+    rotated_state,
+    rotation_params,
+)
+
+log = logging.getLogger("quantlib")
+
+
+def cayley_step(R: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
+    """One Cayley SGD step of an orthogonal R (float64) along its Euclidean gradient G."""
+    A = G @ R.T - R @ G.T
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    return torch.linalg.solve(eye + (lr / 2) * A, (eye - (lr / 2) * A) @ R)
+
+
+def _weight_quant(W: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel symmetric round-to-nearest with a straight-through gradient."""
+    top = 2 ** (bits - 1) - 1
+    scale = (W.detach().abs().amax(1, keepdim=True) / top).clamp_min(1e-8)
+    Wq = torch.clamp(torch.round(W / scale), -top - 1, top) * scale
+    return W + (Wq - W).detach()
+
+
+def learn_rotations(model, tokens: torch.Tensor, fq: ForwardQuant, iters: int, lr: float, batch: int = 1,
+                    weight_bits: int | None = None, seed: int = 0, progress: bool = False
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+    """Learn (Q1, Q2s) on `tokens` (n, seqlen). Folds the norms and applies R4's weight side to `model` in place
+    (as `rotate_model` would) and leaves R1/R2 to the caller. Returns the rotations (float64) and diagnostics
+    (losses per step, seconds)."""
+    t0 = time.time()
+    fold_norms(model)
+    rotate_down_inputs(model)
+    install(model, replace(fq, rotated=True))
+    params = rotation_params(model)
+    base = {n: p.detach() for n, p in params.items()}
+    block_linears = [n for n in base if ".layers." in n and n.endswith(".weight")]
+    Q1, Q2s = quarot_rotations(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    was_training = model.training
+    model.eval()  # no dropout; gradients flow regardless
+    for step in range(iters):
+        R1 = Q1.float().requires_grad_()
+        R2s = [Q.float().requires_grad_() for Q in Q2s]
+        state = rotated_state(model, base, R1, R2s)
+        if weight_bits is not None:
+            for n in block_linears:
+                state[n] = _weight_quant(state[n], weight_bits)
+        idx = torch.randperm(len(tokens), generator=g)[:batch]  # distinct windows; batch = n: all of them
+        x = tokens[idx]
+        out = torch.func.functional_call(model, state, (x,), {"labels": x, "use_cache": False})
+        out.loss.backward()
+        losses.append(float(out.loss.detach()))
+        step_lr = lr * (1 - step / iters)
+        Q1 = cayley_step(Q1, R1.grad.double(), step_lr)
+        Q2s = [cayley_step(Q, R.grad.double(), step_lr) for Q, R in zip(Q2s, R2s)]
+        if progress and (step % 10 == 0 or step == iters - 1):
+            log.info("spinquant step %d/%d: loss %.4f", step + 1, iters, losses[-1])
+    model.train(was_training)
+    return Q1, Q2s, {"losses": losses, "seconds": round(time.time() - t0, 2)}
+
+
+def apply_learned(model, Q1: torch.Tensor, Q2s: list[torch.Tensor]) -> None:
+    """R1/R2 into the weights of a model whose norms are folded and R4 applied (after `learn_rotations`)."""
+    params = rotation_params(model)
+    rotated = rotated_state(model, {n: p.data for n, p in params.items()}, Q1.double(), [Q.double() for Q in Q2s])
+    for n, p in params.items():
+        p.data = rotated[n].to(p.dtype).contiguous()
+
+
+def spinquant(model, spec, tokens=None) -> dict:
+    """The `spinquant` preprocessor (catalog: quantlib.catalog.rotations): rotations learned on the calibration
+    windows with the spec's quantized forward in the loop, its weights fake-quantized too when the solver is
+    data-free (RTN: what the model will run with); a Hessian-based solver (GPTQ/LDLQ) corrects the weights after, so
+    they stay in full precision during the training, as the reference does for GPTQ."""
+    if tokens is None:
+        raise ValueError("spinquant learns its rotations on calibration windows; none were given")
+    fq = ForwardQuant(**forward_settings(spec))
+    weight_bits = spec.bits if spec.mode == "data_free" else None
+    Q1, Q2s, diag = learn_rotations(model, tokens, fq, spec.opt("spin_iters"), spec.opt("spin_lr"),
+                                    spec.opt("spin_batch"), weight_bits, spec.opt("rotation_seed"), progress=True)
+    apply_learned(model, Q1, Q2s)
+    log.info("spinquant: %d steps in %.1fs, loss %.4f -> %.4f", len(diag["losses"]), diag["seconds"],
+             diag["losses"][0], diag["losses"][-1])
+    return diag
