@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantlib.artifacts.integrity import seal_dir
+from quantlib.artifacts.integrity import seal_dir, seal_file
 
 # Tests never reach the Hugging Face hub: every model and dataset is built here or read from the assets folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -110,6 +110,15 @@ def text_files(tmp_path_factory) -> dict[str, Path]:
 def calib_tokens(n: int = 16, seqlen: int = 32, vocab: int = 300, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, vocab, (n, seqlen), generator=g)
+
+
+def sealed_windows(folder: Path, n: int = 8, seqlen: int = 32, seed: int = 0) -> Path:
+    """Calibration windows saved and sealed as the workflow's calibration job writes them (jobs refuse a file
+    without its checksum record)."""
+    path = Path(folder) / "windows.pt"
+    torch.save(calib_tokens(n, seqlen, seed=seed), path)
+    seal_file(path, path)
+    return path
 
 
 def quantize_save_reload(model, spec, tok_dir: Path, out: Path, **save_kwargs) -> tuple[object, dict, dict]:

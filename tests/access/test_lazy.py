@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-from conftest import build_tokenizer, calib_tokens, tiny_model
+from conftest import build_tokenizer, calib_tokens, sealed_windows, tiny_model
 from quantlib.errors import ConfigError
 from quantlib.evaluation.perplexity import perplexity, perplexity_by_block
 from quantlib.checkpoint.reader import load_quantized, read_representations
 from quantlib.checkpoint.writer import save_quantized
 from quantlib.access.lazy import LazyModel, WeightSource
-from quantlib.artifacts.integrity import seal_dir, seal_file
+from quantlib.artifacts.integrity import seal_dir
 from quantlib.jobs.memory import Shapes, parse_memory, plan_quantize, quantize_phases
 from quantlib.jobs.steps import quantize
 from quantlib.access.blocks import BlockAccess
@@ -41,10 +41,7 @@ def sharded_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "windows.pt"
-    torch.save(calib_tokens(8, 32), path)
-    seal_file(path, path)
-    return path
+    return sealed_windows(tmp_path_factory.mktemp("calib"))
 
 
 def _in_memory(model_dir, name, tmp_path):

@@ -14,9 +14,9 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, build_tokenizer, calib_tokens, tiny_model
+from conftest import REPO, build_tokenizer, sealed_windows, tiny_model
 
-from quantlib.artifacts.integrity import CHECKSUMS, seal_dir, seal_file, verify
+from quantlib.artifacts.integrity import CHECKSUMS, seal_dir, verify
 from quantlib.checkpoint.writer import TIMING_FIELDS
 from quantlib.jobs.steps import quantize
 from quantlib.runner import progress as progress_module
@@ -49,10 +49,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "windows.pt"
-    torch.save(calib_tokens(8, 32), path)
-    seal_file(path, path)
-    return path
+    return sealed_windows(tmp_path_factory.mktemp("calib"))
 
 
 def run(name, model_dir, calib, out, compute: dict | None = None) -> None:

@@ -8,10 +8,9 @@ import json
 import logging
 
 import pytest
-import torch
-from conftest import build_tokenizer, calib_tokens, tiny_model
+from conftest import build_tokenizer, sealed_windows, tiny_model
 
-from quantlib.artifacts.integrity import CHECKSUMS, seal_dir, seal_file, verify
+from quantlib.artifacts.integrity import CHECKSUMS, seal_dir, verify
 from quantlib.jobs.steps import statistic
 from quantlib.runner.progress import BlockProgress, partial_dir
 
@@ -34,9 +33,7 @@ def setup(tmp_path_factory):
     model.config.num_hidden_layers = 4
     type(model)(model.config).eval().save_pretrained(model_dir)
     seal_dir(model_dir)
-    calib = root / "windows.pt"
-    torch.save(calib_tokens(6, 16), calib)
-    seal_file(calib, calib)
+    calib = sealed_windows(root, 6, 16)
     grads = root / "gradients"
     statistic("gradients.G2", CALIB, model_dir, calib, grads, COMPUTE)
     return model_dir, calib, {"gradients": grads}
@@ -105,9 +102,7 @@ def test_progress_from_other_inputs_is_discarded(setup, tmp_path, monkeypatch, c
     with pytest.raises(Killed):
         run(setup, "fp_hessian", out)
     monkeypatch.undo()
-    other = tmp_path / "other.pt"
-    torch.save(calib_tokens(6, 16, seed=1), other)
-    seal_file(other, other)
+    other = sealed_windows(tmp_path, 6, 16, seed=1)
     with caplog.at_level(logging.INFO, logger="quantlib"):
         statistic("fp_hessian", CALIB, model_dir, other, out, COMPUTE)
     assert "discarding the progress" in caplog.text and "other inputs (calib)" in caplog.text

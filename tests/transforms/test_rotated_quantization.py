@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, build_tokenizer, calib_tokens, tiny_model
+from conftest import REPO, build_tokenizer, calib_tokens, sealed_windows, tiny_model
 
-from quantlib.artifacts.integrity import seal_dir, seal_file
+from quantlib.artifacts.integrity import seal_dir
 from quantlib.catalog.spec import QuantSpec
 from quantlib.checkpoint.reader import load_quantized
 from quantlib.jobs.steps import quantize
@@ -41,10 +41,7 @@ def tied_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "windows.pt"
-    torch.save(calib_tokens(8, 32), path)
-    seal_file(path, path)
-    return path
+    return sealed_windows(tmp_path_factory.mktemp("calib"))
 
 
 @pytest.fixture(scope="module")
