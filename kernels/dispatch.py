@@ -1,5 +1,6 @@
 """Public entry points of `quantlib.kernels`: dequantize, GEMV and matmul for the `uniform`, `lut` and `bcq` packed
-formats, with argument validation and the choice between the Triton kernels and the plain-torch reference.
+formats and the `trellis` format (QTIP), with argument validation and the choice between the Triton kernels and the
+plain-torch reference.
 
 Layouts (fixed by the checkpoint formats, docs/formats.md), for a layer (d_out, d_in), n_groups = d_in / group_size
 (1 when group_size == -1):
@@ -10,6 +11,8 @@ Layouts (fixed by the checkpoint formats, docs/formats.md), for a layer (d_out, 
 - bcq: `planes` int32 (nb, d_out, ceil(d_in / 32)), plane i the 1-bit stream of signs (1 -> +1, 0 -> -1); `alpha`
   floating (d_out, n_groups, nb); `offset` floating (d_out, n_groups).
   w = sum_i alpha_i * sign_i + offset, summed in float32, in alpha.dtype.
+- trellis: quantlib.formats.trellis's stored tensors; W = A^T W_t B per segment, W_t decoded by the backend in the
+  transformed domain, the transforms applied here in torch (kernels/README.md).
 
 Policies:
 - Every check runs before any work and raises ValueError naming the offending tensor or argument.
@@ -29,7 +32,10 @@ from __future__ import annotations
 
 import torch
 
-from . import torch_ops, triton_ops
+from quantlib.errors import ConfigError
+from quantlib.transforms.hadamard import hadamard_split
+
+from . import torch_ops, triton_ops, triton_trellis
 
 BACKENDS = ("auto", "torch", "triton")
 MAX_GEMV_ROWS = triton_ops.MAX_GEMV_ROWS
@@ -176,8 +182,83 @@ def _bcq_args(planes, alpha, offset, group_size, d_in, x=None):
     return device, (planes.contiguous(), alpha.contiguous(), offset.contiguous())
 
 
+TRELLIS_CODES = torch_ops.TRELLIS_CODES
+
+
+def _check_int_tensor(name: str, t, dim: int) -> None:
+    _check_tensor(name, t, dim=dim)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def _trellis_args(trellis, scales, seeds, segments, bits, L, V, code, tile, d_in, tlut, x=None):
+    """Validated (device, (trellis, scales float32, tlut), segments list, transforms list)."""
+    if code not in TRELLIS_CODES:
+        raise ValueError(f"code must be one of {', '.join(map(repr, TRELLIS_CODES))} for the trellis format, "
+                         f"got {code!r}")
+    if V != (2 if code == "hyb" else 1):
+        raise ValueError(f"V must be {2 if code == 'hyb' else 1} for the trellis code {code!r} (weights per state), "
+                         f"got {V!r}")
+    if not _is_int(bits) or not 1 <= bits <= 8 // V:
+        raise ValueError(f"bits must be an integer in 1..{8 // V} for the trellis format with V = {V} (k V <= 8), "
+                         f"got {bits!r}")
+    if not _is_int(L) or not bits * V < L <= 24:
+        raise ValueError(f"L (state bits) must be an integer above k V = {bits * V} and at most 24, got {L!r}")
+    if (not isinstance(tile, (tuple, list)) or len(tile) != 2 or not all(_is_int(t) and t > 0 for t in tile)):
+        raise ValueError(f"tile must be two positive integers (rows, columns), got {tile!r}")
+    tx, ty = tile
+    T = tx * ty
+    if T % V or T * bits < L:
+        raise ValueError(f"tile {tx}x{ty} holds {T} weights: it must be a multiple of V = {V} and hold at least "
+                         f"L = {L} bits (T k >= L)")
+    _check_d_in(d_in)
+    if d_in % ty:
+        raise ValueError(f"d_in {d_in} is not a multiple of the tile's columns {ty}")
+    _check_tensor("trellis", trellis, int32=True, dim=2)
+    _check_tensor("scales", scales, floating=True, dim=1)
+    _check_int_tensor("seeds", seeds, 2)
+    _check_int_tensor("segments", segments, 1)
+    n_seg = segments.shape[0]
+    if n_seg < 1:
+        raise ValueError("segments must hold at least one segment (rows per segment)")
+    _check_shape("scales", scales, (n_seg,), "(n_segments,)")
+    _check_shape("seeds", seeds, (n_seg, 2), "(n_segments, 2)")
+    if code == "hyb":
+        if tlut is None:
+            raise ValueError("tlut (HYB's table, (2^Q, 2)) is required with the code 'hyb'")
+        _check_tensor("tlut", tlut, floating=True, dim=2)
+        q = tlut.shape[0].bit_length() - 1
+        if tlut.shape[1] != 2 or tlut.shape[0] != 2 ** q or not 1 <= q < L:
+            raise ValueError(f"tlut must have shape (2^Q, 2) with 1 <= Q < L = {L}, got {tuple(tlut.shape)}")
+    elif tlut is not None:
+        raise ValueError(f"tlut is only for the code 'hyb'; code {code!r} is computed from the state")
+    extra = {} if x is None else {"x": x}
+    if tlut is not None:
+        extra["tlut"] = tlut
+    device = _check_devices(trellis=trellis, scales=scales, seeds=seeds, segments=segments, **extra)
+    rows = [int(r) for r in segments.tolist()]
+    if any(r < 1 or r % tx for r in rows):
+        raise ValueError(f"segments {rows} must be positive multiples of the tile's rows {tx}")
+    for name, size in [("d_in", d_in)] + [("segments", r) for r in sorted(set(rows))]:
+        try:
+            hadamard_split(size)
+        except ConfigError as exc:
+            raise ValueError(f"{name}: {size} has no Hadamard transform for the incoherence processing "
+                             f"({exc})") from exc
+    n_seq = sum(rows) // tx * (d_in // ty)
+    _check_shape("trellis", trellis, (n_seq, -(-T * bits // 32)),
+                 f"(n_sequences, ceil(T k / 32)) for segments {rows}, d_in={d_in}, tile {tx}x{ty}, k={bits}")
+    transforms = torch_ops.trellis_transforms(seeds.tolist(), rows, d_in)
+    tensors = (trellis.contiguous(), scales.float().contiguous(), None if tlut is None else tlut.contiguous())
+    return device, tensors, rows, transforms
+
+
 def _impl(backend: str):
     return triton_ops if backend == "triton" else torch_ops
+
+
+def _trellis_impl(backend: str):
+    return triton_trellis if backend == "triton" else torch_ops
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -252,6 +333,58 @@ def matmul_bcq(x, planes, alpha, offset, group_size: int, backend: str = "auto")
     _check_x(x, gemv=False)
     device, args = _bcq_args(planes, alpha, offset, group_size, x.shape[-1], x)
     return _matmul(x, resolve_backend(backend, device), "bcq", args, (group_size,))
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+# trellis (QTIP): the kernels decode in the transformed domain; the incoherence transform is applied in torch.
+
+
+def dequant_trellis(trellis, scales, seeds, segments, bits: int, L: int, V: int, code: str, tile, d_in: int,
+                    tlut=None, backend: str = "auto", transformed: bool = False):
+    """The (d_out, d_in) float32 weight of a `trellis` layer (quantlib.formats.trellis's stored tensors), equal bit
+    for bit to TrellisQuantized.dequantize(). The backend decodes W_t = scale * code(states) in the transformed
+    domain (the Triton kernel or the torch reference: the same float32 values); W = A^T W_t B is then computed in
+    torch, per segment, in float64. With `transformed`, W_t itself."""
+    device, (trellis, scales, tlut), rows, transforms = _trellis_args(trellis, scales, seeds, segments, bits, L, V,
+                                                                       code, tile, d_in, tlut)
+    impl = _trellis_impl(resolve_backend(backend, device))
+    Wt = impl.dequant_trellis_transformed(trellis, scales, rows, bits, L, V, code, tuple(tile), d_in, tlut)
+    return Wt if transformed else torch_ops.trellis_unweight(Wt, transforms, rows)
+
+
+def gemv_trellis(x, trellis, scales, seeds, segments, bits: int, L: int, V: int, code: str, tile, tlut=None,
+                 backend: str = "auto"):
+    """x (n <= 8, d_in) -> x @ W.T (n, d_out) in x.dtype. torch: x.float() @ dequant_trellis(...).T. triton: in the
+    transformed domain as QTIP does, y = A^T (W_t (B x)), B x and A^T in torch (float32), W_t x in the kernel
+    (float32 accumulation): equal to the torch result up to float32 round-off."""
+    _check_x(x, gemv=True)
+    device, (trellis, scales, tlut), rows, transforms = _trellis_args(trellis, scales, seeds, segments, bits, L, V,
+                                                                       code, tile, x.shape[-1], tlut, x)
+    impl = _trellis_impl(resolve_backend(backend, device))
+    return impl.gemv_trellis(x.contiguous(), trellis, scales, transforms, rows, bits, L, V, code, tuple(tile), tlut)
+
+
+def matmul_trellis(x, trellis, scales, seeds, segments, bits: int, L: int, V: int, code: str, tile, tlut=None,
+                   backend: str = "auto"):
+    """x (..., d_in) -> (..., d_out) in x.dtype: the GEMV for <= 8 rows on the triton backend, else
+    dequant_trellis then `x @ w.T` in x.dtype."""
+    _check_x(x, gemv=False)
+    device, args, rows, transforms = _trellis_args(trellis, scales, seeds, segments, bits, L, V, code, tile,
+                                                   x.shape[-1], tlut, x)
+    trellis, scales, tlut = args
+    backend = resolve_backend(backend, device)
+    impl = _trellis_impl(backend)
+    d_in, d_out = x.shape[-1], sum(rows)
+    flat = x.reshape(-1, d_in)
+    if flat.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], d_out)
+    if backend == "triton" and flat.shape[0] <= MAX_GEMV_ROWS:
+        y = impl.gemv_trellis(flat.contiguous(), trellis, scales, transforms, rows, bits, L, V, code, tuple(tile),
+                              tlut)
+    else:
+        Wt = impl.dequant_trellis_transformed(trellis, scales, rows, bits, L, V, code, tuple(tile), d_in, tlut)
+        y = flat @ torch_ops.trellis_unweight(Wt, transforms, rows).to(x.dtype).T
+    return y.reshape(*x.shape[:-1], d_out)
 
 
 # ---------------------------------------------------------------------------------------------------------------- #

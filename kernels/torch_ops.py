@@ -8,7 +8,11 @@ word-pair arithmetic as the Triton kernels) so that the tests' comparison with `
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from quantlib.transforms.incoherence import Incoherence
 
 # Rows decoded at once: bounds the int64 temporaries (three of d_in entries per row) on large layers.
 _ELEMENTS_PER_CHUNK = 1 << 22
@@ -95,3 +99,114 @@ def gemv_lut(x, qweight, lut, bits: int) -> torch.Tensor:
 
 def gemv_bcq(x, planes, alpha, offset, group_size: int) -> torch.Tensor:
     return _gemv(x, dequant_bcq(planes, alpha, offset, group_size, x.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------- #
+# trellis (QTIP). The codes are written out here again (not imported from quantlib.formats.trellis) so that the
+# tests' comparison of this reference with TrellisQuantized.dequantize checks the arithmetic, as the Triton kernel
+# writes it, against the format's.
+
+TRELLIS_CODES = ("1mad", "3inst", "hyb")
+
+
+def trellis_states(qweight: torch.Tensor, L: int, kv: int, n_steps: int) -> torch.Tensor:
+    """(n_sequences, n_steps) int64 states of the packed symbol streams (n_sequences, ceil(n_steps kv / 32)) int32:
+    state i is the concatenation, symbol i most significant, of the m = ceil(L / kv) symbols i, i + 1, ... (modulo
+    n_steps: tail-biting) cut to its top L bits."""
+    sym = unpack_stream(qweight, kv, n_steps)
+    m = -(-L // kv)
+    idx = torch.arange(n_steps, device=qweight.device)
+    acc = torch.zeros_like(sym)
+    for j in range(m):
+        acc = (acc << kv) | sym[:, (idx + j) % n_steps]
+    return acc >> (m * kv - L)
+
+
+def _mod32(x: torch.Tensor) -> torch.Tensor:
+    # x >= 0: x mod 2^32 without a 32-bit literal (the Triton kernel writes it the same way)
+    return x - ((x >> 32) << 32)
+
+
+def trellis_code_1mad(s: torch.Tensor) -> torch.Tensor:
+    x = _mod32(s * 34038481 + 76625530)
+    total = (x & 255) + ((x >> 8) & 255) + ((x >> 16) & 255) + ((x >> 24) & 255)
+    return (total - 510).to(torch.float32) / 147.800537109375
+
+
+def _half_bits_to_float(bits16: torch.Tensor) -> torch.Tensor:
+    """16-bit patterns (int64 in 0..65535) read as float16, widened to float32."""
+    return (bits16 - ((bits16 >> 15) << 16)).to(torch.int16).view(torch.float16).to(torch.float32)
+
+
+def trellis_code_3inst(s: torch.Tensor) -> torch.Tensor:
+    x = _mod32(s * 89226354 + 64248484)
+    # (x & 0x8FFF8FFF) ^ 0x3B603B60 one 16-bit half at a time
+    hi = ((x >> 16) & 0x8FFF) ^ 0x3B60
+    lo = (x & 0x8FFF) ^ 0x3B60
+    return _half_bits_to_float(hi) + _half_bits_to_float(lo)
+
+
+def trellis_code_hyb(s: torch.Tensor, L: int, tlut: torch.Tensor) -> torch.Tensor:
+    """(..., 2) float32: entry (s (s + 1) >> (L - Q - 1)) mod 2^Q of the (2^Q, 2) table, the first coordinate
+    negated when bit L - 1 of s (s + 1) is set."""
+    Q = tlut.shape[0].bit_length() - 1
+    h = s * (s + 1)
+    vals = tlut.float()[(h >> (L - Q - 1)) & ((1 << Q) - 1)]
+    neg = ((h >> (L - 1)) & 1).bool()
+    return torch.stack([torch.where(neg, -vals[..., 0], vals[..., 0]), vals[..., 1]], -1)
+
+
+def trellis_values(states: torch.Tensor, L: int, code: str, tlut: torch.Tensor | None) -> torch.Tensor:
+    """(n_sequences, n_steps V) float32: each state's V values, in sequence order."""
+    if code == "1mad":
+        return trellis_code_1mad(states)
+    if code == "3inst":
+        return trellis_code_3inst(states)
+    return trellis_code_hyb(states, L, tlut).reshape(states.shape[0], -1)
+
+
+def dequant_trellis_transformed(qweight, scales, segments: list[int], bits: int, L: int, V: int, code: str,
+                                tile: tuple[int, int], d_in: int, tlut=None) -> torch.Tensor:
+    """W_t (d_out, d_in) float32, the layer in the transformed (incoherence-processed) domain: each segment's
+    scale (float32) times the decoded tiles, laid out row tile by row tile, each tile's sequence read row by row.
+    Rows of `segments` are whole row tiles; `scales` is float32."""
+    tx, ty = tile
+    n_steps = tx * ty // V
+    d_out = sum(segments)
+    values = trellis_values(trellis_states(qweight, L, bits * V, n_steps), L, code, tlut)
+    Wt = values.reshape(d_out // tx, d_in // ty, tx, ty).permute(0, 2, 1, 3).reshape(d_out, d_in)
+    row_scale = torch.repeat_interleave(scales, torch.tensor(segments, device=scales.device))
+    return Wt * row_scale[:, None]
+
+
+def trellis_transforms(seeds: list[list[int]], segments: list[int], d_in: int) -> list:
+    """One `quantlib.transforms.incoherence.Incoherence` per segment (cached: rebuilding the signs costs a generator
+    run)."""
+    return [_incoherence(rows, d_in, int(so), int(si)) for rows, (so, si) in zip(segments, seeds)]
+
+
+@functools.lru_cache(maxsize=256)
+def _incoherence(rows: int, cols: int, seed_out: int, seed_in: int) -> Incoherence:
+    return Incoherence(rows, cols, seed_out, seed_in)
+
+
+def trellis_unweight(Wt: torch.Tensor, transforms: list, segments: list[int]) -> torch.Tensor:
+    """W = A^T W_t B per segment, in float64 then float32: TrellisQuantized.dequantize's arithmetic."""
+    out, r0 = [], 0
+    for inc, rows in zip(transforms, segments):
+        out.append(inc.unweight(Wt[r0:r0 + rows].double()).float())
+        r0 += rows
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def dequant_trellis(qweight, scales, transforms: list, segments: list[int], bits: int, L: int, V: int, code: str,
+                    tile: tuple[int, int], d_in: int, tlut=None) -> torch.Tensor:
+    """The (d_out, d_in) float32 weight: W_t, then the incoherence transform undone per segment."""
+    Wt = dequant_trellis_transformed(qweight, scales, segments, bits, L, V, code, tile, d_in, tlut)
+    return trellis_unweight(Wt, transforms, segments)
+
+
+def gemv_trellis(x, qweight, scales, transforms: list, segments: list[int], bits: int, L: int, V: int, code: str,
+                 tile: tuple[int, int], tlut=None) -> torch.Tensor:
+    """The GEMV contract: x.float() @ dequant(...).T in float32, returned in x.dtype."""
+    return _gemv(x, dequant_trellis(qweight, scales, transforms, segments, bits, L, V, code, tile, x.shape[-1], tlut))

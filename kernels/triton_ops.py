@@ -58,7 +58,7 @@ def interpret_enabled() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
-# Kernels and the device functions they share (plain functions, wrapped by `_jit` below)
+# Kernels and the device functions they share (plain functions, wrapped by `jit_kernel` below)
 
 
 def _decode_codes_fn(q_ptr, rows64, cols, mask, n_words, BITS: tl.constexpr):
@@ -198,7 +198,7 @@ def _bcq_gemv_kernel(x_ptr, p_ptr, a_ptr, o_ptr, y_ptr, n, d_out, d_in, n_words,
 # ---------------------------------------------------------------------------------------------------------------- #
 # Launchers
 
-def _jit(fn):
+def jit_kernel(fn):
     # The wrapper class chosen by the library's mode, not by today's TRITON_INTERPRET (see the module docstring):
     # an interpreted kernel cannot call compiled library functions, nor the reverse.
     if LIBRARY_INTERPRETED:
@@ -212,12 +212,12 @@ def _jit(fn):
 
 if AVAILABLE:
     # The kernels call these by their global names (jitted the same way as the kernels).
-    _decode_codes = _jit(_decode_codes_fn)
-    _bcq_weight = _jit(_bcq_weight_fn)
+    _decode_codes = jit_kernel(_decode_codes_fn)
+    _bcq_weight = jit_kernel(_bcq_weight_fn)
     _KERNELS = {
-        "uniform_dequant": _jit(_uniform_dequant_kernel), "uniform_gemv": _jit(_uniform_gemv_kernel),
-        "lut_dequant": _jit(_lut_dequant_kernel), "lut_gemv": _jit(_lut_gemv_kernel),
-        "bcq_dequant": _jit(_bcq_dequant_kernel), "bcq_gemv": _jit(_bcq_gemv_kernel),
+        "uniform_dequant": jit_kernel(_uniform_dequant_kernel), "uniform_gemv": jit_kernel(_uniform_gemv_kernel),
+        "lut_dequant": jit_kernel(_lut_dequant_kernel), "lut_gemv": jit_kernel(_lut_gemv_kernel),
+        "bcq_dequant": jit_kernel(_bcq_dequant_kernel), "bcq_gemv": jit_kernel(_bcq_gemv_kernel),
     }
 
 
@@ -232,13 +232,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _dequant_blocks(d_out: int, d_in: int, block_r: int | None, block_k: int | None) -> tuple[int, int]:
+def dequant_blocks(d_out: int, d_in: int, block_r: int | None, block_k: int | None) -> tuple[int, int]:
     # 32 x 128 tiles: 4096 weights per program, enough work per program without register pressure; smaller for small
     # matrices, but never under 16 (tiny block dimensions are not worth an untested corner of the compiler).
     return block_r or max(16, min(32, _pow2(d_out))), block_k or max(16, min(128, _pow2(d_in)))
 
 
-def _gemv_blocks(n: int, d_out: int, d_in: int, block_r, block_k) -> tuple[int, int, int]:
+def gemv_blocks(n: int, d_out: int, d_in: int, block_r, block_k) -> tuple[int, int, int]:
     # BLOCK_N >= 2 for the same reason (a size-1 block dimension); the masked extra row costs nothing in a GEMV bound
     # by the weight's bandwidth. The (BLOCK_N, BLOCK_R, BLOCK_K) product tile is kept at 8192 elements.
     block_n = max(2, _pow2(n))
@@ -258,7 +258,7 @@ def dequant_uniform(qweight, scales, zeros, bits: int, group_size: int, d_in: in
     d_out, n_words = qweight.shape
     out = torch.empty(d_out, d_in, dtype=scales.dtype, device=scales.device)
     if out.numel():
-        br, bk = _dequant_blocks(d_out, d_in, block_r, block_k)
+        br, bk = dequant_blocks(d_out, d_in, block_r, block_k)
         grid = (triton.cdiv(d_out, br), triton.cdiv(d_in, bk))
         k["uniform_dequant"][grid](qweight, scales, zeros, out, d_out, d_in, n_words, scales.shape[1],
                                    _group_arg(group_size, d_in), BITS=bits, BLOCK_R=br, BLOCK_K=bk)
@@ -272,7 +272,7 @@ def gemv_uniform(x, qweight, scales, zeros, bits: int, group_size: int, *, block
     d_out, n_words = qweight.shape
     y = torch.empty(n, d_out, dtype=x.dtype, device=x.device)
     if y.numel():
-        bn, br, bk = _gemv_blocks(n, d_out, d_in, block_r, block_k)
+        bn, br, bk = gemv_blocks(n, d_out, d_in, block_r, block_k)
         k["uniform_gemv"][(triton.cdiv(d_out, br),)](
             x, qweight, scales, zeros, y, n, d_out, d_in, n_words, scales.shape[1], _group_arg(group_size, d_in),
             BITS=bits, BLOCK_N=bn, BLOCK_R=br, BLOCK_K=bk)
@@ -285,7 +285,7 @@ def dequant_lut(qweight, lut, bits: int, d_in: int, *, block_r=None, block_k=Non
     d_out, n_words = qweight.shape
     out = torch.empty(d_out, d_in, dtype=lut.dtype, device=lut.device)
     if out.numel():
-        br, bk = _dequant_blocks(d_out, d_in, block_r, block_k)
+        br, bk = dequant_blocks(d_out, d_in, block_r, block_k)
         grid = (triton.cdiv(d_out, br), triton.cdiv(d_in, bk))
         k["lut_dequant"][grid](qweight, lut, out, d_out, d_in, n_words, BITS=bits, BLOCK_R=br, BLOCK_K=bk)
     return out
@@ -297,7 +297,7 @@ def gemv_lut(x, qweight, lut, bits: int, *, block_r=None, block_k=None):
     d_out, n_words = qweight.shape
     y = torch.empty(n, d_out, dtype=x.dtype, device=x.device)
     if y.numel():
-        bn, br, bk = _gemv_blocks(n, d_out, d_in, block_r, block_k)
+        bn, br, bk = gemv_blocks(n, d_out, d_in, block_r, block_k)
         k["lut_gemv"][(triton.cdiv(d_out, br),)](x, qweight, lut, y, n, d_out, d_in, n_words,
                                                  BITS=bits, BLOCK_N=bn, BLOCK_R=br, BLOCK_K=bk)
     return y
@@ -309,7 +309,7 @@ def dequant_bcq(planes, alpha, offset, group_size: int, d_in: int, *, block_r=No
     nb, d_out, n_words = planes.shape
     out = torch.empty(d_out, d_in, dtype=alpha.dtype, device=alpha.device)
     if out.numel():
-        br, bk = _dequant_blocks(d_out, d_in, block_r, block_k)
+        br, bk = dequant_blocks(d_out, d_in, block_r, block_k)
         grid = (triton.cdiv(d_out, br), triton.cdiv(d_in, bk))
         k["bcq_dequant"][grid](planes, alpha, offset, out, d_out, d_in, n_words, alpha.shape[1],
                                _group_arg(group_size, d_in), d_out * n_words, NB=nb, BLOCK_R=br, BLOCK_K=bk)
@@ -322,7 +322,7 @@ def gemv_bcq(x, planes, alpha, offset, group_size: int, *, block_r=None, block_k
     nb, d_out, n_words = planes.shape
     y = torch.empty(n, d_out, dtype=x.dtype, device=x.device)
     if y.numel():
-        bn, br, bk = _gemv_blocks(n, d_out, d_in, block_r, block_k)
+        bn, br, bk = gemv_blocks(n, d_out, d_in, block_r, block_k)
         k["bcq_gemv"][(triton.cdiv(d_out, br),)](
             x, planes, alpha, offset, y, n, d_out, d_in, n_words, alpha.shape[1], _group_arg(group_size, d_in),
             d_out * n_words, NB=nb, BLOCK_N=bn, BLOCK_R=br, BLOCK_K=bk)

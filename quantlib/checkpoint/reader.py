@@ -13,7 +13,7 @@ from quantlib.access.lazy import LazyModel, WeightSource
 from quantlib.access.models import load_model
 from quantlib.artifacts.integrity import rebuild_hint
 from quantlib.catalog.names import PACK_REPORT, QUANT_METHOD
-from quantlib.checkpoint.pack.load import load_packed
+from quantlib.checkpoint.pack.load import load_packed, use_trellis_kernels
 from quantlib.errors import DataError
 from quantlib.formats import load_representation
 
@@ -54,9 +54,12 @@ def read_part(source: WeightSource, qcfg: dict, names, layers) -> tuple[dict, di
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa",
-                   with_representations: bool = False):
+                   with_representations: bool = False, trellis_backend: str | None = None):
     """Rebuild the model with dequantized weights from a directory written by `save_quantized`; with
-    `with_representations`, also {layer: representation} (what a later stage such as distillation trains)."""
+    `with_representations`, also {layer: representation} (what a later stage such as distillation trains). With
+    `trellis_backend` ("auto", "torch" or "triton"), the `trellis` (QTIP) layers become `PackedLinear` modules on
+    their stored tensors whose forward runs through `quantlib.kernels.matmul_trellis` on that backend
+    (`quantlib.checkpoint.pack.load.use_trellis_kernels`)."""
     lazy = LazyModel(path, dtype, attn)  # verifies the checksums
     if not lazy.quantized:
         raise DataError(f"{path} is not a quantlib checkpoint (its config.json has no quantlib quantization_config)")
@@ -64,10 +67,13 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, attn: s
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:5]})")
-    if not with_representations:
+    if not with_representations and trellis_backend is None:
         return model
     qcfg = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
-    return model, read_representations(path, qcfg)[1]
+    reps = read_representations(path, qcfg)[1]
+    if trellis_backend is not None:
+        use_trellis_kernels(model, reps, trellis_backend)
+    return (model, reps) if with_representations else model
 
 
 def load_any(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):

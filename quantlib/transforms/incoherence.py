@@ -66,6 +66,10 @@ class Incoherence:
         """x' = B x along the last dim: what the transformed weight multiplies (W x = A^T (W' x'))."""
         return self._in(x, dim=-1)
 
+    def outputs(self, y: torch.Tensor) -> torch.Tensor:
+        """A^T y' along the last dim: the layer's output from the transformed weight's (W x = A^T (W' x'))."""
+        return self._out.inverse(y, dim=-1)
+
     def _check(self, W: torch.Tensor) -> None:
         if tuple(W.shape) != (self.rows, self.cols):
             raise ConfigError(f"incoherence: a weight of shape ({self.rows}, {self.cols}) was expected, got "
