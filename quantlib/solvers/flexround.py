@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from quantlib.solvers.contract import LayerTask, SolveResult
-from quantlib.solvers.trainable import UniformFakeQuant, round_ste
+from quantlib.solvers.trainable import LearnedDivision, RoundedScaled, UniformFakeQuant
 
 
 class FlexRoundLinear(UniformFakeQuant):
@@ -25,19 +25,20 @@ class FlexRoundLinear(UniformFakeQuant):
         self.d2 = torch.nn.Parameter(torch.zeros_like(self.weight_fp))
         self.d3 = torch.nn.Parameter(torch.zeros(self.out_features, 1, device=self.weight_fp.device))
 
-    def _codes(self) -> torch.Tensor:
-        divisor = torch.exp(self.d1[:, self.columns] + self.d2 + self.d3)
-        return torch.clamp(round_ste(self.weight_fp / divisor + self.zero[:, self.columns]), 0, 2 ** self.bits - 1)
+    def _divided(self) -> torch.Tensor:
+        """W / e^(d1 + d2 + d3) + z, (d_out, groups, group size)."""
+        return LearnedDivision.apply(self.weight_fp, self.d1, self.d2, self.d3) + self.zero[:, :, None]
 
     def weight_hat(self) -> torch.Tensor:
-        return torch.exp(self.d1)[:, self.columns] * (self._codes() - self.zero[:, self.columns])
+        return RoundedScaled.apply(self._divided(), self.d1, self.zero, 2 ** self.bits - 1)
 
     def param_groups(self, spec) -> list[dict]:
         return [{"params": [self.d1, self.d2, self.d3], "lr": spec.opt("lr")}]
 
     def freeze(self) -> SolveResult:
         with torch.no_grad():
-            return self.frozen(torch.exp(self.d1), self._codes())
+            codes = torch.clamp(torch.round(self._divided()), 0, 2 ** self.bits - 1)
+            return self.frozen(torch.exp(self.d1), codes.view(self.out_features, self.in_features))
 
 
 def wrap(linear: torch.nn.Linear, task: LayerTask) -> FlexRoundLinear:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from quantlib.solvers.contract import LayerTask, SolveResult
-from quantlib.solvers.trainable import UniformFakeQuant, round_ste
+from quantlib.solvers.trainable import LearnedDivision, RoundedScaled, UniformFakeQuant
 
 
 class LearnedScaleLinear(UniformFakeQuant):
@@ -19,12 +19,12 @@ class LearnedScaleLinear(UniformFakeQuant):
         super().__init__(linear, task)
         self.log_scale = torch.nn.Parameter(self.scale_init.log())
 
-    def _codes(self, scale: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(round_ste(self.weight_fp / scale + self.zero[:, self.columns]), 0, 2 ** self.bits - 1)
+    def _divided(self) -> torch.Tensor:
+        """W / e^log_scale + z, (d_out, groups, group size)."""
+        return LearnedDivision.apply(self.weight_fp, self.log_scale) + self.zero[:, :, None]
 
     def weight_hat(self) -> torch.Tensor:
-        scale = self.log_scale.exp()[:, self.columns]
-        return scale * (self._codes(scale) - self.zero[:, self.columns])
+        return RoundedScaled.apply(self._divided(), self.log_scale, self.zero, 2 ** self.bits - 1)
 
     def param_groups(self, spec) -> list[dict]:
         return [{"params": [self.log_scale], "lr": spec.opt("lr")}]
@@ -33,7 +33,9 @@ class LearnedScaleLinear(UniformFakeQuant):
         with torch.no_grad():
             scale = self.log_scale.exp()
             moved = float((self.log_scale - self.scale_init.log()).abs().mean())
-            return self.frozen(scale, self._codes(scale[:, self.columns]), {"mean_abs_log_scale_change": moved})
+            codes = torch.clamp(torch.round(self._divided()), 0, 2 ** self.bits - 1)
+            return self.frozen(scale, codes.view(self.out_features, self.in_features),
+                               {"mean_abs_log_scale_change": moved})
 
 
 def wrap(linear: torch.nn.Linear, task: LayerTask) -> LearnedScaleLinear:

@@ -20,10 +20,9 @@ from __future__ import annotations
 import torch
 
 from quantlib.formats.bcq import BcqQuantized, levels, signs_of
-from quantlib.formats.uniform import group_index
 from quantlib.solvers.alternating import fit, nearest_level
 from quantlib.solvers.contract import LayerTask, SolveResult
-from quantlib.solvers.trainable import FakeQuantLinear
+from quantlib.solvers.trainable import FakeQuantLinear, LearnedDivision, LevelsScaled, grouped
 
 
 def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -62,7 +61,6 @@ class UniQuanFLinear(FakeQuantLinear):
                         torch.where(better.unsqueeze(1), alphas, best[2]), torch.minimum(err, best[3])]
         s, z, alphas, _ = best
         n_groups = d_in // gs
-        self.register_buffer("columns", group_index(d_in, spec.group_size))
         self.register_buffer("zero", z.reshape(d_out, n_groups))
         self.d1 = torch.nn.Parameter(s.log().reshape(d_out, n_groups))
         self.d2 = torch.nn.Parameter(torch.zeros_like(self.weight_fp))
@@ -76,8 +74,9 @@ class UniQuanFLinear(FakeQuantLinear):
         self.steps = 0
 
     def _u(self) -> torch.Tensor:
-        divisor = torch.exp(self.d1[:, self.columns] + self.d2 + self.d3)
-        return self.weight_fp / divisor + self.zero[:, self.columns] - self.Q / 2
+        """W / e^(d1 + d2 + d3) + z - Q/2, (d_out, d_in)."""
+        u = (LearnedDivision.apply(self.weight_fp, self.d1, self.d2, self.d3) + self.zero[:, :, None]).sub_(self.Q / 2)
+        return u.view(self.weight_fp.shape)
 
     @torch.no_grad()
     def remap(self, u: torch.Tensor, nearest: bool) -> None:
@@ -88,14 +87,19 @@ class UniQuanFLinear(FakeQuantLinear):
             x = u.reshape(d_out * n_groups, -1)
             self.index.copy_(nearest_level(x, self.alpha.detach().reshape(-1, self.bits)).reshape(d_out, d_in))
             return
+        # The levels at c - 1, c and c + 1 (clamped to the table) gathered with the same index from three shifted
+        # copies of the small table: no candidate index tensors. Ties keep c, then c - 1 (strict comparisons, in the
+        # order c, c - 1, c + 1).
         table = self._levels().detach()
-        best, best_err = self.index.clone(), (u - _gather(table, self.index)).abs()
-        for step in (-1, 1):
-            cand = (self.index + step).clamp(0, 2 ** self.bits - 1)
-            err = (u - _gather(table, cand)).abs()
-            better = err < best_err
-            best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
-        self.index.copy_(best)
+        last = 2 ** self.bits - 1
+        below = torch.cat([table[..., :1], table[..., :last]], dim=-1)
+        above = torch.cat([table[..., 1:], table[..., last:]], dim=-1)
+        err = (u - _gather(table, self.index)).abs_()
+        err_below = (u - _gather(below, self.index)).abs_()
+        err_above = (u - _gather(above, self.index)).abs_()
+        down = err_below < err
+        up = err_above < torch.where(down, err_below, err)
+        self.index.add_(up.to(torch.int8).sub_((down & ~up).to(torch.int8)))  # one-byte steps, no int64 temporaries
 
     def _levels(self) -> torch.Tensor:
         """The 2^b levels of every (row, group), (d_out, n_groups, 2^b), differentiable in alpha."""
@@ -107,11 +111,9 @@ class UniQuanFLinear(FakeQuantLinear):
             if self.steps and self.steps % self.period == 0:
                 self.remap(u.detach(), nearest=False)
             self.steps += 1
-        q = _gather(self._levels(), self.index)
         # Gradients to u (as 1) and to alpha (through q) only where u lies within the smallest alpha of its level.
-        inside = ((u - q).abs() <= self.alpha.detach().abs().amin(-1)[:, self.columns]).to(u.dtype)
-        out = q.detach() + inside * ((u - u.detach()) + (q - q.detach()))
-        return torch.exp(self.d1)[:, self.columns] * (out + self.Q / 2 - self.zero[:, self.columns])
+        return LevelsScaled.apply(grouped(u, self.d1.shape[1]), self.d1, self._levels(), self.index, self.zero,
+                                  self.Q / 2, self.alpha.detach().abs().amin(-1))
 
     def param_groups(self, spec) -> list[dict]:
         return [{"params": [self.d1, self.d2, self.d3], "lr": spec.opt("lr")},

@@ -159,3 +159,105 @@ def test_bcq_checkpoints_reload_to_identical_logits(name, tmp_path):
 def test_refused_before_any_work(name, message):
     with pytest.raises(ConfigError, match=message):
         QuantSpec.parse(name)
+
+
+def _perturbed(module, seed):
+    """Random trained-looking d1, d2, d3 (and alpha), so that the quantizer's every branch is taken."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p is getattr(module, "alpha", None):
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+            else:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def round_ste(x):
+    return (torch.round(x) - x).detach() + x
+
+
+def _plain_lsq(m, columns):
+    """LSQ's quantizer as a plain autograd expression, the scale gathered per column."""
+    scale = m.log_scale.exp()[:, columns]
+    codes = torch.clamp(round_ste(m.weight_fp / scale + m.zero[:, columns]), 0, 2 ** m.bits - 1)
+    return scale * (codes - m.zero[:, columns])
+
+
+def _plain_flexround(m, columns):
+    """FlexRound's quantizer as a plain autograd expression, parameters gathered per column."""
+    divisor = torch.exp(m.d1[:, columns] + m.d2 + m.d3)
+    codes = torch.clamp(round_ste(m.weight_fp / divisor + m.zero[:, columns]), 0, 2 ** m.bits - 1)
+    return torch.exp(m.d1)[:, columns] * (codes - m.zero[:, columns])
+
+
+def _plain_uniquanf(m, columns):
+    """UniQuanF's quantizer (after remapping) as a plain autograd expression, parameters gathered per column."""
+    u = m.weight_fp / torch.exp(m.d1[:, columns] + m.d2 + m.d3) + m.zero[:, columns] - m.Q / 2
+    d_out, n_groups, _ = m.alpha.shape
+    q = levels(m.alpha).gather(2, m.index.reshape(d_out, n_groups, -1)).reshape(m.index.shape)
+    inside = ((u - q).abs() <= m.alpha.detach().abs().amin(-1)[:, columns]).to(u.dtype)
+    out = q.detach() + inside * ((u - u.detach()) + (q - q.detach()))
+    return torch.exp(m.d1)[:, columns] * (out + m.Q / 2 - m.zero[:, columns])
+
+
+@pytest.mark.parametrize("solver", ["lsq", "flexround", "uniquanf"])
+@pytest.mark.parametrize("gs", [-1, 32])
+def test_hand_written_backward_equals_autograd_of_the_plain_quantizer(solver, gs):
+    """The quantizers' autograd functions (quantlib.solvers.trainable) give the plain expression's weight bit for bit
+    and its gradients for every parameter to float round-off, with weights outside the grid (clamped) and outside
+    the smallest alpha (no gradient) present."""
+    from quantlib.formats.uniform import group_index
+    lin = _layer()
+    s = spec(solver, 3, gs)
+    module = LayerSolver(s).solve(lin, LayerSolver(s).task(None, "l"))
+    _perturbed(module, 1)
+    module.steps = 1  # not a remapping step: the same levels for both expressions
+    columns = group_index(module.in_features, gs)
+    g = torch.Generator().manual_seed(2)
+    upstream = torch.randn(module.weight_fp.shape, generator=g)
+    params = [p for group in module.param_groups(s) for p in group["params"]]
+    plain = {"lsq": _plain_lsq, "flexround": _plain_flexround, "uniquanf": _plain_uniquanf}[solver](module, columns)
+    want = torch.autograd.grad((plain * upstream).sum(), params)
+    got_weight = module.weight_hat()
+    got = torch.autograd.grad((got_weight * upstream).sum(), params)
+    assert torch.equal(got_weight, plain.detach())
+    if solver != "uniquanf":
+        clamped = torch.clamp(torch.round(module._divided().detach()), 0, 7) != torch.round(module._divided().detach())
+        assert clamped.any()
+    for p, a, b in zip(params, got, want):
+        assert a.shape == p.shape
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max())), float((a - b).abs().max())
+
+
+def test_local_remapping_is_the_best_index_neighbour():
+    """remap(nearest=False) moves each weight to the best of c - 1, c, c + 1 (clamped), keeping c on ties and
+    preferring c - 1 over c + 1 on a tie between them: a candidate-by-candidate reference, with ties forced by
+    putting u exactly on levels and halfway between two."""
+    lin = _layer()
+    s = spec("uniquanf", 3)
+    module = LayerSolver(s).solve(lin, LayerSolver(s).task(None, "l"))
+    _perturbed(module, 3)
+    g = torch.Generator().manual_seed(4)
+    d_out, d_in = module.index.shape
+    module.index.copy_(torch.randint(0, 8, (d_out, d_in), generator=g))
+    table = levels(module.alpha.detach())
+    u = module._u().detach().clone()
+    exact = _gather_levels(table, module.index)
+    u[:, ::7] = exact[:, ::7]  # on the current level
+    nb = _gather_levels(table, (module.index + 1).clamp(max=7))
+    u[:, 3::7] = ((exact + nb) / 2)[:, 3::7]  # halfway to c + 1
+    best, best_err = module.index.clone(), (u - _gather_levels(table, module.index)).abs()
+    for step in (-1, 1):
+        cand = (module.index + step).clamp(0, 7)
+        err = (u - _gather_levels(table, cand)).abs()
+        better = err < best_err
+        best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
+    before = module.index.clone()
+    module.remap(u, nearest=False)
+    assert torch.equal(module.index, best)
+    assert not torch.equal(module.index, before) and (module.index - before).abs().max() == 1
+
+
+def _gather_levels(table, index):
+    d_out, n_groups, _ = table.shape
+    return table.gather(2, index.reshape(d_out, n_groups, -1)).reshape(index.shape)
