@@ -34,6 +34,9 @@ import record as rec
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
              "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+LLAMA2_70B = {**LLAMA2_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+              "num_key_value_heads": 8}
+SHAPES = {"llama2-7b": LLAMA2_7B, "llama2-70b": LLAMA2_70B}
 
 CHILD_QUANTIZE = """
 import json, resource, sys, time
@@ -92,17 +95,31 @@ def run_child(code: str, *args) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def write_synthetic(folder: Path, blocks: int, seed: int = 0) -> Path:
-    """A Llama with Llama-2-7B's shapes and `blocks` decoder blocks, random float16 weights (std 0.02), one
-    shard per block plus one for the embeddings and head, built tensor by tensor (never the whole model)."""
+def save_sealed(tensor, path: Path) -> None:
+    """Windows as the workflow writes them: the jobs read only artifacts with a checksum record."""
+    import torch
+
+    from quantlib.artifacts.atomic import atomic_file
+
+    with atomic_file(path, seal=True) as tmp:
+        torch.save(tensor, tmp)
+
+
+def write_synthetic(folder: Path, blocks: int, seed: int = 0, shape: dict = LLAMA2_7B) -> Path:
+    """A Llama with `shape`'s sizes (default Llama-2-7B's) and `blocks` decoder blocks, random float16 weights (std
+    0.02), one shard per block plus one for the embeddings and head, built tensor by tensor (never the whole
+    model)."""
     import torch
     from safetensors.torch import save_file
 
-    if (folder / "config.json").exists():
+    from quantlib.artifacts.integrity import CHECKSUMS, seal_dir
+
+    if (folder / CHECKSUMS).exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    c = LLAMA2_7B
+    c = shape
     h, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]  # grouped-query attention's key/value rows
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -114,8 +131,8 @@ def write_synthetic(folder: Path, blocks: int, seed: int = 0) -> Path:
         p = f"model.layers.{i}."
         state = {p + "input_layernorm.weight": torch.ones(h, dtype=torch.float16),
                  p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.float16)}
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            state[f"{p}self_attn.{name}.weight"] = rand(h, h)
+        for name, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
+            state[f"{p}self_attn.{name}.weight"] = rand(rows, h)
         state[p + "mlp.gate_proj.weight"] = rand(inter, h)
         state[p + "mlp.up_proj.weight"] = rand(inter, h)
         state[p + "mlp.down_proj.weight"] = rand(h, inter)
@@ -132,6 +149,7 @@ def write_synthetic(folder: Path, blocks: int, seed: int = 0) -> Path:
     cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": blocks,
            "torch_dtype": "float16", "tie_word_embeddings": False, "hidden_act": "silu", **c}
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    seal_dir(folder)  # last: a folder with its checksum record is whole
     return folder
 
 
@@ -165,7 +183,8 @@ def measure_backward(model_dir: Path, calib: Path, stages: list[str], stat: str,
     import torch
 
     from quantlib.catalog.names import CalibSpec
-    from quantlib.jobs.memory import MB, plan_statistic
+    from quantlib.jobs.memory import MB
+    from quantlib.jobs.memory_backward import plan_statistic
 
     cfg = json.loads((model_dir / "config.json").read_text())
     row = {}
@@ -210,6 +229,11 @@ def main() -> None:
     s.add_argument("--nsamples", type=int, default=8)
     s.add_argument("--seqlen", type=int, default=512)
     s.add_argument("--method", default="ldlq.w4g128")
+    s.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b", help="the blocks' sizes")
+    s.add_argument("--stages", nargs="+", default=["quantize", "perplexity"],
+                   choices=["quantize", "perplexity", "gradients", "distill"],
+                   help="quantize, perplexity (FP and quantized), the gradients statistic and distillation of an "
+                        "RTN w4g128 base (the streamed backward's jobs)")
     m = sub.add_parser("model")
     m.add_argument("--model-dir", type=Path, required=True)
     m.add_argument("--calib", type=Path, required=True, help="calibration windows (n, L) of the workflow")
@@ -235,29 +259,40 @@ def main() -> None:
     compute = {"device": "cpu", "dtype": "float32"}
     runs = {}
     if args.what == "synthetic":
+        shape = SHAPES[args.shape]
         calib = args.work / f"calib-n{args.nsamples}-L{args.seqlen}.pt"
         g = torch.Generator().manual_seed(0)
-        torch.save(torch.randint(0, LLAMA2_7B["vocab_size"], (args.nsamples, args.seqlen), generator=g), calib)
+        save_sealed(torch.randint(0, shape["vocab_size"], (args.nsamples, args.seqlen), generator=g), calib)
         windows = args.work / f"windows-L{args.seqlen}.pt"
-        torch.save(torch.randint(0, LLAMA2_7B["vocab_size"], (8, args.seqlen), generator=g), windows)
+        save_sealed(torch.randint(0, shape["vocab_size"], (8, args.seqlen), generator=g), windows)
         for blocks in args.blocks:
             t = time.time()
-            model_dir = write_synthetic(args.work / f"llama2-7b-shapes-{blocks}blocks", blocks)
+            model_dir = write_synthetic(args.work / f"{args.shape}-shapes-{blocks}blocks", blocks, shape=shape)
             name = f"synthetic.c4.n{args.nsamples}.L{args.seqlen}.{args.method}"
-            runs[f"{blocks}_blocks"] = {"write_seconds": round(time.time() - t, 1),
-                                        **measure(model_dir, name, calib, windows, 8, args.batch, args.work,
-                                                  compute)}
-            print(json.dumps({blocks: runs[f"{blocks}_blocks"]}, indent=1), flush=True)
-        shapes = {"model": "synthetic Llama-2-7B block shapes", **LLAMA2_7B, "blocks": args.blocks,
-                  "weights_on_disk": "float16", "compute_dtype": "float32"}
+            row = runs[f"{blocks}_blocks"] = {"write_seconds": round(time.time() - t, 1)}
+            if "quantize" in args.stages:
+                row.update(measure(model_dir, name, calib, windows if "perplexity" in args.stages else None, 8,
+                                   args.batch, args.work, compute))
+            row.update(measure_backward(model_dir, calib, args.stages, "gradients.G4", calib, "rtn.w4g128",
+                                        args.work, compute))
+            print(json.dumps({blocks: row}, indent=1), flush=True)
+        shapes = {"model": f"synthetic {args.shape} block shapes", **shape, "blocks": args.blocks,
+                  "stages": args.stages, "weights_on_disk": "float16", "compute_dtype": "float32"}
     else:
         compute.update(json.loads(args.compute))
         calib = torch.load(args.calib)
         n, seqlen = calib.shape
-        name = f"model.c4.n{n}.L{seqlen}.{args.method}"
+        from quantlib.catalog.spec import QuantSpec
+        from quantlib.errors import ConfigError
+
+        name, quantize_calib = f"model.c4.n{n}.L{seqlen}.{args.method}", args.calib
+        try:
+            QuantSpec.parse(name)
+        except ConfigError:  # a method that reads no calibration (RTN): its name has none
+            name, quantize_calib = f"model.{args.method}", None
         runs["model"] = {}
         if "quantize" in args.stages:
-            runs["model"] = measure(args.model_dir, name, args.calib, args.windows, args.max_windows, args.batch,
+            runs["model"] = measure(args.model_dir, name, quantize_calib, args.windows, args.max_windows, args.batch,
                                     args.work, compute)
         runs["model"].update(measure_backward(args.model_dir, args.calib, args.stages, args.stat, args.distill_calib,
                                               args.base, args.work, compute, args.keep))

@@ -12,7 +12,7 @@ from quantlib.config.experiment import Experiment
 from quantlib.config.preflight import check_sources
 from quantlib.config.preflight import check_config_files, check_hub_for_download
 from quantlib.errors import QuantlibError
-from quantlib.jobs.memory import request_mb, runtime_minutes
+from quantlib.jobs.requests import request_mb, runtime_minutes
 from quantlib.catalog.names import DATASET_KEY_RE, MODEL_KEY_RE, PATHS, STAT_RE, evaldata_path, parse_ppl_protocol
 from quantlib.catalog.pack_formats import check_format, wildcard_pattern
 from quantlib.catalog.registry import stat_dependencies
@@ -133,7 +133,7 @@ def model_config(model):
 
 
 def job_mem(job, model, spec):
-    """mem_mb from the memory model (quantlib.jobs.memory); before the model is fetched, from its params_b."""
+    """mem_mb from the memory model (quantlib.jobs.requests); before the model is fetched, from its params_b."""
     try:
         return request_mb(job, model_config(model), spec, EXP.cfg, model_params_b(model))
     except QuantlibError as exc:

@@ -43,7 +43,7 @@ def atomic_dir(path: str | Path, seal: bool = False, into: str | Path | None = N
     """Yield a temporary directory beside `path`; rename it to `path` only if the block succeeds. With `seal`, an
     artifact: its files' checksums are written into it first (quantlib.artifacts.integrity). With `into`, that
     folder (on the same filesystem) is the temporary, created if absent and kept as it is when the block fails: a
-    job's progress (`quantlib.runner.progress`), which a job started again goes on from."""
+    job's progress (`quantlib.stats.progress`), which a job started again goes on from."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)

@@ -57,7 +57,7 @@ class CheckpointWriter:
     @contextlib.contextmanager
     def writing(self, out_dir: str | Path, n_blocks: int, into: str | Path | None = None):
         """Shards go into a temporary beside `out_dir`, renamed into place when the block of code succeeds (after
-        `save`); a crash leaves nothing. With `into` (a job's progress folder, `quantlib.runner.progress`), they go
+        `save`); a crash leaves nothing. With `into` (a job's progress folder, `quantlib.stats.progress`), they go
         there and stay when the job fails, for a job started again to keep (`restore_progress`)."""
         with atomic_dir(out_dir, seal=True, into=into) as tmp:
             self._tmp, self._n_blocks, self._written = tmp, n_blocks, set()

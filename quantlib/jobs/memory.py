@@ -3,7 +3,7 @@ dtype and the method, with the jobs reading the model block by block (`quantlib.
 rules' `mem_mb` (what a cluster job asks for) and the `compute.max_memory` budget, which picks chunk sizes and
 where activations are kept, and refuses up front a budget that cannot hold one block and its statistics.
 
-Peak = runtime + the largest of three phases (b: bytes per element of the compute dtype; float32 for statistics):
+Peak = runtime + the largest of its phases (b: bytes per element of the compute dtype; float32 for statistics):
   runtime   Python, torch and transformers themselves (RUNTIME_MB, measured: `python -c "import torch,
             transformers"` plus a model class)
   capture   the embeddings (vocab x hidden x b) while the calibration windows go through them, and the block-0
@@ -19,14 +19,23 @@ Peak = runtime + the largest of three phases (b: bytes per element of the comput
             Adam's two moments)
   finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard,
             twice (safetensors serialises each tensor to bytes before writing)
-With streams on disk, the activation term is one chunk instead of N tokens.
+With streams on disk, the activation term is one chunk instead of N tokens. A quantized forward (activations, KV
+cache, online Hadamards: `quantlib.transforms.activations`) adds to the block phase one chunk's quantized copies
+(T x (I + 2 kv width) x b). A rotation (QuaRot, SpinQuant; `rotation_phases`) holds the whole model, its head untied,
+through every phase, and adds
+  rotate    the whole model twice (the new weights are written while the old ones' memory is still held) and every
+            rotated weight's float64 product
+  spin      SpinQuant's training: the whole model, the rotated weights in float32 (its graph's) and twice the
+            autograd graph of spin_batch windows of L tokens (blocks x (18 h + 7 I) + 4 V floats per token: what
+            every block saves with its quantizers, the logits; twice: what the allocator keeps of earlier steps')
 
 Jobs that back-propagate through the model block by block (`quantlib.stats.streamed`: a statistic whose catalog
-entry is `backward`, and distillation) hold instead, besides the runtime (`backward_phases`): the inputs of every
+entry is `backward`, and distillation) hold instead, besides the runtime (`quantlib.jobs.memory_backward`): the inputs of every
 block over every item (one item with streams on disk); one block's weights, their gradients (float32) and one
 item's recomputed forward with its autograd graph; the loss on the final states (the gradients' logits over the
 vocabulary; distillation's targets). Distillation also keeps its trainables with AdamW's state, the student's
-embeddings and every block's integer codes (one byte per weight; on disk with streams on disk): `distill_phases`.
+embeddings and every block's integer codes (one byte per weight; on disk with streams on disk).
+What a cluster job asks for (`mem_mb`, wall time) from these figures: `quantlib.jobs.requests`.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from dataclasses import dataclass
 
 from quantlib.access.adapters import get_adapter
 from quantlib.catalog import registry
-from quantlib.catalog.statistics import LOSS_LOGITS
+from quantlib.catalog.contract import forward_settings
 from quantlib.errors import ConfigError
 
 MB = 1 << 20
@@ -75,6 +84,8 @@ class Shapes:
     tied: bool
     subgroups: list  # [(d_in, stacked output rows)] per subgroup of quantized layers
     max_layers_per_subgroup: int = 1
+    heads: int = 0  # attention heads, and the key/value heads' width (kv heads x head_dim; 0: as wide as hidden)
+    kv_width: int = 0
 
     @classmethod
     def of(cls, cfg: dict) -> "Shapes":
@@ -83,11 +94,23 @@ class Shapes:
         hidden = cfg["hidden_size"]
         blocks = cfg.get("num_hidden_layers") or cfg.get("n_layer")
         linear = sum(d_in[n] * d_out[n] for n in d_in)
+        heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 0
+        head_dim = cfg.get("head_dim") or (hidden // heads if heads else 0)
         return cls(hidden=hidden, intermediate=max(d_in.values()), vocab=cfg["vocab_size"], blocks=blocks,
                    block_params=linear + 4 * hidden,  # norms (and biases, small beside the linears)
                    tied=bool(cfg.get("tie_word_embeddings", False)),
                    subgroups=[(d_in[g[0]], sum(d_out[n] for n in g)) for g in adapter.subgroups],
-                   max_layers_per_subgroup=max(len(g) for g in adapter.subgroups))
+                   max_layers_per_subgroup=max(len(g) for g in adapter.subgroups),
+                   heads=heads, kv_width=(cfg.get("num_key_value_heads") or heads) * head_dim)
+
+    @property
+    def linear_params(self) -> int:
+        """The weights of one block's linears."""
+        return self.block_params - 4 * self.hidden
+
+    @property
+    def kv(self) -> int:
+        return self.kv_width or self.hidden
 
 
 @dataclass
@@ -134,8 +157,10 @@ def calibration_pass(shapes: Shapes, n_tokens: int, seqlen: int, chunk_tokens: i
     return capture, shapes.block_params * b + activations
 
 
-def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype_bytes: int = 4) -> dict:
-    """Bytes of each phase of a quantize job (the module's docstring)."""
+def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype_bytes: int = 4,
+                    attn: str = "sdpa") -> dict:
+    """Bytes of each phase of a quantize job (the module's docstring); `attn` the attention implementation
+    (compute.attn_implementation): the eager one makes every head's scores."""
     b = dtype_bytes
     n_tokens = spec.calib.nsamples * spec.calib.seqlen if spec.calib is not None and spec.needs_tokens else 0
     seqlen = spec.calib.seqlen if spec.calib is not None else 1
@@ -147,18 +172,71 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
     stats = sum(statistic_bytes(shapes, name, "read_bytes") for name in spec.statistics())
     training = 3 * shapes.block_params * 4 if mode == "block" else 0
     block += (0 if mode == "block" else solve) + stats + training
+    forward = forward_settings(spec)
+    if forward is not None and n_tokens:
+        # The quantized forward's temporaries in one chunk's pass (`quantlib.transforms.activations`), beyond the
+        # plain forward's working set: a linear's input is quantized into a copy while the plain one is still held
+        # (the widest, down_proj's I; with a rotation, R4's online Hadamard makes it), and the keys and values are
+        # quantized into copies. The attention stays sdpa's fused causal kernel (the windows pass no mask), so no
+        # heads x L x L scores are made (measured on the offline model: the installed forward +0.02-0.11 GB).
+        chunk = max(seqlen, min(n_tokens, chunk_tokens // seqlen * seqlen))
+        block += chunk * (shapes.intermediate + 2 * shapes.kv) * b
+    if attn == "eager" and n_tokens:
+        # eager attention materialises the heads x L x L scores of every window of the chunk (the masked and
+        # softmaxed ones replace them in turn); sdpa's kernels and flash attention make none. Measured on the offline
+        # model, 32 windows of 512 tokens: +0.35-0.42 GB over sdpa, this term's 0.30 GB (the plain forward's
+        # working set, T (6h + 3I) b, is that much above the measured sdpa forward).
+        chunk = max(seqlen, min(n_tokens, chunk_tokens // seqlen * seqlen))
+        block += (chunk // seqlen) * (shapes.heads or 1) * seqlen * seqlen * b
     embeddings = shapes.vocab * shapes.hidden * b
     phases = {"capture": capture, "block": block,
               "finish": 2 * embeddings * (1 if shapes.tied else 2)}  # save_file copies each tensor to bytes
     if any(registry.component("preprocess", p).scope == "model" for p in spec.preprocess):
-        # a rotation holds the whole model (head untied) through every phase; rotating a matrix makes a float64 copy
-        whole = shapes.blocks * shapes.block_params * b + 2 * embeddings
+        # the whole rotated model (head untied) is held through every phase; the last shard saves its embeddings
+        # and head, each also as bytes
+        whole, own = rotation_phases(shapes, spec, b)
         phases = {k: v + whole for k, v in phases.items()}
-        phases["rotate"] = whole + 2 * embeddings * 8 // b
-        if "spinquant" in spec.preprocess:  # the rotated copy of every weight, its gradient, one window's activations
-            phases["rotate"] += 2 * whole + 4 * spec.opt("spin_batch") * spec.calib.seqlen * (
-                shapes.blocks * (8 * shapes.hidden + 3 * shapes.intermediate) + shapes.vocab)
+        phases["finish"] = whole + 2 * embeddings
+        phases.update(own)
     return phases
+
+
+# SpinQuant's autograd graph per token of a training window, in floats (float32): what each block saves for the
+# backward with the quantized forward in the loop, in units of the hidden and intermediate sizes: the two norms'
+# inputs and outputs, the straight-through quantized input every linear saves (q, k and v each quantize their own
+# copy), the queries and keys after RoPE and after R3, the keys and values quantized, the attention's output and
+# log-sum-exp, the MLP's gate, up, SiLU and product and down_proj's rotated and quantized input; then the loss: the
+# logits, their log-softmax and both gradients (4 V). Counted from the graph and checked on the offline model
+# (SmolLM2-135M, one step with one and two 512-token windows: 1603 MB a window, these constants' 1621 MB).
+SPIN_HIDDEN, SPIN_INTERMEDIATE, SPIN_LOGITS = 18, 7, 4
+
+
+def rotation_phases(shapes: Shapes, spec, b: int) -> tuple[int, dict]:
+    """What a model-scope preprocessor (QuaRot, SpinQuant: `quantlib.transforms.rotation`, `.spinquant`) holds: the
+    whole model (the head untied, bytes), held through every phase, and the phases of the rotation itself."""
+    h = shapes.hidden
+    # what R1/R2 rotate: every block's linears, the embeddings and the (untied) head
+    rotated = shapes.blocks * shapes.linear_params + 2 * shapes.vocab * h
+    whole = shapes.blocks * shapes.block_params * b + 2 * shapes.vocab * h * b
+    # `rotate_model`: every rotated weight's float64 product is held until all are done (`rotated_state`), and the
+    # new weights are written while the float64 ones and the old weights' freed memory (which the allocator keeps,
+    # fragmented by the folding's and the assignment's new copies) are still there: about a second copy of the model
+    # (measured on the offline model, float32: peak 3110 MB, the model's 2945 MB with the runtime).
+    out = {"rotate": 2 * whole + 8 * rotated}
+    if "spinquant" in spec.preprocess:
+        # `learn_rotations`: the rotated weights as functions of R1/R2 (float32, held by the graph; v_proj's and
+        # o_proj's R1 products kept for R2), then the autograd graph of spin_batch windows of L tokens, twice: a
+        # step's graph (measured alone, the first step: 1603 MB a window on the offline model, SPIN_* 1621 MB), and
+        # as much again that the allocator keeps of the steps' freed graphs, fragmented, when the gradients, later
+        # steps and the learned rotations' float64 products are allocated. Fitted on the whole job (SmolLM2-135M,
+        # 5 steps, float32): peaks 5229 and 8504 MB for 1 and 2 windows a step, this phase's 4996 and 8239 MB with
+        # the runtime.
+        graph = 4 * (rotated + shapes.blocks * (shapes.kv + h) * h)
+        tokens = spec.opt("spin_batch") * spec.calib.seqlen
+        per_token = shapes.blocks * (SPIN_HIDDEN * h + SPIN_INTERMEDIATE * shapes.intermediate) + \
+            SPIN_LOGITS * shapes.vocab
+        out["spin"] = whole + graph + 2 * tokens * per_token * 4
+    return whole, out
 
 
 def plan_quantize(cfg: dict, spec, compute: dict, dtype_bytes: int = 4) -> Plan:
@@ -169,14 +247,15 @@ def plan_quantize(cfg: dict, spec, compute: dict, dtype_bytes: int = 4) -> Plan:
     b = dtype_bytes
     chunk, streams = compute.get("calib_chunk_tokens", 65536), compute.get("block_streams", "memory")
     budget = parse_memory(compute.get("max_memory"))
-    plan = Plan(chunk, streams, quantize_phases(shapes, spec, chunk, streams, b), budget)
+    attn = compute.get("attn_implementation", "auto")
+    plan = Plan(chunk, streams, quantize_phases(shapes, spec, chunk, streams, b, attn), budget)
     if budget is None or plan.peak <= budget:
         return plan
     seqlen = spec.calib.seqlen if spec.calib is not None else 1
     for where in ([streams, "disk"] if streams == "memory" else [streams]):
         c = chunk
         while True:
-            plan = Plan(c, where, quantize_phases(shapes, spec, c, where, b), budget)
+            plan = Plan(c, where, quantize_phases(shapes, spec, c, where, b, attn), budget)
             if plan.peak <= budget or c <= seqlen:
                 break
             c = max(seqlen, c // 2)
@@ -220,81 +299,7 @@ def whole_model_peak(cfg: dict, seqlen: int, batch: int, dtype_bytes: int = 4) -
     return RUNTIME_MB * MB + whole_model_bytes(Shapes.of(cfg), seqlen, batch, dtype_bytes)
 
 
-# ------------------------------------------------------------------------------------------ streamed backward
-# Autograd's working set of one block's forward recomputed with gradients and its backward, per token of the item, in
-# units of the hidden and intermediate sizes (float32): the tensors a Llama block's graph saves (norm outputs, q, k,
-# v, the attention output, the MLP's three intermediate products) and the gradients in flight, counted generously.
-# On the offline model the measured peaks came 1.1x (distillation) and 1.2x (gradients, streams on disk) over the
-# model's figures, about the allocator's slack seen for the other jobs (benchmarks/memory_bench.py).
-BACKWARD_HIDDEN, BACKWARD_INTERMEDIATE = 16, 8
-LOGITS_COPIES = 4  # a piece of the end loss: logits, their log-softmax and both gradients (float32)
-
-
-def backward_phases(shapes: Shapes, items: int, item_tokens: int, streams: str, b: int, block_extra: int = 0,
-                    head: int = 0, resident: int = 0) -> dict:
-    """Bytes of the phases of a streamed backward over `items` items of `item_tokens` tokens (b: bytes per element
-    of the activations): `forward` (the kept inputs of every block, a block's weights and one item's forward),
-    `head` (the kept inputs, the final states and their gradients, and `head`: the loss on the final states) and
-    `backward` (the kept inputs, two gradient streams, a block's weights and their float32 gradients, `block_extra`,
-    one item's recomputed forward and backward); each plus `resident`, what the job holds throughout."""
-    h, inter = shapes.hidden, shapes.intermediate
-    one = item_tokens * h * b
-    stream = items * one if streams == "memory" else one
-    kept = shapes.blocks * stream
-    weights = shapes.block_params * b
-    forward = item_tokens * (6 * h + 3 * inter) * b
-    recompute = item_tokens * (BACKWARD_HIDDEN * h + BACKWARD_INTERMEDIATE * inter) * 4
-    return {"forward": resident + kept + stream + weights + forward,
-            "head": resident + kept + 2 * stream + weights + head,
-            "backward": resident + kept + 2 * stream + weights + shapes.block_params * 4 + block_extra + recompute}
-
-
-def statistic_phases(shapes: Shapes, name: str, calib, compute: dict, streams: str, b: int) -> dict:
-    """Bytes of each phase of a statistics job on the calibration `calib` (a CalibSpec). Read block by block, it is
-    a calibration pass like a quantize job's (the embeddings while the windows go through them; one block, its inputs
-    and outputs over every token and one chunk's forward) plus what its catalog entry computes per block; with a
-    streamed backward, the backward's phases (`backward_phases`; the loss: the embeddings and head, the logits of
-    one window); otherwise the whole model and one window's forward plus the entry's figure."""
-    stat, _ = registry.parse_stat_name(name)
-    entry = registry.STATISTICS[stat]
-    extra = statistic_bytes(shapes, name, "compute_bytes")
-    n, L = calib.nsamples, calib.seqlen
-    embeddings = shapes.vocab * shapes.hidden * b
-    if entry.backward:  # the end loss, pieces of LOSS_LOGITS logits at a time
-        piece = max(1, min(L, LOSS_LOGITS // shapes.vocab)) * shapes.vocab
-        head = embeddings * (1 if shapes.tied else 2) + LOGITS_COPIES * piece * 4
-        return {"capture": embeddings + n * L * shapes.hidden * b,
-                **backward_phases(shapes, n, L, streams, b, block_extra=extra, head=head)}
-    if entry.block_by_block:
-        capture, block = calibration_pass(shapes, n * L, L, compute.get("calib_chunk_tokens", 65536), "memory", 2, b)
-        return {"capture": capture, "block": block + extra}
-    return {"model": whole_model_bytes(shapes, L, 1, b) + extra}
-
-
-def distill_phases(shapes: Shapes, spec, streams: str) -> dict:
-    """Bytes of each phase of a distillation job (float32; `spec` a `.kd` name's): `targets` (the FP model's streamed
-    forward: its embeddings and block-0 inputs, then two streams of every window's states and one block), `student`
-    (reading the base's representations once) and the streamed backward of one batch (`backward_phases`), with the
-    targets, the student's embeddings, the codes and the trainables with AdamW's state resident."""
-    d = spec.distill
-    n, L, h = d.calib.nsamples, d.calib.seqlen, shapes.hidden
-    tokens = d.opt("batch") * L
-    every = n * L * h * 4 if streams == "memory" else L * h * 4  # one state of every window
-    embeddings = shapes.vocab * h * 4
-    linear = sum(d_in * rows for d_in, rows in shapes.subgroups)  # a block's quantized weights
-    g = spec.group_size
-    groups = shapes.blocks * sum(rows * (d_in // g if g > 0 else 1) for d_in, rows in shapes.subgroups)
-    codes = linear * (shapes.blocks if streams == "memory" else 1)  # uint8
-    resident = embeddings + every + codes + groups * 2 * 4 * 4  # scales and zeros, their gradients, two moments
-    weights = shapes.block_params * 4
-    return {"targets": embeddings + n * L * h * 4 + 2 * every + weights + L * (6 * h + 3 * shapes.intermediate) * 4,
-            "student": resident + weights + 5 * linear,
-            # a block's trainable linears: the codes (uint8), the weights they make and those weights' gradients
-            **backward_phases(shapes, 1, tokens, streams, 4, block_extra=9 * linear, head=2 * tokens * h * 4,
-                              resident=resident)}
-
-
-def _fit(what: str, phases, compute: dict) -> Plan:
+def fit_streams(what: str, phases, compute: dict) -> Plan:
     """The streams (compute.block_streams, else on disk when the budget asks) under `compute.max_memory` for a job
     whose phases are `phases(streams)`; a budget that cannot hold it even with every stream on disk is refused
     before any work, with the figures."""
@@ -311,17 +316,11 @@ def _fit(what: str, phases, compute: dict) -> Plan:
         f"at least {plan.peak / MB:,.0f} MB (or run the job on a machine with more memory).")
 
 
-def plan_statistic(cfg: dict, name: str, calib, compute: dict, dtype_bytes: int = 4) -> Plan:
-    """Where a statistics job keeps its activations under `compute.max_memory` (`_fit`), and its figures."""
-    shapes = Shapes.of(cfg)
-    return _fit(f"the statistic {name}", lambda where: statistic_phases(shapes, name, calib, compute, where,
-                                                                          dtype_bytes), compute)
-
-
-def plan_distill(cfg: dict, spec, compute: dict) -> Plan:
-    """Where a distillation job keeps its activations, targets and codes under `compute.max_memory` (`_fit`)."""
-    shapes = Shapes.of(cfg)
-    return _fit(f"distilling {spec.short_name()}", lambda where: distill_phases(shapes, spec, where), compute)
+def statistic_bytes(shapes: Shapes, name: str, which: str) -> int:
+    """A statistics artifact's bytes per block from its catalog entry (`read_bytes`: what a quantize job holds of it;
+    `compute_bytes`: what its own job holds beyond a calibration pass or the whole model)."""
+    stat, params = registry.parse_stat_name(name)
+    return getattr(registry.STATISTICS[stat], which)(shapes, params)
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -366,82 +365,3 @@ def plan_pack(cfg: dict, spec, pack_cfg: dict, compute: dict, dtype_bytes: int =
                           f"{plan.peak / MB:,.0f} MB: runtime {RUNTIME_MB} MB + the larger phase of ({parts}). "
                           f"Raise compute.max_memory to at least {plan.peak / MB:,.0f} MB.")
     return plan
-
-
-# ------------------------------------------------------------------------------------------------ cluster requests
-
-MARGIN = 1.5  # over the estimate: allocator slack and what the model leaves out (measured peaks 0.95-1.35x of the estimate on the offline model)
-FLOOR_MB = 2000
-UNCAPPED_EVAL_TOKENS = 600_000  # a protocol without max_windows: WikiText-2 or C4's 256 x 2048 windows, about
-# The longest request of a batch of a zero-shot task (lm-eval pads a batch to its longest), about; each few-shot
-# example adds as much. ARC, PIQA, HellaSwag, WinoGrande and LAMBADA requests are well under it.
-LMEVAL_TOKENS = 256
-
-
-def lmeval_tokens(tasks: dict) -> int:
-    """The longest request lm-eval is expected to batch for these tasks ({task: {num_fewshot, ...}})."""
-    return LMEVAL_TOKENS * (1 + max([(t or {}).get("num_fewshot", 0) or 0 for t in tasks.values()] or [0]))
-
-
-def statistic_bytes(shapes: Shapes, name: str, which: str) -> int:
-    """A statistics artifact's bytes per block from its catalog entry (`read_bytes`: what a quantize job holds of it;
-    `compute_bytes`: what its own job holds beyond a calibration pass or the whole model)."""
-    stat, params = registry.parse_stat_name(name)
-    return getattr(registry.STATISTICS[stat], which)(shapes, params)
-
-
-# Before the model is fetched there is no config.json: rules of thumb from its size in billions of parameters (the
-# config's params_b), float32 weights at 4 bytes per parameter times the copies a job holds.
-FALLBACK_COPIES = {"fetch": 2, "quantize": 3, "distill": 5, "stats": 3, "perplexity": 3, "lmeval": 3, "pack": 2}
-FALLBACK_FLOOR_MB = 4000
-# Wall time (minutes) a cluster job asks for: per billion parameters (the work grows about linearly with the
-# parameter count), and a floor. lm-eval runs every task of the config in one job: on a 2-core CPU ~10 min for
-# 6 tasks x 25 documents of a 135M model.
-RUNTIME_MINUTES = {"quantize": (10, 60), "distill": (60, 60), "stats": (10, 60), "perplexity": (5, 30),
-                   "lmeval": (20, 60)}
-
-
-def _kind(job: str) -> str:
-    return job.partition(":")[0]
-
-
-def runtime_minutes(job: str, params_b: float) -> int:
-    """The wall time (minutes) a cluster job of kind `job` asks for, from the model's size."""
-    per_b, floor = RUNTIME_MINUTES[_kind(job)]
-    return int(max(floor, per_b * params_b))
-
-
-def request_mb(job: str, model_cfg: dict | None, spec, cfg: dict, params_b: float = 1.0) -> int:
-    """The `mem_mb` a rule asks a cluster for: the memory model's peak for `job` (quantize, perplexity, lmeval,
-    stats:{statistic}, distill, pack) with a margin, from the model's config.json (`model_cfg`) and the workflow's
-    config `cfg`; `spec` is the job's spec (for a statistic, its calibration, a CalibSpec). Before the model is
-    fetched there is no config.json: a rule of thumb from `params_b`."""
-    if model_cfg is None:
-        return int(max(FALLBACK_FLOOR_MB, FALLBACK_COPIES[_kind(job)] * 4 * 1024 * params_b))
-    compute = cfg.get("compute", {})
-    b = DTYPE_BYTES.get(compute.get("dtype", "auto"), 4)  # auto: float32, what a CPU job computes in
-    if job == "quantize":
-        plan = plan_quantize(model_cfg, spec, compute, b)
-        if plan.budget is not None:
-            return int(plan.budget / MB)
-        peak = plan.peak
-    elif job == "perplexity" and spec.pack is None:
-        ppl = cfg["perplexity"]
-        peak = 0
-        for dataset, opts in ppl["datasets"].items():
-            seqlen = ppl["seqlen"]
-            windows = (opts or {}).get("max_windows") or UNCAPPED_EVAL_TOKENS // seqlen
-            peak = max(peak, eval_peak(model_cfg, windows, seqlen, ppl["batch_size"], b))
-    elif job == "lmeval":
-        peak = whole_model_peak(model_cfg, lmeval_tokens(cfg["lm_eval"]["tasks"]), cfg["lm_eval"]["batch_size"], b)
-    elif job.startswith("stats:") or job == "distill":  # stats:{statistic}: `spec` is the calibration (a CalibSpec)
-        plan = plan_distill(model_cfg, spec, compute) if job == "distill" else \
-            plan_statistic(model_cfg, job.partition(":")[2], spec, compute, b)
-        if plan.budget is not None:
-            return int(plan.budget / MB)
-        peak = plan.peak
-    elif job == "pack":  # `spec` is the packed one's ({name}.pack-{format})
-        peak = plan_pack(model_cfg, spec, cfg.get("pack", {}), {}, b).peak
-    else:  # a job that holds the whole model: a packed model's perplexity
-        peak = whole_model_peak(model_cfg, 2048, 1, b)
-    return max(FLOOR_MB, int(MARGIN * peak / MB))

@@ -28,17 +28,16 @@ from quantlib.evaluation.perplexity import perplexity_by_block
 from quantlib.jobs.memory import (
     DTYPE_BYTES,
     MB,
-    lmeval_tokens,
     parse_memory,
-    plan_distill,
     plan_pack,
     plan_quantize,
-    plan_statistic,
     whole_model_peak,
 )
+from quantlib.jobs.memory_backward import plan_distill, plan_statistic
+from quantlib.jobs.requests import lmeval_tokens
 from quantlib.runner.distill import distill as train
 from quantlib.runner.group import QuantizedModelReport
-from quantlib.runner.progress import BlockProgress
+from quantlib.stats.progress import BlockProgress, StepProgress
 from quantlib.runner.walk import quantize_model, transforms_model
 from quantlib.stats.artifacts import compute_statistic, open_statistic
 
@@ -123,7 +122,7 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     access = BlockAccess(lazy.model, lazy=None if whole else lazy,
                          on_block=lambda i, block: writer.write_block(i, f"{prefix}.{i}", block.state_dict()))
     # Progress kept beside the output after each block (its shard, the streams after it): a job killed and started
-    # again goes on from the block after the last finished one, to the same bytes (quantlib.runner.progress).
+    # again goes on from the block after the last finished one, to the same bytes (quantlib.stats.progress).
     progress = BlockProgress(out_dir, spec.short_name(), inputs={**inputs, "model": model_dir},
                              settings={"seed": seed, "device": device, "dtype": str(dtype), "attn": attn,
                                        "chunk_tokens": plan.chunk_tokens}, parts={"checkpoint": writer})
@@ -143,10 +142,13 @@ def quantize(name: str, model_dir, inputs: dict, out_dir, compute: dict) -> None
     log.info("%s quantized in %.1fs", name, time.time() - t0)
 
 
-def distill(name: str, model_dir, inputs: dict, out_dir, compute: dict, max_steps: int | None = None) -> None:
+def distill(name: str, model_dir, inputs: dict, out_dir, compute: dict, max_steps: int | None = None,
+            save_every: int = 8) -> None:
     """Distil the quantized model `name`'s base (a `.kd` name): `inputs` holds its base checkpoint (`base`) and the
     distillation windows (`calib`, `calib_json`); the teacher is the FP model in `model_dir`. Both are read block by
-    block (`quantlib.runner.distill`); each block's shard is written when its trained layers are."""
+    block (`quantlib.runner.distill`); each block's shard is written when its trained layers are. The training's
+    state is kept beside the output every `save_every` steps: a job killed and started again goes on after the last
+    step kept, to the same bytes (`quantlib.stats.progress.StepProgress`)."""
     import json
 
     spec = QuantSpec.parse(name)
@@ -163,6 +165,12 @@ def distill(name: str, model_dir, inputs: dict, out_dir, compute: dict, max_step
     teacher = LazyModel(model_dir, torch.float32, attn)
     writer = CheckpointWriter()
     layers = {}
+    seed = compute.get("seed", 0)
+    # What the training computes from identifies its progress: the spec (with its .kd settings), the base, the
+    # windows, the teacher and the settings that change the result (`calib_json` only feeds the diagnostics).
+    progress = StepProgress(out_dir, spec.short_name(), {k: v for k, v in {**inputs, "model": model_dir}.items()
+                                                         if k != "calib_json"},
+                            {"seed": seed, "device": device, "attn": attn, "max_steps": max_steps}, every=save_every)
 
     def write(i, block, reps):
         for layer, rep in reps.items():
@@ -171,9 +179,9 @@ def distill(name: str, model_dir, inputs: dict, out_dir, compute: dict, max_step
         writer.write_block(i, f"{student.prefix}.{i}", {k: v.cpu() for k, v in block.state_dict().items()
                                                          if v.device.type != "meta"})
 
-    with writer.writing(out_dir, len(student)):
-        outer, diag = train(student, teacher, tokens, spec, seed=compute.get("seed", 0), device=device,
-                            max_steps=max_steps, streams=plan.streams, on_block=write)
+    with progress, writer.writing(out_dir, len(student), into=progress.checkpoint):
+        outer, diag = train(student, teacher, tokens, spec, seed=seed, device=device, max_steps=max_steps,
+                            streams=plan.streams, on_block=write, resume=progress)
         report = QuantizedModelReport(layers=layers, seconds=diag["seconds"])
         extra = {"distill": diag, "compute": {"device": device, "dtype": "torch.float32", "attn": attn,
                                               "threads": torch.get_num_threads()}, "memory": plan.record()}
@@ -203,7 +211,7 @@ def statistic(stat: str, calib_name: str, model_dir, calib_pt, out_dir, compute:
     else:  # computed on the whole model
         model = load_model(model_dir, dtype, attn)
     # A statistic computed block by block keeps its progress beside its output: started again after a kill, it goes
-    # on after the last finished block (quantlib.runner.progress; what it computes from identifies the progress).
+    # on after the last finished block (quantlib.stats.progress; what it computes from identifies the progress).
     settings = {k: compute.get(k) for k in ("calib_chunk_tokens", "dtype", "device")}
     with BlockProgress(out_dir, f"{stat}:{calib_name}", {"model": model_dir, "calib": calib_pt, **(inputs or {})},
                        settings) as resume:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from quantlib.runner.group import GroupQuantizer, log_block, to_device
-from quantlib.runner.progress import NoProgress
+from quantlib.stats.progress import NoProgress
 
 
 def quantize_without_forward(model, adapter, device, progress: bool, access, quant: GroupQuantizer, source,

@@ -15,7 +15,7 @@ then goes back block by block, last to first, each block's forward recomputed fr
 Resident between steps: the trainable scales, zero points and norm gains with AdamW's state, the targets, the
 student's embeddings and final norm, and each block's representations (the integer codes, one byte per weight, so
 that a block is not unpacked from the checkpoint at every step; on disk with `streams` disk, like the targets and
-the kept activations). `quantlib.jobs.memory.distill_phases` gives the figures.
+the kept activations). `quantlib.jobs.memory_backward.distill_phases` gives the figures.
 """
 
 from __future__ import annotations
@@ -190,11 +190,13 @@ class Student:
 
 def distill(student, teacher, tokens: torch.Tensor, spec, seed: int = 0, device: str = "cpu",
             max_steps: int | None = None, progress_every: int = 8, streams: str = "memory",
-            on_block: Callable | None = None) -> tuple[dict, dict]:
+            on_block: Callable | None = None, resume=None) -> tuple[dict, dict]:
     """Train the quantized model `student` against `teacher` (LazyModels of the base checkpoint and of the FP model;
     see the module's docstring). Then, block by block, `on_block(i, block, reps)` gets block i (its trained norm
     gains in place, its quantized layers' weights on the meta device) and {layer: trained representation}. Returns
-    (the tensors outside the blocks as the checkpoint stores them, with the trained gains; diagnostics)."""
+    (the tensors outside the blocks as the checkpoint stores them, with the trained gains; diagnostics). `resume`
+    (a `quantlib.stats.progress.StepProgress`, made by the job) keeps the training's state every few steps, and a
+    job started again goes on after the last step saved (`quantlib.runner.training.train`)."""
     d = spec.distill
     precision = _precision(d.opt("bf16"), device)
     s_cfg, t_cfg = student.model.config, teacher.model.config
@@ -237,7 +239,7 @@ def distill(student, teacher, tokens: torch.Tensor, spec, seed: int = 0, device:
 
         history = train(st.parameters(), adamw, warmup_cosine, loss_of, n, d.opt("epochs"), d.opt("batch"),
                         torch.Generator().manual_seed(seed), "distill", clip=1.0, max_steps=max_steps, check=check,
-                        progress_every=progress_every, backward=False)
+                        progress_every=progress_every, backward=False, resume=resume)
         train_seconds = time.time() - t0
         for i in range(len(blocks)):
             block = st.access.open(i, device)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantlib.runner.group import GroupQuantizer, log_block
-from quantlib.runner.progress import NoProgress
+from quantlib.stats.progress import NoProgress
 from quantlib.stats import capture
 
 

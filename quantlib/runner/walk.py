@@ -9,7 +9,7 @@ catalog entries imply (`QuantSpec.mode`):
 
 The runner resolves the spec's components once (`LayerSolver`), hands every layer's representation to `on_layer`
 (the checkpoint writer packs it) and never packs itself. A job's walk keeps its progress after each block and, run
-again after a kill, starts after the last finished block (`quantlib.runner.progress`, shared by the three modes).
+again after a kill, starts after the last finished block (`quantlib.stats.progress`, shared by the three modes).
 
 When all calibration windows fit in one chunk, one forward pass per block does everything: a pre-forward hook on a
 subgroup's first linear accumulates its Hessian from the whole batch, quantizes the subgroup in place and lets the
@@ -33,7 +33,7 @@ from quantlib.runner.blockwise import quantize_blocks
 from quantlib.runner.datafree import quantize_without_forward
 from quantlib.runner.group import GroupQuantizer, QuantizedModelReport
 from quantlib.runner.layerwise import quantize_layerwise
-from quantlib.runner.progress import BlockProgress, NoProgress
+from quantlib.stats.progress import BlockProgress, NoProgress
 from quantlib.solvers.contract import LayerSolver
 from quantlib.transforms.activations import install as install_forward
 
@@ -131,7 +131,7 @@ def quantize_model(model, spec, tokens: torch.Tensor | None = None, device: str 
     representation goes to `on_layer(name, rep)`, or into the report's `reps`. `seed` is for block-wise methods;
     `streams` (`memory` or `disk`) is where the calibration activations are kept between blocks. `access` reaches
     the blocks (default: all in memory; `BlockAccess(model, lazy=...)` reads each from disk and frees it when done).
-    With `resume` (`quantlib.runner.progress.BlockProgress`, the job's progress beside its output), the state after
+    With `resume` (`quantlib.stats.progress.BlockProgress`, the job's progress beside its output), the state after
     each block is kept, and the walk starts after the last block an earlier attempt finished (those blocks are not
     touched: their layers went to `on_layer`'s checkpoint then). Returns per-layer diagnostics.
     """

@@ -40,7 +40,7 @@ def fp_blocks(model, tokens: torch.Tensor, device: str, chunk_tokens: int, progr
     """Walk the decoder blocks of the unquantized model: yields (index, block, states), the block on the device and
     `states` its inputs per chunk of windows (as `capture.block_inputs` gives them, `chunk` windows each); after each
     step the block's outputs become the next block's inputs. `access` is the runner's `BlockAccess` (lazy: each
-    block read from disk and freed after). `resume` (a `quantlib.runner.progress.BlockProgress`, made by the job)
+    block read from disk and freed after). `resume` (a `quantlib.stats.progress.BlockProgress`, made by the job)
     keeps the walk's state after each block, the caller's block files written into `resume.checkpoint`: a walk
     started again skips the blocks an earlier attempt finished."""
     adapter = adapter_for(model)

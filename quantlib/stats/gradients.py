@@ -15,6 +15,9 @@ time, last to first, its forward recomputed from its kept inputs. The windows ar
 backward, so only that block's Fisher sums are held: each window's weight gradient is folded into them as backward
 produces it (at most one layer's gradient at a time), and the block's shard is written as soon as its last window
 is through. Equal to one whole-model backward per window (`tests/stats/test_streamed.py`).
+A job killed in the backward goes on after the last block it finished (`quantlib.stats.progress`, a walk from the
+last block to the first): the saved gradients flowing into the block before, the losses, the forward recomputed only
+through the blocks still to go back through.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from quantlib.artifacts.atomic import atomic_dir, versions
 from quantlib.artifacts.integrity import rebuild_hint
 from quantlib.catalog.statistics import LOSS_LOGITS
 from quantlib.errors import DataError, NumericalError
+from quantlib.stats.progress import NoProgress
 from quantlib.stats import capture
 from quantlib.stats.artifacts import StatisticReader, block_file
 from quantlib.stats.streamed import BlockChain, final_states
@@ -96,76 +100,111 @@ def _end_loss_gradients(model, blocks, tokens, final, chain, access, device) -> 
 
 
 def capture_gradients(model, tokens: torch.Tensor, out_dir, meta: dict, params: dict, inputs: dict | None = None,
-                      device: str = "cpu", progress: bool = True, access=None, streams: str = "memory", **_) -> None:
+                      device: str = "cpu", progress: bool = True, access=None, streams: str = "memory", resume=None,
+                      **_) -> None:
     """Write the `gradients.G{G}` artifact (see the module's docstring). `access` reaches the blocks (default: the
     model's own, in memory; lazy: each read from disk and freed after); `streams` is where the kept activations and
-    gradients are (`memory` or `disk`)."""
+    gradients are (`memory` or `disk`). `resume` (a `quantlib.stats.progress.BlockProgress`, made by the job)
+    keeps the backward's state after each block (its shard written into `resume.checkpoint`, the gradients flowing
+    into the block before, the losses): a job started again recomputes the forward only through the blocks still to
+    go back through, and goes on at the block before the last one finished."""
     G = params["G"]
     check_groups(model, G, "the saliency's group count G")
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     access = access or BlockAccess(model)
-    n, L = tokens.shape
+    resume = resume or NoProgress()
+    n = len(tokens)
     model.requires_grad_(False)  # only the quantized linears' weights, block by block (`fold`)
     t0 = time.time()
-    with torch.no_grad(), access.outer(device):
-        states = capture.block_inputs(model, blocks, tokens, 1, device)
-    layers = []
-    with BlockChain(access, [kw for _, kw in states], device, streams) as chain:
-        final = chain.forward([h for h, _ in states], len(blocks))
-        del states
-        log.info("gradients: forward through %d blocks in %.1fs", len(blocks), time.time() - t0)
-        losses, grads = _end_loss_gradients(model, blocks, tokens, final, chain, access, device)
-        with atomic_dir(out_dir, seal=True) as tmp:
-
-            @contextlib.contextmanager
-            def fold(i, block):
-                """Block i's Fisher sums and saliency while its windows go back through it; its shard after."""
-                linears = adapter.linears(block)
-                fisher = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=device)
-                          for name, lin in linears}
-                saliency = {name: torch.empty(n, L, G, dtype=torch.bfloat16) for name, _ in linears}
-                block.requires_grad_(False)
-                handles = []
-                for name, lin in linears:
-                    def add(p, name=name):  # this window's squared gradient into the Fisher, the gradient freed
-                        fisher[name].add_(p.grad.float().square())
-                        p.grad = None
-
-                    def keep_output(module, args, out, name=name):
-                        def saliency_of(grad):
-                            s = (grad.float() * SALIENCY_SCALE).square().reshape(grad.shape[0], L, G, -1).mean(-1)
-                            saliency[name][chain.position[1]] = s[0].to(torch.bfloat16).cpu()
-                        out.register_hook(saliency_of)
-
-                    lin.weight.requires_grad_(True)
-                    handles.append(lin.weight.register_post_accumulate_grad_hook(add))
-                    handles.append(lin.register_forward_hook(keep_output))
-                try:
-                    yield
-                finally:
-                    for h in handles:
-                        h.remove()
-                    block.requires_grad_(False)
-                part = {}
-                for name, F in fisher.items():
-                    if not torch.isfinite(F).all():
-                        raise NumericalError(f"the gradients of layer '{adapter.blocks}.{i}.{name}' contain NaN or "
-                                             "Inf")
-                    part[f"{name}.fisher"] = F.cpu().contiguous()
-                    part[f"{name}.saliency"] = saliency[name].contiguous()
-                save_file(part, str(tmp / block_file(i)))
-                layers.extend(fisher)
-
-            chain.backward(grads, install=fold, label="gradients" if progress else "")
-            manifest = {"stat": "gradients", **meta, "G": G, "scale": SALIENCY_SCALE, "windows": n, "seqlen": L,
-                        "tokens_sha256": tokens_digest(tokens), "blocks": len(blocks), "block_path": adapter.blocks,
-                        "layers": sorted(set(layers)), "loss": [round(x, 6) for x in losses], "device": device,
-                        "dtype": str(next(model.parameters()).dtype), "streams": streams,
-                        "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 2),
-                        "versions": versions()}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    # The backward walks the blocks last to first: the k blocks an earlier attempt finished are the last k.
+    left = len(blocks) - resume.begin(len(blocks), None, reverse=True)
+    with resume.stream_folder(streams) as folder:
+        with torch.no_grad(), access.outer(device):
+            states = capture.block_inputs(model, blocks, tokens, 1, device)
+        restored = resume.restore(streams, folder, device)
+        with BlockChain(access, [kw for _, kw in states], device, streams, folder) as chain:
+            if left == len(blocks):
+                final = chain.forward([h for h, _ in states], len(blocks))
+                del states
+                log.info("gradients: forward through %d blocks in %.1fs", len(blocks), time.time() - t0)
+                losses, grads = _end_loss_gradients(model, blocks, tokens, final, chain, access, device)
+                layers = []
+            else:
+                # Resumed: the losses and the gradients flowing into block `left`-1's output are the saved ones;
+                # the kept inputs of blocks 0..left-1 are recomputed (a deterministic forward, so the same bytes;
+                # cheaper than saving every block's inputs, which would cost the disk of the whole forward).
+                losses, layers = resume.extra["losses"], list(resume.extra["layers"])
+                grads = restored["grad"] if left else None
+                if left:
+                    chain.inputs_up_to([h for h, _ in states], left)
+                    log.info("gradients: forward through %d blocks in %.1fs, to resume the backward", left - 1,
+                             time.time() - t0)
+                del states
+            _backward(model, adapter, chain, grads, left, tokens, G, losses, layers, resume, out_dir, meta, device,
+                      streams, progress, t0)
     log.info("gradients: %d windows in %.1fs, mean loss %.4f", n, time.time() - t0, sum(losses) / n)
+
+
+def _backward(model, adapter, chain, grads, left, tokens, G, losses, layers, resume, out_dir, meta, device, streams,
+              progress, t0) -> None:
+    """Back through blocks `left`-1..0 from the gradients `grads` flowing into block `left`-1's output, one shard per
+    block (`fold`), the progress recorded after each; then the manifest."""
+    n, L = tokens.shape
+    blocks = adapter.block_list(model)
+    with atomic_dir(out_dir, seal=True, into=getattr(resume, "checkpoint", None)) as tmp:
+
+        @contextlib.contextmanager
+        def fold(i, block):
+            """Block i's Fisher sums and saliency while its windows go back through it; its shard after."""
+            linears = adapter.linears(block)
+            fisher = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=device)
+                      for name, lin in linears}
+            saliency = {name: torch.empty(n, L, G, dtype=torch.bfloat16) for name, _ in linears}
+            block.requires_grad_(False)
+            handles = []
+            for name, lin in linears:
+                def add(p, name=name):  # this window's squared gradient into the Fisher, the gradient freed
+                    fisher[name].add_(p.grad.float().square())
+                    p.grad = None
+
+                def keep_output(module, args, out, name=name):
+                    def saliency_of(grad):
+                        s = (grad.float() * SALIENCY_SCALE).square().reshape(grad.shape[0], L, G, -1).mean(-1)
+                        saliency[name][chain.position[1]] = s[0].to(torch.bfloat16).cpu()
+                    out.register_hook(saliency_of)
+
+                lin.weight.requires_grad_(True)
+                handles.append(lin.weight.register_post_accumulate_grad_hook(add))
+                handles.append(lin.register_forward_hook(keep_output))
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+                block.requires_grad_(False)
+            part = {}
+            for name, F in fisher.items():
+                if not torch.isfinite(F).all():
+                    raise NumericalError(f"the gradients of layer '{adapter.blocks}.{i}.{name}' contain NaN or "
+                                         "Inf")
+                part[f"{name}.fisher"] = F.cpu().contiguous()
+                part[f"{name}.saliency"] = saliency[name].contiguous()
+            save_file(part, str(tmp / block_file(i)))
+            layers.extend(fisher)
+
+        def after(i, g):  # block i's shard is written: the state to go on from at block i-1
+            resume.finished(i, None, {"grad": g}, {"losses": losses, "layers": sorted(set(layers))})
+
+        if left:
+            chain.backward(grads, install=fold, label="gradients" if progress else "", after=after)
+        manifest = {"stat": "gradients", **meta, "G": G, "scale": SALIENCY_SCALE, "windows": n, "seqlen": L,
+                    "tokens_sha256": tokens_digest(tokens), "blocks": len(blocks), "block_path": adapter.blocks,
+                    "layers": sorted(set(layers)), "loss": [round(x, 6) for x in losses], "device": device,
+                    "dtype": str(next(model.parameters()).dtype), "streams": streams,
+                    "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 2),
+                    "versions": versions()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 class Gradients(StatisticReader):

@@ -15,7 +15,7 @@ embeddings.
 
 Held at a time: one block and its autograd graph over one item, the kept inputs of the blocks not yet gone back
 through (over every item; with streams on disk, the one item in use), the final states or the two gradient streams
-of the block in hand. `quantlib.jobs.memory.backward_phases` gives the figures.
+of the block in hand. `quantlib.jobs.memory_backward.backward_phases` gives the figures.
 """
 
 from __future__ import annotations
@@ -108,11 +108,24 @@ class BlockChain:
                 self.access.close(i, block)
         return x
 
-    def backward(self, grads, install: Callable | None = None, label: str = "") -> None:
-        """Back-propagate `grads` (per item, the loss's gradient w.r.t. the final states `forward` returned) through
-        the kept blocks, last to first, each block's forward recomputed from its kept inputs with gradients on.
-        `install(i, block)` is entered around block i's items (hooks that read the parameters' gradients fire
-        inside it); the kept inputs and gradients are dropped as the pass goes."""
+    def inputs_up_to(self, x0, n_blocks: int) -> None:
+        """Keep the inputs of blocks 0..n_blocks-1 for a backward that starts at block n_blocks-1 (one resumed there):
+        a forward through blocks 0..n_blocks-2 only, no block left open. The forward is deterministic, so these are
+        the inputs an uninterrupted `forward` kept."""
+        x = self.forward(x0, n_blocks - 1)
+        if self._held is not None:  # not the backward's first block: closed, as the chain holds one block at most
+            self.access.close(*self._held)
+            self._held = None
+        self.inputs.append(x)
+
+    def backward(self, grads, install: Callable | None = None, label: str = "", after: Callable | None = None
+                 ) -> None:
+        """Back-propagate `grads` (per item, the loss's gradient w.r.t. the final states `forward` returned, or the
+        output gradient of the last kept block) through the kept blocks, last to first, each block's forward
+        recomputed from its kept inputs with gradients on. `install(i, block)` is entered around block i's items
+        (hooks that read the parameters' gradients fire inside it); `after(i, g)`, when block i is done and closed,
+        gets the stream of gradients flowing into block i-1's output (empty for block 0: a job's progress); the
+        kept inputs and gradients are dropped as the pass goes."""
         g = grads if isinstance(grads, Stream) else self.stream(grads)
         while self.inputs:
             i = len(self.inputs) - 1
@@ -142,6 +155,8 @@ class BlockChain:
             g = g_in
             if label:
                 log.info("%s: backward through block %d in %.1fs", label, i + 1, time.time() - t0)
+            if after is not None:
+                after(i, g)
         g.drop()
 
 

@@ -165,6 +165,39 @@ def test_memory_model_counts_what_grows():
         parse_memory("lots")
 
 
+def test_memory_model_counts_rotations_and_the_quantized_forward():
+    # SmolLM2-135M's shapes: the rotated W4A4KV4 jobs the estimate used to miss by 1.8x (QuaRot) and 1.5x (SpinQuant)
+    cfg = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 30, "vocab_size": 49152,
+           "tie_word_embeddings": True}
+    shapes = Shapes.of(cfg)
+    h, inter, V, kv = 576, 1536, 49152, 3 * 64
+    assert shapes.kv == kv and shapes.linear_params == 576 * (576 + 2 * 192 + 576 + 3 * 1536)
+
+    def phases(method, chunk=65536):
+        return quantize_phases(shapes, QuantSpec.parse(f"m.c4.n32.L512.{method}"), chunk, "memory")
+
+    # the quantized forward's copies grow with the chunk's tokens: 32 x 512 in one chunk, then 8 windows
+    for chunk, tokens in ((65536, 32 * 512), (4096, 8 * 512)):
+        extra = phases("ldlq.w4.a4.kv4.sym", chunk)["block"] - phases("ldlq.w4.sym", chunk)["block"]
+        assert extra == tokens * (inter + 2 * kv) * 4
+    # a rotation: the whole model (head untied) in every phase, and the rotation's own float64 products
+    whole = 30 * shapes.block_params * 4 + 2 * V * h * 4
+    rotated = phases("quarot.ldlq.w4.a4.kv4.sym")
+    assert rotated["block"] == phases("ldlq.w4.a4.kv4.sym")["block"] + whole
+    assert rotated["rotate"] == 2 * whole + 8 * (30 * shapes.linear_params + 2 * V * h)
+    assert max(rotated.values()) == rotated["rotate"]  # the job's peak (measured: 3.1 GB, the model's 2.9 GB)
+    # SpinQuant's autograd graph grows with the windows per Cayley step, by every block's saved tensors and logits
+    one, two = phases("spinquant.ldlq.w4.a4.kv4.spit5.sym"), phases("spinquant.ldlq.w4.a4.kv4.spbs2.spit5.sym")
+    assert two["spin"] - one["spin"] == 2 * 512 * (30 * (18 * h + 7 * inter) + 4 * V) * 4
+    assert max(one.values()) == one["spin"] > rotated["rotate"]
+    assert "spin" not in rotated and "rotate" not in phases("ldlq.w4.a4.kv4.sym")
+    # sdpa (the default) makes no attention scores; the eager attention makes every window's heads x L x L
+    spec = QuantSpec.parse("m.c4.n32.L512.ldlq.w4.a4.kv4.sym")
+    sdpa, eager = (plan_quantize(cfg, spec, {"attn_implementation": a}, 4).peak for a in ("sdpa", "eager"))
+    assert eager - sdpa == 32 * 9 * 512 * 512 * 4
+
+
 def test_offloaded_model_gives_the_whole_models_logits_with_blocks_on_disk(sharded_dir, tmp_path):
     from quantlib.access.lazy import offloaded
 

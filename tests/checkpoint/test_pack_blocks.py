@@ -172,7 +172,8 @@ LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11
 
 
 def test_the_pack_memory_model_is_one_block_not_the_model():
-    from quantlib.jobs.memory import MB, plan_pack, request_mb
+    from quantlib.jobs.memory import MB, plan_pack
+    from quantlib.jobs.requests import request_mb
 
     spec = QuantSpec.parse("m.rtn.w4g128.pack-ct")
     plan = plan_pack(LLAMA2_7B, spec, {"dtype": "float16", "stat_dtype": "float16"}, {})

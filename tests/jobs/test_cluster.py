@@ -25,7 +25,7 @@ from packaging.requirements import Requirement
 from test_workflow import SNAKEMAKE, snakemake, tiny_config, write_config
 
 from quantlib.artifacts.atomic import atomic_dir, write_json
-from quantlib.runner.progress import KILL_AFTER_BLOCK
+from quantlib.stats.progress import KILL_AFTER_BLOCK
 
 # Rules that run no code of their own (a target rule; pack_refused, which only stops the DAG) need no environment.
 RULES_WITHOUT_ENV = {"all", "pack_refused"}
@@ -282,7 +282,7 @@ def test_killed_during_quantize_resumes_to_identical_results(tmp_path, tiny_dir,
 def test_quantize_jobs_killed_after_block_1_resume_at_block_2(tmp_path, tiny_dir, text_files, reference_run,
                                                               monkeypatch):
     # Each quantize job kills itself (SIGKILL) once block 1 of 2 is recorded; Snakemake deletes the failed jobs'
-    # outputs, not the progress beside them, and the next run's jobs go on from block 2 (quantlib.runner.progress).
+    # outputs, not the progress beside them, and the next run's jobs go on from block 2 (quantlib.stats.progress).
     write_config(tmp_path, cluster_config(tiny_dir, text_files))
     monkeypatch.setenv(KILL_AFTER_BLOCK, "1")
     killed = snakemake(tmp_path, "--cores", "2")

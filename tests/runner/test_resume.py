@@ -1,4 +1,4 @@
-"""Resuming inside a quantize job (quantlib.runner.progress): a job that fails or is killed after block k keeps its
+"""Resuming inside a quantize job (quantlib.stats.progress): a job that fails or is killed after block k keeps its
 progress beside its output; started again, it goes on at block k+1 and writes the same bytes as an uninterrupted
 run (all but the timing fields). Foreign or damaged progress is discarded, saying why."""
 
@@ -19,9 +19,9 @@ from conftest import REPO, build_tokenizer, sealed_windows, tiny_model
 from quantlib.artifacts.integrity import CHECKSUMS, seal_dir, verify
 from quantlib.checkpoint.writer import TIMING_FIELDS
 from quantlib.jobs.steps import quantize
-from quantlib.runner import progress as progress_module
+from quantlib.stats import progress as progress_module
 from quantlib.runner.group import QuantizedModelReport
-from quantlib.runner.progress import BlockProgress, partial_dir
+from quantlib.stats.progress import BlockProgress, partial_dir
 
 LDLQ = "tiny.toy.n8.L32.ldlq.w3g32"
 RTN = "tiny.rtn.w4g32"
@@ -154,10 +154,10 @@ def test_a_job_killed_in_block_3_resumes_there(model_dir, calib, references, tmp
     out = tmp_path / LDLQ
     script = textwrap.dedent(f"""
         import os, signal
-        import quantlib.runner.progress
+        import quantlib.stats.progress
         from quantlib.checkpoint.writer import CheckpointWriter
         from quantlib.jobs.steps import quantize
-        quantlib.runner.progress.code_version = lambda: "pinned"
+        quantlib.stats.progress.code_version = lambda: "pinned"
         original = CheckpointWriter.write_block
 
         def write_block(self, i, prefix, state):

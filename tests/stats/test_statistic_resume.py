@@ -1,5 +1,5 @@
 """Resuming inside a statistics job: a block-by-block statistic (`fp_hessian`, `guided_hessian`) keeps its progress
-beside its output (quantlib.runner.progress, as quantize does); a job failed after block k, started again, goes on
+beside its output (quantlib.stats.progress, as quantize does); a job failed after block k, started again, goes on
 at block k+1 and writes the same bytes as an uninterrupted run (the manifest's `seconds` aside)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import build_tokenizer, sealed_windows, tiny_model
 
 from quantlib.artifacts.integrity import CHECKSUMS, seal_dir, verify
 from quantlib.jobs.steps import statistic
-from quantlib.runner.progress import BlockProgress, partial_dir
+from quantlib.stats.progress import BlockProgress, partial_dir
 
 CALIB = "tiny.c4.n6.L16"
 COMPUTE = {"device": "cpu", "dtype": "float32"}

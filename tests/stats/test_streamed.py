@@ -15,7 +15,9 @@ from quantlib.access.lazy import LazyModel
 from quantlib.catalog.names import CalibSpec
 from quantlib.catalog.spec import QuantSpec
 from quantlib.errors import ConfigError
-from quantlib.jobs.memory import MB, parse_memory, plan_distill, plan_statistic, request_mb
+from quantlib.jobs.memory import MB, parse_memory
+from quantlib.jobs.memory_backward import plan_distill, plan_statistic
+from quantlib.jobs.requests import request_mb
 from quantlib.jobs.steps import statistic
 from quantlib.stats import gradients
 from quantlib.stats.artifacts import block_file, compute_statistic
