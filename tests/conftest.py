@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantlib.artifacts.integrity import seal_dir, seal_file
+from quantlib.artifacts.integrity import CHECKSUMS, seal_dir, seal_file, verify
 
 # Tests never reach the Hugging Face hub: every model and dataset is built here or read from the assets folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,3 +170,47 @@ def write_task_files(out_dir: Path, n: int = 12, seed: int = 5) -> dict[str, Pat
 @pytest.fixture(scope="session")
 def task_files(tmp_path_factory) -> dict[str, Path]:
     return write_task_files(tmp_path_factory.mktemp("tasks"))
+
+
+def without_timing(obj):
+    """A diagnostics record without its timing fields (quantlib.checkpoint.writer.TIMING_FIELDS), at any depth."""
+    from quantlib.checkpoint.writer import TIMING_FIELDS
+    if isinstance(obj, dict):
+        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING_FIELDS}
+    if isinstance(obj, list):
+        return [without_timing(v) for v in obj]
+    return obj
+
+
+def assert_same_output(got, want) -> None:
+    """Two checkpoints equal file by file, byte for byte, but diagnostics.json's timing fields (and its checksum in
+    checksums.json): what a resumed job must write."""
+    files = sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(want).as_posix() for p in want.rglob("*") if p.is_file())
+    for rel in files:
+        a, b = (got / rel).read_bytes(), (want / rel).read_bytes()
+        if rel == "diagnostics.json":
+            assert without_timing(json.loads(a)) == without_timing(json.loads(b))
+        elif rel == CHECKSUMS:
+            a, b = json.loads(a)["files"], json.loads(b)["files"]
+            assert {k: v for k, v in a.items() if k != "diagnostics.json"} == {
+                k: v for k, v in b.items() if k != "diagnostics.json"}
+        else:
+            assert a == b, rel
+    verify(got)
+
+
+def statistic_files(folder) -> dict:
+    """A statistics artifact's files as comparable values: bytes, but the manifest without its `seconds` (and the
+    manifest's checksum)."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(folder).as_posix()
+            if rel == "manifest.json":
+                files[rel] = {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
+            elif rel == CHECKSUMS:
+                files[rel] = {k: v for k, v in json.loads(p.read_text())["files"].items() if k != "manifest.json"}
+            else:
+                files[rel] = p.read_bytes()
+    return files

@@ -15,11 +15,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, calib_tokens, tiny_model
+from conftest import REPO, assert_same_output, calib_tokens, tiny_model
 
-from quantlib.artifacts.integrity import CHECKSUMS, seal_file, verify
+from quantlib.artifacts.integrity import seal_file
 from quantlib.catalog.spec import QuantSpec
-from quantlib.checkpoint.writer import TIMING_FIELDS, save_quantized
+from quantlib.checkpoint.writer import save_quantized
 from quantlib.jobs.steps import distill
 from quantlib.stats import progress as progress_module
 from quantlib.stats.progress import KILL_AFTER_STEP, StepProgress, partial_dir
@@ -57,29 +57,8 @@ def reference(tmp_path_factory, base, tiny_dir):
     return out
 
 
-def without_timing(obj):
-    if isinstance(obj, dict):
-        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING_FIELDS}
-    if isinstance(obj, list):
-        return [without_timing(v) for v in obj]
-    return obj
 
 
-def assert_same_output(got, want) -> None:
-    """File by file, byte for byte, but diagnostics.json's timing fields (and its checksum in checksums.json)."""
-    files = sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(want).as_posix() for p in want.rglob("*") if p.is_file())
-    for rel in files:
-        a, b = (got / rel).read_bytes(), (want / rel).read_bytes()
-        if rel == "diagnostics.json":
-            assert without_timing(json.loads(a)) == without_timing(json.loads(b))
-        elif rel == CHECKSUMS:
-            a, b = json.loads(a)["files"], json.loads(b)["files"]
-            assert {k: v for k, v in a.items() if k != "diagnostics.json"} == {
-                k: v for k, v in b.items() if k != "diagnostics.json"}
-        else:
-            assert a == b, rel
-    verify(got)
 
 
 def fail_after(monkeypatch, k: int) -> None:

@@ -14,10 +14,9 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, build_tokenizer, sealed_windows, tiny_model
+from conftest import REPO, assert_same_output, build_tokenizer, sealed_windows, tiny_model
 
-from quantlib.artifacts.integrity import CHECKSUMS, seal_dir, verify
-from quantlib.checkpoint.writer import TIMING_FIELDS
+from quantlib.artifacts.integrity import seal_dir
 from quantlib.jobs.steps import quantize
 from quantlib.stats import progress as progress_module
 from quantlib.runner.group import QuantizedModelReport
@@ -86,29 +85,8 @@ def fail_after(monkeypatch, k: int) -> None:
     monkeypatch.setattr(BlockProgress, "finished", finished)
 
 
-def without_timing(obj):
-    if isinstance(obj, dict):
-        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING_FIELDS}
-    if isinstance(obj, list):
-        return [without_timing(v) for v in obj]
-    return obj
 
 
-def assert_same_output(got, want) -> None:
-    """File by file, byte for byte, but diagnostics.json's timing fields (and its checksum in checksums.json)."""
-    files = sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(want).as_posix() for p in want.rglob("*") if p.is_file())
-    for rel in files:
-        a, b = (got / rel).read_bytes(), (want / rel).read_bytes()
-        if rel == "diagnostics.json":
-            assert without_timing(json.loads(a)) == without_timing(json.loads(b))
-        elif rel == CHECKSUMS:
-            a, b = json.loads(a)["files"], json.loads(b)["files"]
-            assert {k: v for k, v in a.items() if k != "diagnostics.json"} == {
-                k: v for k, v in b.items() if k != "diagnostics.json"}
-        else:
-            assert a == b, rel
-    verify(got)
 
 
 @pytest.mark.parametrize("case", list(CASES))

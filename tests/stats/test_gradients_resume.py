@@ -14,9 +14,9 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO, build_tokenizer, sealed_windows, tiny_model
+from conftest import REPO, build_tokenizer, sealed_windows, statistic_files, tiny_model
 
-from quantlib.artifacts.integrity import CHECKSUMS, seal_dir, verify
+from quantlib.artifacts.integrity import seal_dir, verify
 from quantlib.jobs.steps import statistic
 from quantlib.stats import progress as progress_module
 from quantlib.stats.progress import KILL_AFTER_BLOCK, BlockProgress, partial_dir
@@ -57,18 +57,6 @@ def reference(tmp_path_factory, setup):
     return get
 
 
-def comparable(folder):
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(folder).as_posix()
-            if rel == "manifest.json":
-                files[rel] = {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
-            elif rel == CHECKSUMS:
-                files[rel] = {k: v for k, v in json.loads(p.read_text())["files"].items() if k != "manifest.json"}
-            else:
-                files[rel] = p.read_bytes()
-    return files
 
 
 def fail_after(monkeypatch, block: int) -> None:
@@ -108,7 +96,7 @@ def test_a_job_killed_after_blocks_4_and_3_resumes_at_block_2_to_the_same_bytes(
     with caplog.at_level(logging.INFO, logger="quantlib"):
         statistic(STAT, CALIB, model_dir, calib, out, STREAMS[streams])
     assert "resuming at block 2 of 4" in caplog.text and "discarding" not in caplog.text
-    assert comparable(out) == comparable(reference(streams))
+    assert statistic_files(out) == statistic_files(reference(streams))
     verify(out)
     assert not partial_dir(out).exists()
 
@@ -122,7 +110,7 @@ def test_a_job_failed_after_its_last_block_writes_only_the_manifest(setup, refer
     with caplog.at_level(logging.INFO, logger="quantlib"):
         statistic(STAT, CALIB, *setup, out, COMPUTE)
     assert "all 4 blocks were finished by an earlier attempt" in caplog.text
-    assert comparable(out) == comparable(reference("memory"))
+    assert statistic_files(out) == statistic_files(reference("memory"))
 
 
 def test_progress_of_another_spec_or_other_inputs_is_discarded(setup, reference, tmp_path, monkeypatch, caplog):
@@ -137,7 +125,7 @@ def test_progress_of_another_spec_or_other_inputs_is_discarded(setup, reference,
     assert "resuming" not in caplog.text
     (line,) = [r.getMessage() for r in caplog.records if "discarding the progress" in r.getMessage()]
     assert f"another spec (fp_hessian:{CALIB}, not {STAT}:{CALIB})" in line and line.endswith("at block 4 of 4")
-    assert comparable(out) == comparable(reference("memory"))
+    assert statistic_files(out) == statistic_files(reference("memory"))
     assert not partial_dir(out).exists()
 
     out = tmp_path / "other-inputs"

@@ -8,9 +8,9 @@ import json
 import logging
 
 import pytest
-from conftest import build_tokenizer, sealed_windows, tiny_model
+from conftest import build_tokenizer, sealed_windows, statistic_files, tiny_model
 
-from quantlib.artifacts.integrity import CHECKSUMS, seal_dir, verify
+from quantlib.artifacts.integrity import seal_dir, verify
 from quantlib.jobs.steps import statistic
 from quantlib.stats.progress import BlockProgress, partial_dir
 
@@ -47,18 +47,6 @@ def run(setup, stat, out):
     statistic(stat, CALIB, model_dir, calib, out, COMPUTE, inputs=inputs if CASES[stat][1] else None)
 
 
-def comparable(folder):
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(folder).as_posix()
-            if rel == "manifest.json":
-                files[rel] = {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
-            elif rel == CHECKSUMS:
-                files[rel] = {k: v for k, v in json.loads(p.read_text())["files"].items() if k != "manifest.json"}
-            else:
-                files[rel] = p.read_bytes()
-    return files
 
 
 @pytest.mark.parametrize("stat", list(CASES))
@@ -85,7 +73,7 @@ def test_a_statistic_failed_after_block_2_resumes_at_block_3_to_the_same_bytes(s
     with caplog.at_level(logging.INFO, logger="quantlib"):
         run(setup, stat, out)
     assert "resuming at block 3 of 4" in caplog.text
-    assert comparable(out) == comparable(reference)
+    assert statistic_files(out) == statistic_files(reference)
     verify(out)
     assert not partial_dir(out).exists()
 
