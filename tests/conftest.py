@@ -112,6 +112,16 @@ def calib_tokens(n: int = 16, seqlen: int = 32, vocab: int = 300, seed: int = 0)
     return torch.randint(4, vocab, (n, seqlen), generator=g)
 
 
+def sealed_model_dir(folder: Path, blocks: int = 4) -> Path:
+    """A tiny Llama of `blocks` blocks with its tokenizer, saved in `folder` and sealed like the workflow's models."""
+    build_tokenizer(folder)
+    model = tiny_model("llama")
+    model.config.num_hidden_layers = blocks
+    type(model)(model.config).eval().save_pretrained(folder)
+    seal_dir(folder)
+    return folder
+
+
 def sealed_windows(folder: Path, n: int = 8, seqlen: int = 32, seed: int = 0) -> Path:
     """Calibration windows saved and sealed as the workflow's calibration job writes them (jobs refuse a file
     without its checksum record)."""

@@ -14,9 +14,9 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO, build_tokenizer, sealed_windows, statistic_files, tiny_model
+from conftest import REPO, sealed_model_dir, sealed_windows, statistic_files
 
-from quantlib.artifacts.integrity import seal_dir, verify
+from quantlib.artifacts.integrity import verify
 from quantlib.jobs.steps import statistic
 from quantlib.stats import progress as progress_module
 from quantlib.stats.progress import KILL_AFTER_BLOCK, BlockProgress, partial_dir
@@ -35,12 +35,7 @@ class Killed(Exception):
 def setup(tmp_path_factory):
     """A tiny Llama of four blocks and its calibration windows, sealed like the workflow's."""
     root = tmp_path_factory.mktemp("grad-resume")
-    model_dir = root / "model"
-    build_tokenizer(model_dir)
-    model = tiny_model("llama")
-    model.config.num_hidden_layers = 4
-    type(model)(model.config).eval().save_pretrained(model_dir)
-    seal_dir(model_dir)
+    model_dir = sealed_model_dir(root / "model")
     return model_dir, sealed_windows(root, 6, 16)
 
 

@@ -8,9 +8,9 @@ import json
 import logging
 
 import pytest
-from conftest import build_tokenizer, sealed_windows, statistic_files, tiny_model
+from conftest import sealed_model_dir, sealed_windows, statistic_files
 
-from quantlib.artifacts.integrity import seal_dir, verify
+from quantlib.artifacts.integrity import verify
 from quantlib.jobs.steps import statistic
 from quantlib.stats.progress import BlockProgress, partial_dir
 
@@ -27,12 +27,7 @@ def setup(tmp_path_factory):
     """A tiny Llama of four blocks, its calibration windows and its gradients artifact (the guided Hessian's input),
     each sealed like the workflow's."""
     root = tmp_path_factory.mktemp("stat-resume")
-    model_dir = root / "model"
-    build_tokenizer(model_dir)
-    model = tiny_model("llama")
-    model.config.num_hidden_layers = 4
-    type(model)(model.config).eval().save_pretrained(model_dir)
-    seal_dir(model_dir)
+    model_dir = sealed_model_dir(root / "model")
     calib = sealed_windows(root, 6, 16)
     grads = root / "gradients"
     statistic("gradients.G2", CALIB, model_dir, calib, grads, COMPUTE)
