@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -27,13 +28,22 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         # fp32 product per chunk (fast on CPU), fp64 across chunks.
-        self.sum += gram(x)
+        gram(x, into=self.sum)
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
         if self.tokens == 0:
             raise NumericalError("no calibration tokens reached this layer")
-        return (self.sum / self.tokens).float()
+        return mean_float32(self.sum, self.tokens)
+
+
+def mean_float32(total: torch.Tensor, tokens: int, rows: int = 256) -> torch.Tensor:
+    """(total / tokens) in float32, a slice of rows at a time: the float64 quotient of a whole 70B down
+    projection's Hessian would be 6.6 GB beside the sum's own 6.6 GB. The same values as `(total / tokens).float()`."""
+    out = torch.empty(total.shape, dtype=torch.float32, device=total.device)
+    for a in range(0, total.shape[-2], rows):
+        out[..., a:a + rows, :] = total[..., a:a + rows, :] / tokens
+    return out
 
 
 @dataclass
@@ -57,28 +67,36 @@ class WeightedHessianAccumulator:
         x = x.reshape(-1, x.shape[-1]).float()
         w = weights.reshape(x.shape[0], -1).to(device=x.device, dtype=x.dtype)
         for k in range(self.sum.shape[0]):
-            self.sum[k] += gram(x * w[:, k:k + 1].sqrt())  # (sqrt(w) x)^T (sqrt(w) x) = x^T diag(w) x
+            gram(x * w[:, k:k + 1].sqrt(), into=self.sum[k])  # (sqrt(w) x)^T (sqrt(w) x) = x^T diag(w) x
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
         if self.tokens == 0:
             raise NumericalError("no calibration tokens reached this layer")
-        return (self.sum / self.tokens).float()
+        return mean_float32(self.sum, self.tokens)
 
 
-def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
+def gram(x: torch.Tensor, block: int = 512, into: torch.Tensor | None = None) -> torch.Tensor:
     """x^T x computed as its upper block triangle and mirrored: about (1 + 1/nb)/2 of a full matmul's work for
-    nb column blocks. On the calibration forward this product costs as much as the block's own linears."""
+    nb column blocks. On the calibration forward this product costs as much as the block's own linears. With
+    `into` (a float64 sum), each slice of the product is added to it as it is made, with no d x d product beside
+    the sum: the same sum as `into += gram(x)`."""
     d = x.shape[1]
     nb = -(-d // block)
     if nb == 1:
-        return x.T @ x
+        if into is None:
+            return x.T @ x
+        return into.add_(x.T @ x)
     edges = [round(i * d / nb) for i in range(nb + 1)]
-    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device) if into is None else into
     for a, b in zip(edges, edges[1:]):
         rows = x[:, a:b].T @ x[:, a:]
-        out[a:b, a:] = rows
-        out[b:, a:b] = rows[:, b - a:].T
+        if into is None:
+            out[a:b, a:] = rows
+            out[b:, a:b] = rows[:, b - a:].T
+        else:
+            out[a:b, a:] += rows
+            out[b:, a:b] += rows[:, b - a:].T
     return out
 
 
@@ -95,18 +113,19 @@ def fix_dead_columns(H: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def damp_until_pd(H: torch.Tensor, damp: float, layer: str, max_tries: int = 10,
-                  factor: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                  ladder: str = "gptq"):
-    """Add `damp * mean(diag H)` to the diagonal; if the factorisation fails, raise the damping with a logged
-    warning: `gptq` doubles it (at least 1 %), up to `max_tries` times; `lnq` (GuidedQuant's LNQ) tries 1e-5, then
-    ten times more each time, up to 1.
+                  factor: Callable[[float], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ladder: str = "gptq") -> tuple[torch.Tensor, float]:
+    """Factorise H with `damp * mean(diag H)` added to the diagonal; if the factorisation fails, raise the damping
+    with a logged warning: `gptq` doubles it (at least 1 %), up to `max_tries` times; `lnq` (GuidedQuant's LNQ)
+    tries 1e-5, then ten times more each time, up to 1.
 
-    `factor(A)` returns (factor, info) like `torch.linalg.cholesky_ex`; info != 0 means not positive definite.
-    Returns (damped H, factor of it, damping fraction used).
+    `factor(c)` returns (factor, info), like `torch.linalg.cholesky_ex`, of H damped by the fraction c, built
+    afresh at every try (so it may factorise in place); info != 0 means not positive definite. The default is the
+    Cholesky factor of `add_damping(H, c)`. Returns (factor, damping fraction used).
     """
-    factor = factor or torch.linalg.cholesky_ex
+    factor = factor or (lambda c: torch.linalg.cholesky_ex(add_damping(H, c)))
     mean_diag = torch.diagonal(H).mean()
-    if not torch.isfinite(H).all():
+    if not _finite(H):
         raise NumericalError(f"the Hessian of layer '{layer}' contains NaN or Inf: the calibration activations "
                              "overflowed (use float32, or check the model's weights)")
     if mean_diag <= 0:
@@ -114,10 +133,10 @@ def damp_until_pd(H: torch.Tensor, damp: float, layer: str, max_tries: int = 10,
                              "no calibration signal reached it")
     current = damp
     for attempt in range(max_tries + 1):
-        Hd = add_damping(H, current)
-        fac, info = factor(Hd)
-        if int(info) == 0 and torch.isfinite(fac).all():
-            return Hd, fac, current
+        fac, info = factor(current)
+        if int(info) == 0 and _finite(fac):
+            return fac, current
+        del fac
         nxt = _next_damping(current, ladder)
         if nxt is None or attempt == max_tries:
             break
@@ -128,6 +147,11 @@ def damp_until_pd(H: torch.Tensor, damp: float, layer: str, max_tries: int = 10,
         f"the Hessian of layer '{layer}' is not positive definite even with damping {current:.3g} "
         f"({attempt} retries). More calibration tokens (nsamples x seqlen well above the layer's input size "
         f"{H.shape[0]}) or a larger `damp` option usually fix this.")
+
+
+def _finite(A: torch.Tensor, rows: int = 64) -> bool:
+    """No NaN or Inf in A, checked a slice of rows at a time: no d x d mask beside a d x d matrix."""
+    return all(bool(torch.isfinite(part).all()) for part in A.split(rows))
 
 
 def _next_damping(current: float, ladder: str) -> float | None:
@@ -189,12 +213,11 @@ class PreparedHessian:
 
     def ldl(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, D) with the damped, permuted H = U diag(D) U^T, U unit upper triangular: D_k is what a unit rounding
-        error of column k costs after error feedback (1 / [chol(H^-1)]_kk^2 in GPTQ's terms). Computed once."""
+        error of column k costs after error feedback (1 / [chol(H^-1)]_kk^2 in GPTQ's terms). Computed once, in one
+        d x d buffer beside H (`_reversed_ldl_factor`): a 70B down projection's Hessian is 3.3 GB."""
         if self._ldl is None:
-            # No permuted copy without act order, U divided in place: the solve's peak is the damped H, its
-            # flipped copy and the factor (3 d x d beside the Hessian itself)
-            Hp = self.H[self.perm][:, self.perm] if self.act_order else self.H
-            _, C, self.damp = damp_until_pd(Hp, self.damp, self.layer, factor=_reversed_cholesky, ladder=self.ladder)
+            C, self.damp = damp_until_pd(self.H, self.damp, self.layer, ladder=self.ladder,
+                                         factor=partial(_reversed_cholesky, self.H, self.perm))
             d = torch.diagonal(C).clone()
             self._ldl = (C.div_(d), d * d)
         return self._ldl
@@ -217,7 +240,63 @@ class PreparedHessian:
         return d + self.damp * d.mean()
 
 
-def _reversed_cholesky(A: torch.Tensor):
-    """The upper factor C with A = C C^T (the Cholesky factor of the index-reversed matrix, reversed back)."""
-    L, info = torch.linalg.cholesky_ex(A.flip(0, 1))
-    return L.flip(0, 1), info
+def _reversed_cholesky(H: torch.Tensor, perm: torch.Tensor, damp: float, rows: int = 1024):
+    """The upper factor C with A = C C^T of A = H permuted by `perm` and damped by the fraction `damp` (the Cholesky
+    factor of the index-reversed matrix, reversed back), made in one d x d buffer: the reversal is folded into the
+    permuting copy; the factorisation runs in place on the buffer's column-major view (LAPACK's own layout: no copy
+    of its input); both axes are then reversed by swapping slices of rows; C is that buffer's column-major view.
+    The same bits, and the same layout, as `torch.linalg.cholesky_ex(A.flip(0, 1))` flipped back."""
+    rev = perm.flip(0)
+    d = rev.numel()
+    At = torch.empty_like(H)  # the transpose of the reversed permuted H: its column-major view is that matrix itself
+    # Two scratch buffers for every slice of rows (fresh temporaries of tens of MB each would stay with the
+    # allocator: +0.8 d x d measured at d = 6144). A Gram matrix in float32 need not be exactly symmetric and the
+    # factorisation reads one triangle, so At is gathered from H's columns, as H^T's rows.
+    k = max(2, min(rows, d))
+    columns, scratch = H.new_empty(d, k), H.new_empty(k, d)
+    for r0 in range(0, d, k):
+        n = min(k, d - r0)
+        picked = scratch.view(-1)[:d * n].view(d, n)
+        torch.index_select(H, 1, rev[r0:r0 + n], out=columns[:, :n])
+        torch.index_select(columns[:, :n], 0, rev, out=picked)
+        At[r0:r0 + n].copy_(picked.mT)
+    del columns
+    At.diagonal().add_(damp * _permuted_diagonal_mean(H, perm))
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    torch.linalg.cholesky_ex(At.mT, out=(At.mT, info))  # the column-major view now holds L: At = L^T
+    if int(info):
+        return At, info
+    _rotate_in_place(At, scratch)  # At[i, j] = L[d-1-j, d-1-i] = C[j, i]
+    # C column-major, as the flipped factor was (the solvers' products round by layout)
+    return At.mT, info
+
+
+def _permuted_diagonal_mean(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """mean(diag(H[perm][:, perm])) to the bit, without the permuted matrix: torch sums a strided vector (a
+    matrix's diagonal) in another order than a contiguous one, so the values are read through a strided view."""
+    spaced = H.new_empty(perm.numel(), 2)
+    spaced[:, 0] = torch.diagonal(H)[perm]
+    return spaced[:, 0].mean()
+
+
+def _rotate_in_place(A: torch.Tensor, scratch: torch.Tensor) -> None:
+    """A[i, j] <- A[d-1-i, d-1-j] (both axes reversed) in A itself, slices of rows from both ends swapped through
+    `scratch` (2k rows)."""
+    d = A.shape[0]
+    k = scratch.shape[0] // 2
+    saved, turned = scratch[:k], scratch[k:2 * k]
+    cols = torch.arange(d - 1, -1, -1, device=A.device)
+    for a in range(0, d // 2, k):
+        n = min(a + k, d // 2) - a
+        top, bottom = A[a:a + n], A[d - a - n:d - a]
+        rows = torch.arange(n - 1, -1, -1, device=A.device)
+        saved[:n].copy_(top)
+        torch.index_select(bottom, 0, rows, out=turned[:n])
+        torch.index_select(turned[:n], 1, cols, out=top)
+        torch.index_select(saved[:n], 0, rows, out=turned[:n])
+        torch.index_select(turned[:n], 1, cols, out=bottom)
+    if d % 2:
+        middle = A[d // 2]
+        saved[0].copy_(middle)
+        torch.index_select(saved[0], 0, cols, out=middle)
+
