@@ -11,20 +11,21 @@ Peak = runtime + the largest of its phases (b: bytes per element of the compute 
   block     one block's weights (P x b); the activation streams: the block's inputs and outputs over all N tokens
             (2 x N x hidden x b; four streams in block-wise mode: two inputs, the targets, the new outputs); one
             chunk's forward working set (T tokens x (6 hidden + 3 intermediate) x b); the largest subgroup's solve
-            (5 x d_in^2 x 4 + rows x d_in x the solver's bytes per weight: the Hessian's float64 sum, its damped,
-            permuted and factored copies, the weights' working copies; measured for LDLQ on Llama-2-7B shapes,
-            where down_proj's 11008^2 Hessian makes it the largest term, and per solver family on the offline
-            model: `solve_bytes_per_weight`); the statistics read for the block (the FP Hessians of every
-            subgroup; the Fisher, one float per weight); block-wise training: the weights' three more copies (the trainable quantizer, its gradient,
-            Adam's two moments)
+            (the larger of the capture's and the solve's k x d_in^2 x 4, `solve_square_floats`: the Hessian's
+            float64 sum and mean, its factored copies; the solve's also rows x d_in x the solver's bytes per
+            weight, the weights' working copies; measured for LDLQ on Llama-2-7B shapes, where down_proj's 11008^2
+            Hessian makes it the largest term, and per solver family on the offline model:
+            `solve_bytes_per_weight`); the statistics read for the block (the FP Hessians of
+            every subgroup; the Fisher, one float per weight); block-wise training: the weights' three more copies
+            (the trainable quantizer, its gradient, Adam's two moments)
   finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard,
             twice (safetensors serialises each tensor to bytes before writing)
 With streams on disk, the activation term is one chunk instead of N tokens. A quantized forward (activations, KV
 cache, online Hadamards: `quantlib.transforms.activations`) adds to the block phase one chunk's quantized copies
 (T x (I + 2 kv width) x b). A rotation (QuaRot, SpinQuant; `rotation_phases`) holds the whole model, its head untied,
 through every phase, and adds
-  rotate    the whole model twice (the new weights are written while the old ones' memory is still held) and every
-            rotated weight's float64 product
+  rotate    the model, what the allocator keeps of its freed copies, and the largest rotated tensor's float64
+            copy and product (each rotated weight is written back before the next is made)
   spin      SpinQuant's training: the whole model, the rotated weights in float32 (its graph's) and twice the
             autograd graph of spin_batch windows of L tokens (blocks x (18 h + 7 I) + 4 V floats per token: what
             every block saves with its quantizers, the logits; twice: what the allocator keeps of earlier steps')
@@ -135,6 +136,17 @@ class Plan:
 # offline model, peak during the solve minus before it, divided by the subgroup's weights): error-feedback and
 # coordinate-descent solvers keep ~5 float32 copies of the weights; the lookup-table fit (SqueezeLLM, LNQ) works in
 # float64 with per-row design matrices; ALTERNATING's sign planes and least squares grow with the bits.
+def solve_square_floats(spec) -> tuple[int, int]:
+    """The largest subgroup's d_in x d_in working set in float32 units: (while its Hessian is captured, while it
+    is solved beside the weights' working copies). LDLQ, with or without a rotation of the whole model (which
+    leaves the Hessians alone): (3, 2), the Hessian's float64 sum and the float32 mean made from it, then the mean
+    with one factor buffer (`PreparedHessian.ldl`); measured on Llama-2-7B shapes (benchmarks/memory_bench.py).
+    The other solvers and preprocessors keep more copies (the damped matrix, GPTQ's inverse, a symmetric
+    eigen-solve in float64): 5 throughout, as measured before LDLQ's was made lean."""
+    layer_scope = [p for p in spec.preprocess if registry.component("preprocess", p).scope != "model"]
+    return (3, 2) if spec.solver == "ldlq" and not layer_scope else (5, 5)
+
+
 def solve_bytes_per_weight(spec) -> int:
     if spec.format == "lut":
         return 64
@@ -168,7 +180,9 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
     capture, block = calibration_pass(shapes, n_tokens, seqlen, chunk_tokens, streams, 4 if mode == "block" else 2,
                                       b)
     per_weight = solve_bytes_per_weight(spec)
-    solve = max(5 * d * d * 4 + per_weight * rows * d for d, rows in shapes.subgroups)
+    captured, solving = solve_square_floats(spec)
+    solve = max(max(captured * d * d * 4, solving * d * d * 4 + per_weight * rows * d)
+                for d, rows in shapes.subgroups)
     stats = sum(statistic_bytes(shapes, name, "read_bytes") for name in spec.statistics())
     training = 3 * shapes.block_params * 4 if mode == "block" else 0
     block += (0 if mode == "block" else solve) + stats + training
@@ -213,16 +227,23 @@ SPIN_HIDDEN, SPIN_INTERMEDIATE, SPIN_LOGITS = 18, 7, 4
 
 def rotation_phases(shapes: Shapes, spec, b: int) -> tuple[int, dict]:
     """What a model-scope preprocessor (QuaRot, SpinQuant: `quantlib.transforms.rotation`, `.spinquant`) holds: the
-    whole model (the head untied, bytes), held through every phase, and the phases of the rotation itself."""
+    whole model (the head untied, bytes) with what the allocator keeps of the rotation's freed copies, held through
+    every phase, and the phases of the rotation itself."""
     h = shapes.hidden
     # what R1/R2 rotate: every block's linears, the embeddings and the (untied) head
     rotated = shapes.blocks * shapes.linear_params + 2 * shapes.vocab * h
     whole = shapes.blocks * shapes.block_params * b + 2 * shapes.vocab * h * b
-    # `rotate_model`: every rotated weight's float64 product is held until all are done (`rotated_state`), and the
-    # new weights are written while the float64 ones and the old weights' freed memory (which the allocator keeps,
-    # fragmented by the folding's and the assignment's new copies) are still there: about a second copy of the model
-    # (measured on the offline model, float32: peak 3110 MB, the model's 2945 MB with the runtime).
-    out = {"rotate": 2 * whole + 8 * rotated}
+    # The allocator keeps what the loading, the norm folding and the rotation freed (float64 copies among the new
+    # weights, fragmented) and later phases get only part of it back: on the offline model the resident set after
+    # `rotate_model` holds 1.1-1.35 times the model beyond it, and the LDLQ job then peaks in its block phase (2273 and
+    # 2517 MB in two runs; this model's 2319 MB with the runtime, three quarters of the model held beside it).
+    held = whole + 3 * whole // 4
+    # `rotate_model` (and SpinQuant's `apply_learned`): each weight is rotated in float64, written back in the
+    # model's dtype and freed before the next is made (`apply_rotations`), so beside what is held the largest tensor
+    # (the embeddings or the head) is there as its float64 copy, its product and its new weight, 20 bytes a weight
+    # (measured on the offline model, float32: QuaRot + RTN peaks 1993 and 2023 MB, this phase's 2087 MB with the
+    # runtime; 3117 MB when every product was held until all were done).
+    out = {"rotate": held + 20 * max(shapes.vocab, shapes.intermediate) * h}
     if "spinquant" in spec.preprocess:
         # `learn_rotations`: the rotated weights as functions of R1/R2 (float32, held by the graph; v_proj's and
         # o_proj's R1 products kept for R2), then the autograd graph of spin_batch windows of L tokens, twice: a
@@ -236,7 +257,7 @@ def rotation_phases(shapes: Shapes, spec, b: int) -> tuple[int, dict]:
         per_token = shapes.blocks * (SPIN_HIDDEN * h + SPIN_INTERMEDIATE * shapes.intermediate) + \
             SPIN_LOGITS * shapes.vocab
         out["spin"] = whole + graph + 2 * tokens * per_token * 4
-    return whole, out
+    return held, out
 
 
 def plan_quantize(cfg: dict, spec, compute: dict, dtype_bytes: int = 4) -> Plan:

@@ -24,6 +24,7 @@ after the sublayers; Qwen3 normalises queries and keys per head; OPT/BLOOM/NeoX 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -89,33 +90,74 @@ def fold_norms(model) -> None:
     fold(model.model.norm, [model.get_output_embeddings()])
 
 
-def rotated_state(model, state: dict, Q1: torch.Tensor, Q2s: list[torch.Tensor]) -> dict:
-    """R1 and R2 applied to `state` ({parameter name: tensor} of the model's embeddings, block linears and head,
-    norms already folded), returned as a new dict: the one formula used both in place (`rotate_model`) and
-    differentiably while SpinQuant learns Q1 and Q2s (the products keep the dtype of the rotations)."""
+def rotated_tensors(model, state, Q1: torch.Tensor, Q2s: list[torch.Tensor]
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of `state` ({parameter name: tensor} of the model's embeddings, block linears
+    and head, norms already folded) that R1 and R2 change, one at a time, in the dtype of the rotations: the one
+    formula both in place (`apply_rotations`) and differentiably while SpinQuant learns Q1 and Q2s
+    (`rotated_state`). Each tensor is read from `state` only when its product is made, and each is yielded as
+    soon as it is final, so a consumer that writes each back before taking the next holds one product at a time
+    (and a layer's v_proj and o_proj R1 products until their R2)."""
     _, head_dim, heads, kv_heads = dims(model)
-    out = dict(state)
-    emb = f"{_name(model, model.get_input_embeddings())}.weight"
-    out[emb] = state[emb].to(Q1.dtype) @ Q1
-    head = f"{_name(model, model.get_output_embeddings())}.weight"
-    out[head] = state[head].to(Q1.dtype) @ Q1
+
+    def reader(n):  # a linear reading the stream (or the embeddings): W -> W Q1
+        return state[n].to(Q1.dtype) @ Q1
+
+    def writer(n):  # a linear writing the stream: W -> Q1^T W
+        return Q1.T @ state[n].to(Q1.dtype)
+
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        n = f"{_name(model, module)}.weight"
+        yield n, reader(n)
     for i, Q2 in enumerate(Q2s):
         p = f"model.layers.{i}."
-        for n in [f"self_attn.{n}" for n in _READERS_ATTN] + [f"mlp.{n}" for n in _READERS_MLP]:
-            out[f"{p}{n}.weight"] = state[f"{p}{n}.weight"].to(Q1.dtype) @ Q1
-        for n in ("self_attn.o_proj", "mlp.down_proj"):
-            out[f"{p}{n}.weight"] = Q1.T @ state[f"{p}{n}.weight"].to(Q1.dtype)
-            if f"{p}{n}.bias" in state:
-                out[f"{p}{n}.bias"] = state[f"{p}{n}.bias"].to(Q1.dtype) @ Q1
-        # R2: v_proj's rows of head h W_h -> Q2^T W_h, o_proj's columns of head h W[:, h] -> W[:, h] Q2
-        Wv = out[f"{p}self_attn.v_proj.weight"].reshape(kv_heads, head_dim, -1)
-        out[f"{p}self_attn.v_proj.weight"] = torch.einsum("ji,hjd->hid", Q2, Wv).reshape(kv_heads * head_dim, -1)
-        if f"{p}self_attn.v_proj.bias" in state:
-            bv = state[f"{p}self_attn.v_proj.bias"].to(Q2.dtype).reshape(kv_heads, head_dim)
-            out[f"{p}self_attn.v_proj.bias"] = (bv @ Q2).reshape(-1)
-        Wo = out[f"{p}self_attn.o_proj.weight"]
-        out[f"{p}self_attn.o_proj.weight"] = (Wo.reshape(Wo.shape[0], heads, head_dim) @ Q2).reshape(Wo.shape[0], -1)
-    return out
+        v, o = f"{p}self_attn.v_proj", f"{p}self_attn.o_proj"
+        # The products are made in one fixed order (R1 on every linear, then R2 on v_proj's and o_proj's R1
+        # products): autograd sums SpinQuant's gradients of R1 and R2 in the order their products were made, so
+        # another order changes the learned rotations in their last bits.
+        for n in ("self_attn.q_proj", "self_attn.k_proj"):
+            yield f"{p}{n}.weight", reader(f"{p}{n}.weight")
+        Wv = reader(f"{v}.weight")
+        for n in ("mlp.gate_proj", "mlp.up_proj"):
+            yield f"{p}{n}.weight", reader(f"{p}{n}.weight")
+        Wo = writer(f"{o}.weight")
+        yield f"{p}mlp.down_proj.weight", writer(f"{p}mlp.down_proj.weight")
+        for n in (o, f"{p}mlp.down_proj"):
+            if f"{n}.bias" in state:  # a bias of the stream: b -> b Q1
+                yield f"{n}.bias", reader(f"{n}.bias")
+        yield f"{v}.weight", _r2_rows(Wv, Q2, kv_heads, head_dim)
+        del Wv
+        if f"{v}.bias" in state:
+            yield f"{v}.bias", (state[f"{v}.bias"].to(Q2.dtype).reshape(kv_heads, head_dim) @ Q2).reshape(-1)
+        yield f"{o}.weight", _r2_cols(Wo, Q2, heads, head_dim)
+        del Wo
+
+
+def _r2_rows(W: torch.Tensor, Q2: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """v_proj's rows of head h W_h -> Q2^T W_h."""
+    return torch.einsum("ji,hjd->hid", Q2, W.reshape(heads, head_dim, -1)).reshape(heads * head_dim, -1)
+
+
+def _r2_cols(W: torch.Tensor, Q2: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """o_proj's columns of head h W[:, h] -> W[:, h] Q2."""
+    return (W.reshape(W.shape[0], heads, head_dim) @ Q2).reshape(W.shape[0], -1)
+
+
+def rotated_state(model, state: dict, Q1: torch.Tensor, Q2s: list[torch.Tensor]) -> dict:
+    """`state` with R1 and R2 applied (`rotated_tensors`), as a new dict: what SpinQuant evaluates the model with
+    while it learns Q1 and Q2s (the products keep the dtype, and the autograd graph, of the rotations)."""
+    return {**state, **dict(rotated_tensors(model, state, Q1, Q2s))}
+
+
+def apply_rotations(model, Q1: torch.Tensor, Q2s: list[torch.Tensor]) -> None:
+    """R1 and R2 into the weights of a model whose norms are folded, in place and one tensor at a time: each
+    float64 product is written back in the model's dtype and freed before the next is made, so the model is not
+    held twice (`rotated_state`'s dict would hold every product at once)."""
+    params = rotation_params(model)
+    with torch.no_grad():  # the parameters themselves are the state: each read just before it is replaced
+        for n, value in rotated_tensors(model, params, Q1.double(), [Q.double() for Q in Q2s]):
+            _set(params[n], value)
+            del value  # freed before the next product is made
 
 
 def _name(model, module) -> str:
@@ -148,10 +190,7 @@ def rotate_model(model, Q1: torch.Tensor, Q2s: list[torch.Tensor]) -> None:
     """Fold the norms, then R1, R2 and R4's weight side, in place. The model computes the same function once its
     forward applies the online Hadamards (`quantlib.transforms.activations.install` with rotated=True)."""
     fold_norms(model)
-    params = rotation_params(model)
-    rotated = rotated_state(model, {n: p.data for n, p in params.items()}, Q1.double(), [Q.double() for Q in Q2s])
-    for n, p in params.items():
-        _set(p, rotated[n])
+    apply_rotations(model, Q1, Q2s)
     rotate_down_inputs(model)
 
 

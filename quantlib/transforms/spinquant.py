@@ -23,6 +23,7 @@ import torch
 from quantlib.catalog.contract import forward_settings
 from quantlib.transforms.activations import ForwardQuant, install
 from quantlib.transforms.rotation import (
+    apply_rotations,
     fold_norms,
     quarot_rotations,
     rotate_down_inputs,
@@ -88,11 +89,9 @@ def learn_rotations(model, tokens: torch.Tensor, fq: ForwardQuant, iters: int, l
 
 
 def apply_learned(model, Q1: torch.Tensor, Q2s: list[torch.Tensor]) -> None:
-    """R1/R2 into the weights of a model whose norms are folded and R4 applied (after `learn_rotations`)."""
-    params = rotation_params(model)
-    rotated = rotated_state(model, {n: p.data for n, p in params.items()}, Q1.double(), [Q.double() for Q in Q2s])
-    for n, p in params.items():
-        p.data = rotated[n].to(p.dtype).contiguous()
+    """R1/R2 into the weights of a model whose norms are folded and R4 applied (after `learn_rotations`), one
+    tensor at a time (`rotation.apply_rotations`)."""
+    apply_rotations(model, Q1, Q2s)
 
 
 def spinquant(model, spec, tokens=None) -> dict:

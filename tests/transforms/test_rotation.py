@@ -5,6 +5,7 @@ equals attention over the dequantized cache."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -60,6 +61,29 @@ def test_rotated_fp_model_keeps_logits(family, tied):
     # the online Hadamards are needed: without them (R4 weight side folded) the function changes
     A.uninstall(model)
     assert (_logits(model, X) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family,tied", [("llama", True), ("qwen2", False)])
+def test_in_place_rotation_equals_the_dict_path_bit_for_bit(family, tied):
+    # rotate_model writes each product back before making the next; SpinQuant's differentiable path builds them all
+    # in a dict (rotated_state): one formula, so the same bits, and the dict path leaves its input as it was
+    model = _model(family, tied, dtype=torch.float32)
+    for layer in model.model.layers if family == "qwen2" else []:
+        layer.self_attn.v_proj.bias.data.normal_()
+    ref = copy.deepcopy(model)
+    Q1, Q2s = R.quarot_rotations(model, seed=5)
+    R.rotate_model(model, Q1, Q2s)
+    R.fold_norms(ref)
+    params = R.rotation_params(ref)
+    base = {n: p.detach().clone() for n, p in params.items()}
+    state = R.rotated_state(ref, base, Q1.double(), [Q.double() for Q in Q2s])
+    assert state.keys() == base.keys() and all(torch.equal(base[n], p) for n, p in params.items())
+    for n, p in params.items():
+        p.data = state[n].to(p.dtype)
+    R.rotate_down_inputs(ref)
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[n], want[n]) for n in got)
 
 
 def test_float32_tolerance():
