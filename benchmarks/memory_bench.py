@@ -15,7 +15,8 @@ Each job runs in a fresh Python process that reports its own peak resident set (
 job of `quantlib.jobs.steps.quantize` (blocks read from disk one at a time, the checkpoint written one shard per
 block), block-by-block perplexity (`quantlib.evaluation.perplexity.perplexity_by_block` on the model read lazily),
 and (stages `gradients`, `distill`) the jobs with a streamed backward: the statistics job of
-`quantlib.jobs.steps.statistic` and the distillation job of `quantlib.jobs.steps.distill`. Figures
+`quantlib.jobs.steps.statistic` and the distillation job of `quantlib.jobs.steps.distill`; (stage `pack`) packing
+one block at a time (`quantlib.jobs.steps.pack`). Figures
 depend on the machine's allocator and library versions: compare the estimate's ratio, not the megabytes, across
 machines. Run it alone: two torch processes on two cores slow each other, though peaks hardly move.
 """
@@ -84,6 +85,17 @@ diag = json.load(open(out + "/diagnostics.json"))
 print("RESULT", json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "seconds": time.time() - t, "estimate": diag["memory"],
                             "loss_first_last": [diag["distill"]["loss"][0], diag["distill"]["loss"][-1]]}))
+"""
+
+
+CHILD_PACK = """
+import json, resource, sys, time
+from quantlib.jobs.steps import pack
+name, src, out = sys.argv[1:4]
+t = time.time()
+report = pack(name, src, out, {"dtype": "float16", "stat_dtype": "float16"}, {})
+print("RESULT", json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "seconds": time.time() - t, "bits_per_weight_on_disk": report["bits_per_weight_on_disk"]}))
 """
 
 
@@ -214,6 +226,29 @@ def measure_backward(model_dir: Path, calib: Path, stages: list[str], stat: str,
     return row
 
 
+def measure_pack(model_dir: Path, base_method: str, fmt: str, work: Path, compute: dict) -> dict:
+    """Packing (`quantlib.jobs.steps.pack`, one block at a time) of a `base_method` checkpoint quantized here
+    first, in its own process, as the external layout `fmt`."""
+    import shutil
+
+    from quantlib.catalog.spec import QuantSpec
+    from quantlib.jobs.memory import DTYPE_BYTES, MB, plan_pack
+
+    base, out = work / f"base-{base_method}", work / f"packed-{base_method}-{fmt}"
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    run_child(CHILD_QUANTIZE, f"model.{base_method}", model_dir, "-", base, json.dumps(compute))
+    name = f"model.{base_method}.pack-{fmt}"
+    p = run_child(CHILD_PACK, name, base, out)
+    cfg = json.loads((base / "config.json").read_text())
+    stored = cfg.get("dtype") or cfg.get("torch_dtype")
+    est = plan_pack(cfg, QuantSpec.parse(name), {"dtype": "float16", "stat_dtype": "float16"}, {},
+                    DTYPE_BYTES.get(stored, 4)).peak / MB
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"pack": {**p, "name": name, "estimated_peak_mb": round(est), "peak_over_estimate": p["peak_mb"] / est}}
+
+
 def _seqlen(windows: Path) -> int:
     import torch
 
@@ -231,9 +266,9 @@ def main() -> None:
     s.add_argument("--method", default="ldlq.w4g128")
     s.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b", help="the blocks' sizes")
     s.add_argument("--stages", nargs="+", default=["quantize", "perplexity"],
-                   choices=["quantize", "perplexity", "gradients", "distill"],
+                   choices=["quantize", "perplexity", "gradients", "distill", "pack"],
                    help="quantize, perplexity (FP and quantized), the gradients statistic and distillation of an "
-                        "RTN w4g128 base (the streamed backward's jobs)")
+                        "RTN w4g128 base (the streamed backward's jobs), packing that base as ct")
     m = sub.add_parser("model")
     m.add_argument("--model-dir", type=Path, required=True)
     m.add_argument("--calib", type=Path, required=True, help="calibration windows (n, L) of the workflow")
@@ -246,9 +281,9 @@ def main() -> None:
     m.add_argument("--stat", default="gradients.G4", help="the statistic of stage gradients")
     m.add_argument("--distill-calib", type=Path, help="distillation windows (n, L) of the workflow")
     m.add_argument("--base", default="rtn.w3g64", help="the method of the checkpoint stage distill distils")
-    m.add_argument("--compute", default="{}", help="JSON settings added to compute (block_streams, max_memory)")
     m.add_argument("--keep", action="store_true", help="keep the artifacts of the gradients and distill stages")
     for p in (s, m):
+        p.add_argument("--compute", default="{}", help="JSON settings added to compute (block_streams, max_memory)")
         p.add_argument("--work", type=Path, default=Path("/tmp/quantlib-membench"))
         p.add_argument("--batch", type=int, default=4)
         rec.add_argument(p)
@@ -256,7 +291,7 @@ def main() -> None:
     import torch
 
     args.work.mkdir(parents=True, exist_ok=True)
-    compute = {"device": "cpu", "dtype": "float32"}
+    compute = {"device": "cpu", "dtype": "float32", **json.loads(args.compute)}
     runs = {}
     if args.what == "synthetic":
         shape = SHAPES[args.shape]
@@ -275,11 +310,13 @@ def main() -> None:
                                    args.batch, args.work, compute))
             row.update(measure_backward(model_dir, calib, args.stages, "gradients.G4", calib, "rtn.w4g128",
                                         args.work, compute))
+            if "pack" in args.stages:
+                row.update(measure_pack(model_dir, "rtn.w4g128", "ct", args.work, compute))
             print(json.dumps({blocks: row}, indent=1), flush=True)
         shapes = {"model": f"synthetic {args.shape} block shapes", **shape, "blocks": args.blocks,
-                  "stages": args.stages, "weights_on_disk": "float16", "compute_dtype": "float32"}
+                  "stages": args.stages, "weights_on_disk": "float16", "compute_dtype": "float32",
+                  "compute": compute}
     else:
-        compute.update(json.loads(args.compute))
         calib = torch.load(args.calib)
         n, seqlen = calib.shape
         from quantlib.catalog.spec import QuantSpec
