@@ -214,7 +214,7 @@ class PreparedHessian:
     def ldl(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, D) with the damped, permuted H = U diag(D) U^T, U unit upper triangular: D_k is what a unit rounding
         error of column k costs after error feedback (1 / [chol(H^-1)]_kk^2 in GPTQ's terms). Computed once, in one
-        d x d buffer beside H (`_reversed_ldl_factor`): a 70B down projection's Hessian is 3.3 GB."""
+        d x d buffer beside H (`_reversed_cholesky`): a 70B down projection's Hessian is 3.3 GB."""
         if self._ldl is None:
             C, self.damp = damp_until_pd(self.H, self.damp, self.layer, ladder=self.ladder,
                                          factor=partial(_reversed_cholesky, self.H, self.perm))
