@@ -43,8 +43,9 @@ CHILD_QUANTIZE = """
 import json, resource, sys, time
 from quantlib.jobs.steps import quantize
 name, model_dir, calib, out, compute = sys.argv[1:6]
+inputs = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}  # statistics artifacts by name
 t = time.time()
-quantize(name, model_dir, {"calib": calib} if calib != "-" else {}, out, json.loads(compute))
+quantize(name, model_dir, {**({"calib": calib} if calib != "-" else {}), **inputs}, out, json.loads(compute))
 print("RESULT", json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "seconds": time.time() - t,
                             "estimate": json.load(open(out + "/diagnostics.json"))["memory"]}))
@@ -166,12 +167,12 @@ def write_synthetic(folder: Path, blocks: int, seed: int = 0, shape: dict = LLAM
 
 
 def measure(model_dir: Path, name: str, calib: Path | None, windows: Path | None, max_windows: int, batch: int,
-            work: Path, compute: dict) -> dict:
+            work: Path, compute: dict, stats: dict | None = None) -> dict:
     import shutil
 
     out = work / f"quantized-{model_dir.name}-{name}"
     shutil.rmtree(out, ignore_errors=True)
-    q = run_child(CHILD_QUANTIZE, name, model_dir, calib or "-", out, json.dumps(compute))
+    q = run_child(CHILD_QUANTIZE, name, model_dir, calib or "-", out, json.dumps(compute), json.dumps(stats or {}))
     row = {"quantize": {**q, "peak_over_estimate": q["peak_mb"] / q["estimate"]["estimated_peak_mb"]}}
     if windows is not None:
         from quantlib.jobs.memory import MB, eval_peak
@@ -279,6 +280,8 @@ def main() -> None:
                    help="quantize (and perplexity with --windows); the streamed backward's gradients statistic and "
                         "distillation")
     m.add_argument("--stat", default="gradients.G4", help="the statistic of stage gradients")
+    m.add_argument("--stats", default="{}", help='JSON {statistic: artifact folder} the method reads, e.g. '
+                                                '\'{"gradients": "results/stats/gradients.G4/..."}\' for sqllm')
     m.add_argument("--distill-calib", type=Path, help="distillation windows (n, L) of the workflow")
     m.add_argument("--base", default="rtn.w3g64", help="the method of the checkpoint stage distill distils")
     m.add_argument("--keep", action="store_true", help="keep the artifacts of the gradients and distill stages")
@@ -322,15 +325,16 @@ def main() -> None:
         from quantlib.catalog.spec import QuantSpec
         from quantlib.errors import ConfigError
 
-        name, quantize_calib = f"model.c4.n{n}.L{seqlen}.{args.method}", args.calib
+        key = args.model_dir.name if args.stats != "{}" else "model"  # statistics are checked against their model
+        name, quantize_calib = f"{key}.c4.n{n}.L{seqlen}.{args.method}", args.calib
         try:
             QuantSpec.parse(name)
         except ConfigError:  # a method that reads no calibration (RTN): its name has none
-            name, quantize_calib = f"model.{args.method}", None
+            name, quantize_calib = f"{key}.{args.method}", None
         runs["model"] = {}
         if "quantize" in args.stages:
             runs["model"] = measure(args.model_dir, name, quantize_calib, args.windows, args.max_windows, args.batch,
-                                    args.work, compute)
+                                    args.work, compute, json.loads(args.stats))
         runs["model"].update(measure_backward(args.model_dir, args.calib, args.stages, args.stat, args.distill_calib,
                                               args.base, args.work, compute, args.keep))
         runs["model"]["compute"] = compute
