@@ -93,11 +93,17 @@ def _unmapped(rep, mapped: set[int]):
     return rep
 
 
-def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
-    """No NaN or Inf in `t`, checked a few million elements at a time: isfinite over a whole tensor takes 1.7x
-    its size in temporaries (an embedding of 32k x 4096 floats: 0.9 GB)."""
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+def all_finite(t: torch.Tensor, chunk: int = 1 << 17) -> bool:
+    """No NaN or Inf in `t`, checked a slice of about `chunk` elements at a time along its first dimension, in any
+    layout (a transposed view is read in its own, not copied): isfinite over a whole tensor takes 1.7x its size in
+    temporaries (an embedding of 32k x 4096 floats: 0.9 GB), and slices of several MB stay with the allocator
+    (+0.2 of a 6144^2 matrix measured with 4M-element slices)."""
+    if t.dim() == 2 and not t.is_contiguous() and t.mT.is_contiguous():
+        t = t.mT  # finiteness does not depend on the layout
+    if t.dim() == 0:
+        return bool(torch.isfinite(t))
+    rows = max(1, chunk // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(part).all()) for part in t.split(rows))
 
 
 def quantized_layers(config: dict) -> dict:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from quantlib.access.lazy import all_finite
 from quantlib.errors import NumericalError
 
 log = logging.getLogger("quantlib")
@@ -125,7 +126,7 @@ def damp_until_pd(H: torch.Tensor, damp: float, layer: str, max_tries: int = 10,
     """
     factor = factor or (lambda c: torch.linalg.cholesky_ex(add_damping(H, c)))
     mean_diag = torch.diagonal(H).mean()
-    if not _finite(H):
+    if not all_finite(H):
         raise NumericalError(f"the Hessian of layer '{layer}' contains NaN or Inf: the calibration activations "
                              "overflowed (use float32, or check the model's weights)")
     if mean_diag <= 0:
@@ -134,7 +135,7 @@ def damp_until_pd(H: torch.Tensor, damp: float, layer: str, max_tries: int = 10,
     current = damp
     for attempt in range(max_tries + 1):
         fac, info = factor(current)
-        if int(info) == 0 and _finite(fac):
+        if int(info) == 0 and all_finite(fac):
             return fac, current
         del fac
         nxt = _next_damping(current, ladder)
@@ -147,11 +148,6 @@ def damp_until_pd(H: torch.Tensor, damp: float, layer: str, max_tries: int = 10,
         f"the Hessian of layer '{layer}' is not positive definite even with damping {current:.3g} "
         f"({attempt} retries). More calibration tokens (nsamples x seqlen well above the layer's input size "
         f"{H.shape[0]}) or a larger `damp` option usually fix this.")
-
-
-def _finite(A: torch.Tensor, rows: int = 64) -> bool:
-    """No NaN or Inf in A, checked a slice of rows at a time: no d x d mask beside a d x d matrix."""
-    return all(bool(torch.isfinite(part).all()) for part in A.split(rows))
 
 
 def _next_damping(current: float, ladder: str) -> float | None:
