@@ -325,7 +325,8 @@ def main() -> None:
         from quantlib.catalog.spec import QuantSpec
         from quantlib.errors import ConfigError
 
-        key = args.model_dir.name if args.stats != "{}" else "model"  # statistics are checked against their model
+        stats = json.loads(args.stats)
+        key = args.model_dir.name if stats else "model"  # statistics are checked against the model they were made of
         name, quantize_calib = f"{key}.c4.n{n}.L{seqlen}.{args.method}", args.calib
         try:
             QuantSpec.parse(name)
@@ -334,7 +335,7 @@ def main() -> None:
         runs["model"] = {}
         if "quantize" in args.stages:
             runs["model"] = measure(args.model_dir, name, quantize_calib, args.windows, args.max_windows, args.batch,
-                                    args.work, compute, json.loads(args.stats))
+                                    args.work, compute, stats)
         runs["model"].update(measure_backward(args.model_dir, args.calib, args.stages, args.stat, args.distill_calib,
                                               args.base, args.work, compute, args.keep))
         runs["model"]["compute"] = compute
