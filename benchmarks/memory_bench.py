@@ -276,14 +276,15 @@ def main() -> None:
     m.add_argument("--method", default="ldlq.w3g64")
     m.add_argument("--windows", type=Path, help="evaluation windows of the workflow (perplexity too)")
     m.add_argument("--max-windows", type=int, default=40)
-    m.add_argument("--stages", nargs="+", default=["quantize"], choices=["quantize", "gradients", "distill"],
+    m.add_argument("--stages", nargs="+", default=["quantize"], choices=["quantize", "gradients", "distill", "pack"],
                    help="quantize (and perplexity with --windows); the streamed backward's gradients statistic and "
-                        "distillation")
+                        "distillation; packing --pack-base as ct")
     m.add_argument("--stat", default="gradients.G4", help="the statistic of stage gradients")
     m.add_argument("--stats", default="{}", help='JSON {statistic: artifact folder} the method reads, e.g. '
                                                 '\'{"gradients": "results/stats/gradients.G4/..."}\' for sqllm')
     m.add_argument("--distill-calib", type=Path, help="distillation windows (n, L) of the workflow")
     m.add_argument("--base", default="rtn.w3g64", help="the method of the checkpoint stage distill distils")
+    m.add_argument("--pack-base", default="rtn.w4g64", help="the method of the checkpoint stage pack packs")
     m.add_argument("--keep", action="store_true", help="keep the artifacts of the gradients and distill stages")
     for p in (s, m):
         p.add_argument("--compute", default="{}", help="JSON settings added to compute (block_streams, max_memory)")
@@ -338,6 +339,8 @@ def main() -> None:
                                     args.work, compute, stats)
         runs["model"].update(measure_backward(args.model_dir, args.calib, args.stages, args.stat, args.distill_calib,
                                               args.base, args.work, compute, args.keep))
+        if "pack" in args.stages:
+            runs["model"].update(measure_pack(args.model_dir, args.pack_base, "ct", args.work, compute))
         runs["model"]["compute"] = compute
         print(json.dumps(runs, indent=1))
         shapes = {"model": str(args.model_dir)}

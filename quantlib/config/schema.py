@@ -153,8 +153,11 @@ SCHEMA: dict[str, Any] = {
                 "calib_chunk_tokens": {"type": "integer", "minimum": 1, "default": 65536,
                                        "description": "calibration tokens per forward (memory; not part of any "
                                                       "result's identity)"},
-                "block_streams": {"enum": ["memory", "disk"], "default": "memory",
-                                  "description": "where the calibration activations are kept between blocks"},
+                "block_streams": {"enum": ["auto", "memory", "disk"], "default": "auto",
+                                  "description": "where the calibration activations are kept between blocks; auto: "
+                                                 "in memory unless that makes the job's estimated peak more than "
+                                                 "1.5 times the peak with them on disk (not part of any result's "
+                                                 "identity)"},
                 "seed": {"type": "integer", "minimum": 0, "default": 0},
                 # A positive amount: an integer (MB) above 0, or a string with a non-zero digit and a unit (the
                 # form quantlib.jobs.memory.parse_memory reads).

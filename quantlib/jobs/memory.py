@@ -16,8 +16,8 @@ Peak = runtime + the largest of its phases (b: bytes per element of the compute 
             weight, the weights' working copies; measured for LDLQ on Llama-2-7B shapes, where down_proj's 11008^2
             Hessian makes it the largest term, and per solver family on the offline model:
             `solve_bytes_per_weight`); the statistics read for the block (the FP Hessians of
-            every subgroup; the Fisher, one float per weight); block-wise training: the weights' three more copies
-            (the trainable quantizer, its gradient, Adam's two moments)
+            every subgroup; the Fisher, one float per weight); block-wise training (a window per forward): the
+            trainable quantizer's state per weight (TRAINING_FLOATS_PER_WEIGHT) and one step's graph
   finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard,
             twice (safetensors serialises each tensor to bytes before writing)
 With streams on disk, the activation term is one chunk instead of N tokens. A quantized forward (activations, KV
@@ -132,6 +132,20 @@ class Plan:
                 "streams": self.streams, "budget_mb": None if self.budget is None else round(self.budget / MB)}
 
 
+# Autograd's working set of one block's forward recomputed with gradients and its backward, per token of the item, in
+# units of the hidden and intermediate sizes (float32): the tensors a Llama block's graph saves (norm outputs, q, k,
+# v, the attention output, the MLP's three intermediate products) and the gradients in flight, counted generously.
+# On the offline model the measured peaks came 1.1x (distillation) and 1.2x (gradients, streams on disk) over the
+# model's figures, about the allocator's slack seen for the other jobs (benchmarks/memory_bench.py).
+BACKWARD_HIDDEN, BACKWARD_INTERMEDIATE = 16, 8
+# Block-wise training (mode block) per weight of the block's linears, float32: the trainable quantizer's state
+# beside the FP weight it keeps (FlexRound: the per-weight log-scale, its gradient, Adam's two moments; UniQuanF:
+# its binary-coding init's planes too), the quantized weight its forward makes and what the step's graph saves of it,
+# and the backward's temporaries. Fitted on the offline model, 32 x 512 windows, 2026-12-07: FlexRound ep1 peaks
+# 869 MB (the whole job), UniQuanF 967 MB (its first 3 blocks); 15 floats matched FlexRound, 17 sits between.
+TRAINING_FLOATS_PER_WEIGHT = 17
+
+
 # Working memory of a solve per weight of the stacked subgroup, beyond the Hessian's copies (measured on the
 # offline model, peak during the solve minus before it, divided by the subgroup's weights): error-feedback and
 # coordinate-descent solvers keep ~5 float32 copies of the weights; the lookup-table fit (SqueezeLLM, LNQ) works in
@@ -177,14 +191,19 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
     n_tokens = spec.calib.nsamples * spec.calib.seqlen if spec.calib is not None and spec.needs_tokens else 0
     seqlen = spec.calib.seqlen if spec.calib is not None else 1
     mode = spec.mode
-    capture, block = calibration_pass(shapes, n_tokens, seqlen, chunk_tokens, streams, 4 if mode == "block" else 2,
-                                      b)
+    # Block-wise training keeps its streams a window per entry and runs its forwards a window at a time.
+    capture, block = calibration_pass(shapes, n_tokens, seqlen, seqlen if mode == "block" else chunk_tokens, streams,
+                                      4 if mode == "block" else 2, b)
     per_weight = solve_bytes_per_weight(spec)
     captured, solving = solve_square_floats(spec)
     solve = max(max(captured * d * d * 4, solving * d * d * 4 + per_weight * rows * d)
                 for d, rows in shapes.subgroups)
     stats = sum(statistic_bytes(shapes, name, "read_bytes") for name in spec.statistics())
-    training = 3 * shapes.block_params * 4 if mode == "block" else 0
+    training = 0
+    if mode == "block":  # the trainables and their state, and one step's graph over `batch` windows
+        step_tokens = spec.opt("batch") * seqlen
+        training = TRAINING_FLOATS_PER_WEIGHT * shapes.linear_params * 4 + \
+            step_tokens * (BACKWARD_HIDDEN * shapes.hidden + BACKWARD_INTERMEDIATE * shapes.intermediate) * 4
     block += (0 if mode == "block" else solve) + stats + training
     forward = forward_settings(spec)
     if forward is not None and n_tokens:
@@ -260,15 +279,36 @@ def rotation_phases(shapes: Shapes, spec, b: int) -> tuple[int, dict]:
     return held, out
 
 
+# `compute.block_streams: auto` keeps a job's activation streams in memory unless that makes its estimated peak more
+# than this many times the peak with them on disk. Streams that grow with the blocks (the streamed backward keeps
+# every block's inputs over every window) go to disk: the offline model's gradients statistic peaks 1.89 GB with them
+# in memory and 0.77 GB on disk, not slower (616 and 503 s on a busy machine, benchmarks/memory_bench.py); a quantize
+# job's two streams of one block stay in memory until the calibration tokens outgrow its solve.
+AUTO_STREAMS_GROWTH = 1.5
+
+
+def resolve_streams(compute: dict, phases) -> str:
+    """Where a job keeps its activation streams: `compute.block_streams` as given, or for `auto` (the default)
+    `memory` unless its peak (`phases(streams)`, bytes per phase) with them in memory is over AUTO_STREAMS_GROWTH
+    times its peak with them on disk."""
+    streams = compute.get("block_streams", "auto")
+    if streams != "auto":
+        return streams
+    in_memory, on_disk = (RUNTIME_MB * MB + max(phases(where).values()) for where in ("memory", "disk"))
+    return "memory" if in_memory <= AUTO_STREAMS_GROWTH * on_disk else "disk"
+
+
 def plan_quantize(cfg: dict, spec, compute: dict, dtype_bytes: int = 4) -> Plan:
     """The chunk size and stream placement for a quantize job under `compute.max_memory` (none: the settings as
-    given). Within a budget: smaller chunks first, then streams on disk; a budget that cannot hold one block, its
-    statistics and one calibration window is refused before any work, with the figures."""
+    given, `auto` streams resolved by `resolve_streams`). Within a budget: smaller chunks first, then streams on
+    disk; a budget that cannot hold one block, its statistics and one calibration window is refused before any work,
+    with the figures."""
     shapes = Shapes.of(cfg)
     b = dtype_bytes
-    chunk, streams = compute.get("calib_chunk_tokens", 65536), compute.get("block_streams", "memory")
+    chunk = compute.get("calib_chunk_tokens", 65536)
     budget = parse_memory(compute.get("max_memory"))
     attn = compute.get("attn_implementation", "auto")
+    streams = resolve_streams(compute, lambda where: quantize_phases(shapes, spec, chunk, where, b, attn))
     plan = Plan(chunk, streams, quantize_phases(shapes, spec, chunk, streams, b, attn), budget)
     if budget is None or plan.peak <= budget:
         return plan
@@ -304,6 +344,12 @@ def eval_phases(shapes: Shapes, windows: int, seqlen: int, batch: int, dtype_byt
             "head": embeddings * (1 if shapes.tied else 2) + held * h * b + 2 * tokens * shapes.vocab * 4}
 
 
+def eval_streams(cfg: dict, windows: int, seqlen: int, batch: int, compute: dict, dtype_bytes: int = 4) -> str:
+    """Where a perplexity job keeps its windows' hidden states between blocks (`resolve_streams`)."""
+    return resolve_streams(compute, lambda where: eval_phases(Shapes.of(cfg), windows, seqlen, batch, dtype_bytes,
+                                                              where))
+
+
 def eval_peak(cfg: dict, windows: int, seqlen: int, batch: int, dtype_bytes: int = 4) -> int:
     return RUNTIME_MB * MB + max(eval_phases(Shapes.of(cfg), windows, seqlen, batch, dtype_bytes).values())
 
@@ -321,11 +367,11 @@ def whole_model_peak(cfg: dict, seqlen: int, batch: int, dtype_bytes: int = 4) -
 
 
 def fit_streams(what: str, phases, compute: dict) -> Plan:
-    """The streams (compute.block_streams, else on disk when the budget asks) under `compute.max_memory` for a job
-    whose phases are `phases(streams)`; a budget that cannot hold it even with every stream on disk is refused
-    before any work, with the figures."""
+    """The streams (compute.block_streams, `auto` resolved by `resolve_streams`; else on disk when the budget asks)
+    under `compute.max_memory` for a job whose phases are `phases(streams)`; a budget that cannot hold it even with
+    every stream on disk is refused before any work, with the figures."""
     budget = parse_memory(compute.get("max_memory"))
-    chunk, streams = compute.get("calib_chunk_tokens", 65536), compute.get("block_streams", "memory")
+    chunk, streams = compute.get("calib_chunk_tokens", 65536), resolve_streams(compute, phases)
     for where in ([streams, "disk"] if streams == "memory" else [streams]):
         plan = Plan(chunk, where, phases(where), budget)
         if budget is None or plan.peak <= budget:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from quantlib.catalog import registry
 from quantlib.catalog.statistics import LOSS_LOGITS
 from quantlib.jobs.memory import (
+    BACKWARD_HIDDEN,
+    BACKWARD_INTERMEDIATE,
     Plan,
     Shapes,
     calibration_pass,
@@ -16,12 +18,6 @@ from quantlib.jobs.memory import (
     whole_model_bytes,
 )
 
-# Autograd's working set of one block's forward recomputed with gradients and its backward, per token of the item, in
-# units of the hidden and intermediate sizes (float32): the tensors a Llama block's graph saves (norm outputs, q, k,
-# v, the attention output, the MLP's three intermediate products) and the gradients in flight, counted generously.
-# On the offline model the measured peaks came 1.1x (distillation) and 1.2x (gradients, streams on disk) over the
-# model's figures, about the allocator's slack seen for the other jobs (benchmarks/memory_bench.py).
-BACKWARD_HIDDEN, BACKWARD_INTERMEDIATE = 16, 8
 LOGITS_COPIES = 4  # a piece of the end loss: logits, their log-softmax and both gradients (float32)
 
 

@@ -28,6 +28,7 @@ from quantlib.evaluation.perplexity import perplexity_by_block
 from quantlib.jobs.memory import (
     DTYPE_BYTES,
     MB,
+    eval_streams,
     parse_memory,
     plan_pack,
     plan_quantize,
@@ -266,14 +267,15 @@ def perplexity(name: str, model_path, windows: dict, dataset_cfgs: dict, outputs
     else:
         lazy = LazyModel(model_path, dtype, attn)
         model, access = lazy.model, BlockAccess(lazy.model, lazy=lazy)
-    streams = compute.get("block_streams", "memory")
-    records = {}
+    records, model_cfg = {}, read_config(model_path)
     for protocol, out_json in outputs.items():
         t0 = time.time()
         dataset, seqlen, max_windows = parse_ppl_protocol(protocol)
         data = load_tensor(windows[protocol])
         if data["windows"].shape[1] != seqlen:
             raise ValueError(f"{windows[protocol]} holds windows of {data['windows'].shape[1]} tokens, not {seqlen}")
+        n = len(data["windows"]) if max_windows is None else min(max_windows, len(data["windows"]))
+        streams = eval_streams(model_cfg, n, seqlen, batch_size, compute, torch.finfo(dtype).bits // 8)
         res = perplexity_by_block(model, data["windows"], max_windows, batch_size, device, access=access,
                                   streams=streams)
         ds_cfg = dataset_cfgs[dataset]

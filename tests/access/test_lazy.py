@@ -160,6 +160,11 @@ def test_memory_model_counts_what_grows():
     disk = quantize_phases(shapes, QuantSpec.parse("m.c4.n128.L512.ldlq.w3g64"), 8192, "disk")
     assert large["block"] > chunked["block"] > disk["block"]  # smaller chunks, then streams of one chunk
     assert large["block"] > small["block"]
+    # block-wise training runs a window at a time whatever the chunk; a step's graph grows with its windows
+    def trained(method, chunk=65536):
+        return quantize_phases(shapes, QuantSpec.parse(f"m.c4.n32.L512.{method}"), chunk, "memory")["block"]
+    assert trained("flexround.w3.ep1") == trained("flexround.w3.ep1", 512)
+    assert trained("flexround.w3.bs2.ep1") - trained("flexround.w3.ep1") == 512 * (16 * 576 + 8 * 1536) * 4
     assert parse_memory("1.5GB") == 1536 << 20 and parse_memory(800) == 800 << 20
     with pytest.raises(ConfigError, match="no amount of memory"):
         parse_memory("lots")

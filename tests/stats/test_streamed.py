@@ -15,7 +15,7 @@ from quantlib.access.lazy import LazyModel
 from quantlib.catalog.names import CalibSpec
 from quantlib.catalog.spec import QuantSpec
 from quantlib.errors import ConfigError
-from quantlib.jobs.memory import MB, parse_memory
+from quantlib.jobs.memory import AUTO_STREAMS_GROWTH, MB, eval_streams, parse_memory, plan_quantize
 from quantlib.jobs.memory_backward import plan_distill, plan_statistic
 from quantlib.jobs.requests import request_mb
 from quantlib.jobs.steps import statistic
@@ -123,18 +123,44 @@ def test_a_budget_too_small_is_refused_before_any_weight_is_read(tiny_dir, tmp_p
 
 def test_the_budget_puts_the_kept_activations_on_disk_and_the_rules_ask_for_the_plan():
     calib = CalibSpec("c4", 128, 2048)
-    free = plan_statistic(LLAMA2_7B, "gradients.G4", calib, {})
+    in_memory = {"block_streams": "memory"}
+    free = plan_statistic(LLAMA2_7B, "gradients.G4", calib, in_memory)
     # every block's inputs over 128 x 2048 tokens, float32: 32 x 4 GiB
     assert free.streams == "memory" and free.peak > 32 * 4 * 1024 * MB
-    tight = plan_statistic(LLAMA2_7B, "gradients.G4", calib, {"max_memory": "24GB"})
+    tight = plan_statistic(LLAMA2_7B, "gradients.G4", calib, {**in_memory, "max_memory": "24GB"})
     assert tight.streams == "disk" and tight.peak <= parse_memory("24GB")
     with pytest.raises(ConfigError, match="Raise compute.max_memory to at least"):
         plan_statistic(LLAMA2_7B, "gradients.G4", calib, {"max_memory": "2GB"})
-    assert request_mb("stats:gradients.G4", LLAMA2_7B, calib, {"compute": {}}) == int(1.5 * free.peak / MB)
+    assert request_mb("stats:gradients.G4", LLAMA2_7B, calib, {"compute": in_memory}) == int(1.5 * free.peak / MB)
     assert request_mb("stats:gradients.G4", LLAMA2_7B, calib, {"compute": {"max_memory": "24GB"}}) == 24 * 1024
     spec = QuantSpec.parse("llama-2-7b.rtn.w3g128.kd.c4.n128.L2048")
-    d_free, d_tight = plan_distill(LLAMA2_7B, spec, {}), plan_distill(LLAMA2_7B, spec, {"max_memory": "16GB"})
+    d_free = plan_distill(LLAMA2_7B, spec, in_memory)
+    d_tight = plan_distill(LLAMA2_7B, spec, {**in_memory, "max_memory": "16GB"})
     assert d_free.streams == "memory" and d_tight.streams == "disk" and d_tight.peak <= parse_memory("16GB")
-    assert request_mb("distill", LLAMA2_7B, spec, {"compute": {}}) == int(1.5 * d_free.peak / MB)
+    assert request_mb("distill", LLAMA2_7B, spec, {"compute": in_memory}) == int(1.5 * d_free.peak / MB)
+    # the default (`auto`) puts streams that would hold more than the job's block on disk without a budget
+    assert plan_statistic(LLAMA2_7B, "gradients.G4", calib, {}).streams == "disk"
+    assert plan_distill(LLAMA2_7B, spec, {}).streams == "disk"
     # the streamed jobs hold about one block, not the model (7B in float32 alone: 27 GB)
     assert tight.peak < 8 * 1024 * MB and d_tight.peak < 12 * 1024 * MB
+
+
+SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152, "tie_word_embeddings": True}
+
+
+def test_auto_streams_stay_in_memory_only_where_they_cost_little():
+    """`compute.block_streams: auto` on the offline model's shapes: the gradients statistic's kept inputs of every
+    block (30 x 32 x 512 tokens, 1.1 GB) would more than double its peak, so they go to disk; a quantize job's two
+    streams of one block and a perplexity job's hidden states are small beside the rest and stay in memory; an
+    explicit setting is obeyed."""
+    calib = CalibSpec("c4", 32, 512)
+    grads = {w: plan_statistic(SMOLLM2_135M, "gradients.G4", calib, {"block_streams": w}).peak
+             for w in ("memory", "disk")}
+    assert grads["memory"] > AUTO_STREAMS_GROWTH * grads["disk"]
+    assert plan_statistic(SMOLLM2_135M, "gradients.G4", calib, {}).streams == "disk"
+    assert plan_statistic(SMOLLM2_135M, "gradients.G4", calib, {"block_streams": "memory"}).streams == "memory"
+    ldlq = QuantSpec.parse("smollm2.c4.n32.L512.ldlq.w3g64")
+    assert plan_quantize(SMOLLM2_135M, ldlq, {}).streams == "memory"
+    assert plan_quantize(SMOLLM2_135M, ldlq, {"block_streams": "disk"}).streams == "disk"
+    assert eval_streams(SMOLLM2_135M, 40, 512, 4, {}) == "memory"
