@@ -135,8 +135,8 @@ class Plan:
 # Autograd's working set of one block's forward recomputed with gradients and its backward, per token of the item, in
 # units of the hidden and intermediate sizes (float32): the tensors a Llama block's graph saves (norm outputs, q, k,
 # v, the attention output, the MLP's three intermediate products) and the gradients in flight, counted generously.
-# On the offline model the measured peaks came 1.1x (distillation) and 1.2x (gradients, streams on disk) over the
-# model's figures, about the allocator's slack seen for the other jobs (benchmarks/memory_bench.py).
+# On the offline model the measured peaks came 1.1x (distillation) and 1.12x (gradients, streams on disk: its end
+# loss) over the model's figures, about the allocator's slack seen for the other jobs (benchmarks/memory_bench.py).
 BACKWARD_HIDDEN, BACKWARD_INTERMEDIATE = 16, 8
 # Block-wise training (mode block) per weight of the block's linears, float32: the trainable quantizer's state
 # beside the FP weight it keeps (FlexRound: the per-weight log-scale, its gradient, Adam's two moments; UniQuanF:

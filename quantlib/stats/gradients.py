@@ -90,8 +90,7 @@ def _end_loss_gradients(model, blocks, tokens, final, chain, access, device) -> 
                     logits = model(ids[:, s:s + step], use_cache=False).logits.float()
                     piece = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, s:s + step].reshape(-1),
                                             ignore_index=-100, reduction="sum") / (L - 1)
-                # only the states' gradient: a backward() would also make the head's (vocabulary x hidden, kept
-                # across windows; +108 MB and a third of the head's work on the offline model)
+                # the states' gradient alone, returned rather than accumulated into `part.grad`
                 (grad[:, s:s + step],) = torch.autograd.grad(piece, part)
                 loss += piece.item()
                 del logits, piece, part
