@@ -56,6 +56,7 @@ def forward_settings(spec) -> dict | None:
     rotated = any(registry.component("preprocess", p).scope == "model" for p in spec.preprocess)
     out = {o.key: spec.opt_or(o.key, o.default) for o in FORWARD}
     out["rotated"] = rotated
+    out["o_rotated"] = rotated and spec.opt_or("o_hadamard", False)
     if not rotated and out["act_bits"] >= 16 and out["kv_bits"] >= 16:
         return None
     return out

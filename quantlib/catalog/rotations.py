@@ -42,21 +42,25 @@ def _check_spinquant(spec) -> None:
 
 register(Component(
     "quarot", "preprocess", "quantlib.transforms.rotation:quarot", "QuaRot", scope="model",
-    options=(_SEED,),
+    options=(_SEED,
+             Option("o_hadamard", True, bool, "noohad",
+                    "QuaRot's online Hadamard on o_proj's input (its weight rotated to match); off: R2 only there, "
+                    "as SpinQuant")),
     check=_check_rotation,
     help="QuaRot (Ashkboos et al. 2024): norms folded, the residual stream (R1) and each head's values (R2) rotated "
-         "by seeded random Hadamard matrices, online Hadamards on down_proj's input (R4) and on queries and keys "
-         "after RoPE (R3); the model's function is unchanged before quantization",
+         "by seeded random Hadamard matrices, online Hadamards on down_proj's input (R4), on o_proj's input and on "
+         "queries and keys after RoPE (R3); the model's function is unchanged before quantization",
 ))
 
 register(Component(
     "spinquant", "preprocess", "quantlib.transforms.spinquant:spinquant", "SpinQuant", scope="model",
     needs=("calibration",),
     options=(_SEED,
-             # The reference's settings: 100 steps at learning rate 1.5 decayed linearly; it trains on 8 GPUs with
-             # one window each (800 windows of 2048 tokens), here one window per step unless spin_batch says more.
+             # The reference's settings: 100 steps at learning rate 1.5 on a cosine schedule; it trains on 8 GPUs
+             # with one window each (800 windows of 2048 tokens), here one window per step unless spin_batch says
+             # more.
              Option("spin_iters", 100, int, "spit", "Cayley SGD steps of SpinQuant's rotation training"),
-             Option("spin_lr", 1.5, float, "splr", "Cayley SGD's learning rate (decayed linearly to 0)"),
+             Option("spin_lr", 1.5, float, "splr", "Cayley SGD's learning rate (cosine schedule to 0)"),
              Option("spin_batch", 1, int, "spbs", "calibration windows per Cayley SGD step")),
     check=_check_spinquant,
     help="SpinQuant (Liu et al. 2024): QuaRot's rotations with R1 and R2 learned by Cayley SGD on the Stiefel "

@@ -66,6 +66,26 @@ register(Component(
 ))
 
 
+
+def _check_mse(spec) -> None:
+    if spec.opt("mse_norm") <= 0 or spec.opt("mse_grid") < 1 or not 0 < spec.opt("mse_maxshrink") < 1:
+        raise ConfigError("mse: mse_norm must be > 0, mse_grid >= 1 and mse_maxshrink in (0, 1)")
+
+
+register(Component(
+    "mse", "init", "quantlib.solvers.grid_init:mse_init", "min-max with MSE clipping", options=(
+        SYM,
+        # GPTQ's quantizer defaults, as QuaRot's and SpinQuant's `--w_clip` run it.
+        Option("mse_norm", 2.4, float, "mnorm", "exponent p of the clipping search's error sum |w_hat - w|^p"),
+        Option("mse_grid", 100, int, "mgrid", "the range is shrunk in steps of 1 / mse_grid"),
+        Option("mse_maxshrink", 0.8, float, "mshrink", "the largest shrink of the range searched (to 1 - it)"),
+    ),
+    check=_check_mse,
+    help="GPTQ's quantizer with its MSE clipping search (QuaRot's and SpinQuant's weight clipping, --w_clip): per "
+         "(row, group) the min-max range shrunk by the factor, of 1, 0.99, ..., 0.21, whose rounding error sum "
+         "|w_hat - w|^2.4 is smallest",
+))
+
 def clip_beta_default(bits: int, group_size: int) -> float:
     """The clipping factor NeUQI's reference gives MagR's init: 0.8 at 2 bits, 0.9 at 3, none (1) from 4 bits; with
     groups of 128 columns 0.95 and of 64 none, whatever the bits."""

@@ -56,6 +56,39 @@ def minmax_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> Uni
     return UniformGrid(scale, zero, spec.bits, spec.group_size)
 
 
+
+def mse_params(W: torch.Tensor, bits: int, group_size: int, sym: bool, norm: float = 2.4, grid: int = 100,
+               maxshrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's quantizer with its `mse` search (the weight clipping QuaRot and SpinQuant run with, `--w_clip`): per
+    (row, group), the min-max range of `minmax_params` shrunk by p = 1 - i / grid, i = 0 .. maxshrink * grid - 1,
+    keeping the p whose round-to-nearest error sum |w_hat - w|^norm is smallest (the first on ties, p = 1 included,
+    so the result is never worse than min-max in that norm)."""
+    maxq = 2 ** bits - 1
+    G = grouped(W, group_size)
+    scale0, zero0 = minmax_params(W, bits, group_size, sym)
+    scales = []
+    rows, step = _chunks(G.shape[0], 3 * G.shape[1] * G.shape[2])
+    for r0 in rows:
+        g, s0, z0 = G[r0:r0 + step], scale0[r0:r0 + step], zero0[r0:r0 + step]
+        # Shrinking the range [xmin, xmax] by p scales the step by p and leaves the zero point round(-xmin / step)
+        # where it was (symmetric: fixed), so each candidate is (p * s0, z0).
+        best = (s0, torch.full_like(s0, float("inf")))
+        for i in range(int(maxshrink * grid)):
+            s = s0 * (1 - i / grid)
+            q = torch.clamp(torch.round(g / s[..., None]) + z0[..., None], 0, maxq)
+            err = ((q - z0[..., None]) * s[..., None] - g).abs_().pow_(norm).sum(-1)
+            better = err < best[1]
+            best = (torch.where(better, s, best[0]), torch.where(better, err, best[1]))
+        scales.append(best[0])
+    return torch.cat(scales), zero0
+
+
+def mse_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> UniformGrid:
+    scale, zero = mse_params(W, spec.bits, spec.group_size, spec.opt("sym"), spec.opt("mse_norm"),
+                             spec.opt("mse_grid"), spec.opt("mse_maxshrink"))
+    return UniformGrid(scale, zero, spec.bits, spec.group_size)
+
+
 def clip_params(W: torch.Tensor, bits: int, group_size: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped min-max grid of NeUQI's reference (`clip_wo_shift_zp`, the init it pairs with MagR): each group's
     own range [min w, max w] (0 need not be inside it), its step shrunk by beta, s = beta (max - min) / Qmax, and the

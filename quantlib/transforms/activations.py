@@ -30,7 +30,8 @@ CONFIG_KEY = "quantlib_forward"
 @dataclass(frozen=True)
 class ForwardQuant:
     """act_*: every decoder linear's input, per token; kv_*: keys (after R3) and values, per token and head in groups
-    of kv_group channels (0: the whole head). `rotated`: the online Hadamards R3/R4 of a rotated model."""
+    of kv_group channels (0: the whole head). `rotated`: the online Hadamards R3/R4 of a rotated model;
+    `o_rotated`: QuaRot's online Hadamard on o_proj's input too."""
 
     act_bits: int = FULL
     act_sym: bool = False
@@ -40,6 +41,7 @@ class ForwardQuant:
     kv_clip: float = 1.0
     kv_group: int = 0
     rotated: bool = False
+    o_rotated: bool = False
 
     def __post_init__(self):
         for key in ("act_bits", "kv_bits"):
@@ -50,6 +52,8 @@ class ForwardQuant:
                 raise ConfigError(f"{key} is a fraction of each token's range in (0, 1], got {getattr(self, key)}")
         if self.kv_group < 0:
             raise ConfigError(f"kv_group must be >= 0 (0: the whole head), got {self.kv_group}")
+        if self.o_rotated and not self.rotated:
+            raise ConfigError("o_rotated (an online Hadamard on o_proj's input) belongs to a rotated model")
 
     @property
     def active(self) -> bool:
@@ -88,8 +92,8 @@ def fake_quant(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.0,
 
 
 class _LinearInput:
-    """Forward pre-hook of a decoder linear: the online Hadamard (R4, down_proj of a rotated model), then the
-    activation quantizer."""
+    """Forward pre-hook of a decoder linear: the online Hadamard (R4 on down_proj of a rotated model; QuaRot's on
+    o_proj), then the activation quantizer."""
 
     def __init__(self, fq: ForwardQuant, rotate: bool):
         self.fq, self.rotate = fq, rotate
@@ -164,7 +168,8 @@ def install(model, fq: ForwardQuant | dict) -> ForwardQuant:
         for sub in (layer.self_attn, layer.mlp):
             for name, lin in sub.named_children():
                 if isinstance(lin, torch.nn.Linear):
-                    rotate = fq.rotated and sub is layer.mlp and name == "down_proj"
+                    rotate = ((fq.rotated and sub is layer.mlp and name == "down_proj")
+                              or (fq.o_rotated and sub is layer.self_attn and name == "o_proj"))
                     hooks.append(lin.register_forward_pre_hook(_LinearInput(fq, rotate)))
     model._quantlib_forward_hooks = hooks
     model.config._attn_implementation = f"quantlib_{base}"

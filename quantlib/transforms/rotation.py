@@ -15,6 +15,11 @@ Conventions: a linear computes y = x W^T with W (out, in); the residual stream x
   x -> x H^T (`quantlib.transforms.activations`): the product is unchanged and the quantized input is the rotated one.
 - R3, online: queries and keys after RoPE, each head x -> x H^T (`quantlib.transforms.activations`): q.k unchanged,
   the key cache quantized in the rotated basis. No weight changes.
+- QuaRot's online Hadamard on o_proj's input, as R4: W -> W H^T and x -> x H^T over the whole attention output
+  (heads x head_dim), so its activations are quantized after every head is mixed with every other. QuaRot applies
+  H_heads (x) I online and fuses its per-head H_d into v_proj, together a Hadamard of the whole size; here R2 is
+  that per-head part and the online one covers the whole size, which needs no Hadamard of order heads (there is
+  none of order 9, SmolLM2-135M's). SpinQuant has none (its R2 is learned).
 
 Only Llama-style blocks are supported (RMSNorm gains applied as x * g, norms before attention and MLP only, no
 norms on queries or keys): Llama, Mistral, Qwen2. Others are refused by name (Gemma applies (1 + g) and has norms
@@ -173,8 +178,17 @@ def rotation_params(model) -> dict:
 def rotate_down_inputs(model) -> None:
     """R4's weight side: down_proj W -> W H^T; the forward applies x -> x H^T to its input."""
     for layer in model.model.layers:
-        down = layer.mlp.down_proj
-        _set(down.weight, hadamard(down.weight.data.double(), dim=-1))
+        _rotate_input_side(layer.mlp.down_proj)
+
+
+def rotate_o_inputs(model) -> None:
+    """QuaRot's o_proj Hadamard, weight side: o_proj W -> W H^T; the forward applies x -> x H^T to its input."""
+    for layer in model.model.layers:
+        _rotate_input_side(layer.self_attn.o_proj)
+
+
+def _rotate_input_side(linear) -> None:
+    _set(linear.weight, hadamard(linear.weight.data.double(), dim=-1))
 
 
 def quarot_rotations(model, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -196,7 +210,9 @@ def rotate_model(model, Q1: torch.Tensor, Q2s: list[torch.Tensor]) -> None:
 
 def quarot(model, spec, tokens=None) -> dict:
     """The `quarot` preprocessor (catalog: quantlib.catalog.rotations): random Hadamard R1/R2 seeded by the spec's
-    `rotation_seed`. Returns diagnostics."""
+    `rotation_seed`, and the o_proj Hadamard unless `o_hadamard` is off. Returns diagnostics."""
     seed = spec.opt("rotation_seed")
     rotate_model(model, *quarot_rotations(model, seed))
-    return {"rotation": "quarot", "seed": seed}
+    if spec.opt("o_hadamard"):
+        rotate_o_inputs(model)
+    return {"rotation": "quarot", "seed": seed, "o_hadamard": spec.opt("o_hadamard")}

@@ -8,13 +8,14 @@ the model's own parameters are untouched until the learned rotations are applied
 
 Optimiser: SGD on the Stiefel manifold by the Cayley transform (Li, Fuxin and Todorovic 2020): with the Euclidean
 gradient G of an orthogonal R, A = G R^T - R G^T is skew-symmetric and R <- (I + a/2 A)^-1 (I - a/2 A) R stays
-exactly orthogonal (solved here, not iterated), moving along -A R, a descent direction. The learning rate decays
-linearly to 0, as in the reference's training.
+exactly orthogonal (solved here, not iterated), moving along -A R, a descent direction. The learning rate follows
+the reference's cosine schedule without warm-up, lr (1 + cos(pi t / T)) / 2 at step t of T.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 
@@ -49,6 +50,12 @@ def _weight_quant(W: torch.Tensor, bits: int) -> torch.Tensor:
     return W + (Wq - W).detach()
 
 
+def cosine_lr(lr: float, step: int, steps: int) -> float:
+    """The learning rate of step `step` (from 0) of `steps`: transformers' cosine schedule with no warm-up, which
+    SpinQuant's training script selects (`--lr_scheduler_type cosine`)."""
+    return lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def learn_rotations(model, tokens: torch.Tensor, fq: ForwardQuant, iters: int, lr: float, batch: int = 1,
                     weight_bits: int | None = None, seed: int = 0, progress: bool = False
                     ) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
@@ -79,7 +86,7 @@ def learn_rotations(model, tokens: torch.Tensor, fq: ForwardQuant, iters: int, l
         out = torch.func.functional_call(model, state, (x,), {"labels": x, "use_cache": False})
         out.loss.backward()
         losses.append(float(out.loss.detach()))
-        step_lr = lr * (1 - step / iters)
+        step_lr = cosine_lr(lr, step, iters)
         Q1 = cayley_step(Q1, R1.grad.double(), step_lr)
         Q2s = [cayley_step(Q, R.grad.double(), step_lr) for Q, R in zip(Q2s, R2s)]
         if progress and (step % 10 == 0 or step == iters - 1):

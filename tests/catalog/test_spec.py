@@ -16,7 +16,7 @@ CAL = CalibSpec("c4", 128, 2048)
 # A valid value away from the default for every option (an option with companions gets them in COMPANIONS).
 TEST_VALUES = {"outliers": 0.01, "qdrop": 0.25, "stat_bits": 16, "batch": 2, "grid": 1024, "grid_coarse": 32,
                "clip_beta": 0.5, "trellis_L": 12, "hyb_bits": 8, "act_bits": 4, "kv_bits": 4, "act_clip": 0.8, "kv_clip": 0.8,
-               "kv_group": 64, "spin_iters": 10, "spin_lr": 0.5, "spin_batch": 2}
+               "kv_group": 64, "spin_iters": 10, "spin_lr": 0.5, "spin_batch": 2, "mse_maxshrink": 0.5}
 COMPANIONS = {"structured": {"outliers": 0.02}, "outlier_step": {"outliers": 0.02}, "true_sequential": {"fp_inputs": False}}
 
 

@@ -54,7 +54,7 @@ def quantized(tied_dir, calib, tmp_path_factory):
 def test_checkpoint_records_the_forward(quantized):
     cfg = json.loads((quantized / "config.json").read_text())
     assert cfg[A.CONFIG_KEY] == {"act_bits": 4, "act_sym": False, "act_clip": 0.9, "kv_bits": 4, "kv_sym": False,
-                                 "kv_clip": 0.95, "kv_group": 0, "rotated": True}
+                                 "kv_clip": 0.95, "kv_group": 0, "rotated": True, "o_rotated": True}
     assert cfg["tie_word_embeddings"] is False and cfg["quantization_config"]["spec"] == NAME
     # the head is stored on its own; the norms hold no gain (folded into the quantized linears)
     index = json.loads((quantized / "model.safetensors.index.json").read_text())["weight_map"]
@@ -139,3 +139,31 @@ def test_refusals():
         QuantSpec.parse("tiny.rtn.w4.a1")
     with pytest.raises(ConfigError):  # block-wise solvers take no preprocessor, nor the forward options
         QuantSpec.parse("tiny.toy.n8.L32.quarot.lsq.w4")
+
+
+def test_lm_eval_runs_the_stored_forward(quantized, task_files, tmp_path):
+    # lm-eval sees the model as stored (rotated weights, online Hadamards, quantized activations and KV cache),
+    # loaded whole or with its blocks offloaded to disk; the same weights without that forward score otherwise
+    from quantlib.access.lazy import LazyModel, offloaded
+    from quantlib.checkpoint.reader import load_any
+    from quantlib.evaluation.lmeval import TaskSet, evaluate_tasks
+
+    splits = {"piqa": "validation", "lambada_openai": "test"}
+    sources = {t: {"num_fewshot": 0, "limit": 6, "source": {"data_files": str(task_files[t]), "split": s}}
+               for t, s in splits.items()}
+
+    def run(model, where):
+        ts = TaskSet(sources, tmp_path / where)
+        ts.check_data()
+        return evaluate_tasks(model, quantized, ts, "cpu", batch_size=4, bootstrap_iters=0)
+
+    whole = run(load_any(quantized), "whole")
+    lazy = LazyModel(quantized, torch.float32, "sdpa")
+    on_disk = run(offloaded(lazy, tmp_path / "offload"), "offload")
+    plain = load_any(quantized)
+    A.uninstall(plain)
+    bare = run(plain, "bare")
+    ppl = {k: r["lambada_openai"]["metrics"]["perplexity"] for k, r in
+           (("whole", whole), ("on_disk", on_disk), ("bare", bare))}
+    assert ppl["whole"] == pytest.approx(ppl["on_disk"], rel=1e-5)
+    assert abs(ppl["whole"] - ppl["bare"]) > 1e-3 * ppl["whole"]

@@ -63,6 +63,31 @@ def test_rotated_fp_model_keeps_logits(family, tied):
     assert (_logits(model, X) - ref).abs().max() > 1e-3
 
 
+def test_quarot_o_proj_hadamard_keeps_logits_and_mixes_heads():
+    # QuaRot's online Hadamard on o_proj's input: o_proj's weight rotated on its input side, the same transform online
+    model = _model()
+    ref = _logits(model, X)
+    R.rotate_model(model, *R.quarot_rotations(model, seed=3))
+    before = model.model.layers[0].self_attn.o_proj.weight.detach().clone()
+    R.rotate_o_inputs(model)
+    assert torch.allclose(model.model.layers[0].self_attn.o_proj.weight,
+                          before @ hadamard_matrix(before.shape[1]).T, atol=1e-12)
+    A.install(model, A.ForwardQuant(rotated=True, o_rotated=True))
+    seen = {}
+    o_proj = model.model.layers[0].self_attn.o_proj
+    o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("rotated", a[0]), prepend=True)
+    o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("online", a[0]))
+    out = _logits(model, X)
+    assert (out - ref).abs().max() < 1e-6 * ref.abs().max()
+    H = hadamard_matrix(seen["rotated"].shape[-1])
+    assert torch.allclose(seen["online"], seen["rotated"] @ H.T, atol=1e-12)
+    # without the online half the function changes
+    A.install(model, A.ForwardQuant(rotated=True))
+    assert (_logits(model, X) - ref).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="o_rotated"):
+        A.ForwardQuant(o_rotated=True)
+
+
 @pytest.mark.parametrize("family,tied", [("llama", True), ("qwen2", False)])
 def test_in_place_rotation_equals_the_dict_path_bit_for_bit(family, tied):
     # rotate_model writes each product back before making the next; SpinQuant's differentiable path builds them all

@@ -88,3 +88,12 @@ def test_spinquant_plus_guidedquant_in_memory(tiny_dir, tmp_path):
     x = calib_tokens(2, 16, seed=5)
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "q")(x).logits, model(x).logits)
+
+
+def test_cosine_schedule_is_the_references():
+    # transformers' cosine schedule without warm-up, as SpinQuant's script selects it: full at the first step, half
+    # at the middle, falling all the way
+    from quantlib.transforms.spinquant import cosine_lr
+    lrs = [cosine_lr(1.5, t, 100) for t in range(100)]
+    assert lrs[0] == 1.5 and abs(lrs[50] - 0.75) < 1e-12 and 0 < lrs[99] < 1e-3
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
