@@ -65,6 +65,8 @@ def tiny_config(family: str, vocab: int = 300):
         return T.MistralConfig(intermediate_size=128, num_key_value_heads=2, **common)
     if family == "qwen2":
         return T.Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common)
+    if family == "qwen3":  # per-head RMSNorms of the queries and keys
+        return T.Qwen3Config(intermediate_size=128, num_key_value_heads=2, head_dim=16, **common)
     if family == "opt":
         return T.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **common)
     if family == "gpt_neox":

@@ -21,9 +21,11 @@ Conventions: a linear computes y = x W^T with W (out, in); the residual stream x
   that per-head part and the online one covers the whole size, which needs no Hadamard of order heads (there is
   none of order 9, SmolLM2-135M's). SpinQuant has none (its R2 is learned).
 
-Only Llama-style blocks are supported (RMSNorm gains applied as x * g, norms before attention and MLP only, no
-norms on queries or keys): Llama, Mistral, Qwen2. Others are refused by name (Gemma applies (1 + g) and has norms
-after the sublayers; Qwen3 normalises queries and keys per head; OPT/BLOOM/NeoX use LayerNorm with a mean).
+Only Llama-style blocks are supported (RMSNorm gains applied as x * g, norms of the residual stream before attention
+and MLP only): Llama, Mistral, Qwen2 and Qwen3. Qwen3's per-head norms of the queries and keys act on q_proj's and
+k_proj's outputs, which R1 leaves unchanged, before RoPE and R3, so they stay as they are (not folded). Others are
+refused by name (Gemma applies (1 + g) and normalises the sublayers' outputs, a gain R1 does not commute with;
+OPT/BLOOM/NeoX use LayerNorm with a mean).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from quantlib.transforms.hadamard import RandomHadamard, hadamard
 
 log = logging.getLogger("quantlib")
 
-ROTATABLE = ("llama", "mistral", "qwen2")
+ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")
 _READERS_ATTN = ("q_proj", "k_proj", "v_proj")
 _READERS_MLP = ("gate_proj", "up_proj")
 
@@ -49,8 +51,9 @@ def check_rotatable(model) -> None:
     if kind not in ROTATABLE:
         raise UnsupportedArchitecture(
             f"rotations (QuaRot/SpinQuant) and activation/KV-cache quantization support the Llama-style model "
-            f"types {', '.join(ROTATABLE)}; '{kind}' has other norms (LayerNorm's mean, Gemma's (1 + g), per-head "
-            "query/key norms) that a rotation of the residual stream does not commute with, or other attention code")
+            f"types {', '.join(ROTATABLE)}; '{kind}' has other norms (LayerNorm's mean, Gemma's (1 + g) and its norms "
+            "of the sublayers' outputs) that a rotation of the residual stream does not commute with, or other "
+            "attention code")
 
 
 def dims(model) -> tuple[int, int, int, int]:

@@ -39,7 +39,7 @@ def _logits(model, x):
 X = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("qwen2", False)])
+@pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False)])
 def test_rotated_fp_model_keeps_logits(family, tied):
     # float64 weights, but transformers' RMSNorm normalises in float32: equal to 1e-6 of the largest logit (round-off
     # is ~1e-7; a wrong side or transpose of any rotation is off by O(1))
@@ -55,7 +55,9 @@ def test_rotated_fp_model_keeps_logits(family, tied):
     out = _logits(model, X)
     assert (out - ref).abs().max() < 1e-6 * ref.abs().max()
     # the norms hold no gain any more, the head is its own weight, the stream really is rotated
-    assert all(torch.all(p == 1) for n, p in model.named_parameters() if "norm" in n)
+    assert all(torch.all(p == 1) for n, p in model.named_parameters() if "layernorm" in n or n == "model.norm.weight")
+    # Qwen3's per-head query/key norms keep their (random) gains: R1 does not reach them
+    assert all(not torch.all(p == 1) for n, p in model.named_parameters() if "q_norm" in n or "k_norm" in n)
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert model.config.tie_word_embeddings is False
     # the online Hadamards are needed: without them (R4 weight side folded) the function changes
@@ -142,6 +144,8 @@ def test_fold_norms_alone_keeps_logits():
 def test_unsupported_architecture_refused():
     with pytest.raises(UnsupportedArchitecture, match="gpt_neox"):
         R.rotate_model(tiny_model("gpt_neox"), torch.eye(64), [])
+    with pytest.raises(UnsupportedArchitecture, match="gemma3_text.*sublayers"):
+        R.rotate_model(tiny_model("gemma3_text"), torch.eye(64), [])
     with pytest.raises(UnsupportedArchitecture):
         A.install(tiny_model("gpt_neox"), A.ForwardQuant(act_bits=4))
 

@@ -3,6 +3,7 @@ the learned rotations keep the full-precision model's function; the catalog entr
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import calib_tokens, tiny_model
 
@@ -35,10 +36,11 @@ def _loss(model, x):
         return model(x, labels=x).loss.item()
 
 
-def test_learned_rotations_lower_the_quantized_loss_and_keep_fp_function():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_learned_rotations_lower_the_quantized_loss_and_keep_fp_function(family):
+    model = tiny_model(family)
     x = calib_tokens(4, 24)
-    fp = tiny_model("llama")
+    fp = tiny_model(family)
     ref = fp(x).logits.detach()
     fq = A.ForwardQuant(act_bits=4, kv_bits=4, rotated=True)
     Q1, Q2s, diag = S.learn_rotations(model, x, fq, iters=30, lr=1.0, batch=4, weight_bits=4, seed=0)
