@@ -70,30 +70,42 @@ def input_hessians(model, names: list[str], ids: torch.Tensor, batch: int = 8) -
     return {n: acc.result() for n, acc in accs.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_layer_arguments(ap, nsamples: int, blocks: list[int], bits: int,
+                        modules=("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")) -> None:
+    """The options every real-layer benchmark takes: the model, the calibration text and windows, the layers, bits."""
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--calib-text", required=True, help="parquet/jsonl with a text column")
     ap.add_argument("--calib-rows", type=int, nargs=2, default=[1100, 1600])
-    ap.add_argument("--heldout-text", required=True, help="a plain text file")
-    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--nsamples", type=int, default=nsamples)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--blocks", type=int, nargs="+", default=[2, 15, 28])
-    ap.add_argument("--modules", nargs="+", default=["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj",
-                                                     "mlp.down_proj"])
-    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--blocks", type=int, nargs="+", default=blocks)
+    ap.add_argument("--modules", nargs="+", default=list(modules))
+    ap.add_argument("--bits", type=int, default=bits)
+
+
+def real_layers(args):
+    """(model, tokenizer, layer names, their input Hessians over the calibration windows, the calibration's spec)
+    for `add_layer_arguments`' options."""
+    model, tok = load_model(args.model_dir), load_tokenizer(args.model_dir)
+    r0, r1 = args.calib_rows
+    calib = windows(read_texts(args.calib_text)[r0:r1], " ", tok, args.nsamples, args.seqlen)
+    names = [f"model.layers.{b}.{m}" for b in args.blocks for m in args.modules]
+    return model, tok, names, input_hessians(model, names, calib), CalibSpec("calib", args.nsamples, args.seqlen)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_layer_arguments(ap, 32, [2, 15, 28], 3,
+                        ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"))
+    ap.add_argument("--heldout-text", required=True, help="a plain text file")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, -1])
     record_file.add_argument(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
 
-    model, tok = load_model(args.model_dir), load_tokenizer(args.model_dir)
-    r0, r1 = args.calib_rows
-    calib = windows(read_texts(args.calib_text)[r0:r1], " ", tok, args.nsamples, args.seqlen)
+    model, tok, names, H_cal, cal = real_layers(args)
     heldout = windows([Path(args.heldout_text).read_text()], "", tok, args.nsamples, args.seqlen)
-    names = [f"model.layers.{b}.{m}" for b in args.blocks for m in args.modules]
-    H_cal, H_out = input_hessians(model, names, calib), input_hessians(model, names, heldout)
-    cal = CalibSpec("calib", args.nsamples, args.seqlen)
+    H_out = input_hessians(model, names, heldout)
 
     ratios: dict[tuple, list[float]] = defaultdict(list)
     for name in names:

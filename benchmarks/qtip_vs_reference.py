@@ -44,11 +44,8 @@ from pathlib import Path
 
 import torch
 
-from layer_objectives import input_hessians, windows
-from quantlib.access.datasets import read_texts
-from quantlib.access.models import load_model, load_tokenizer
+from layer_objectives import add_layer_arguments, real_layers
 from quantlib.artifacts.atomic import versions
-from quantlib.catalog.names import CalibSpec
 from quantlib.catalog.spec import QuantSpec
 from quantlib.formats.trellis import TrellisProjection, tiles_to_weight, weight_to_tiles
 from quantlib.solvers.contract import LayerSolver
@@ -134,14 +131,7 @@ def ours_solve(prep: Prepared, reverse_blocks: bool, half_targets: bool = False)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference-dir", required=True, help="a checkout of Cornell-RelaxML/qtip")
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--calib-text", required=True, help="parquet/jsonl with a text column")
-    ap.add_argument("--calib-rows", type=int, nargs=2, default=[1100, 1600])
-    ap.add_argument("--nsamples", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--blocks", type=int, nargs="+", default=[3])
-    ap.add_argument("--modules", nargs="+", default=["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"])
-    ap.add_argument("--bits", type=int, default=2)
+    add_layer_arguments(ap, 8, [3], 2)
     ap.add_argument("--trellis-L", type=int, default=8)
     ap.add_argument("--reference-half", action="store_true",
                     help="the reference's codebook in float16 (its Viterbi costs then accumulate in float16)")
@@ -152,12 +142,7 @@ def main() -> None:
     ref = load_reference(args.reference_dir)
     torch.manual_seed(0)
 
-    model, tok = load_model(args.model_dir), load_tokenizer(args.model_dir)
-    r0, r1 = args.calib_rows
-    calib = windows(read_texts(args.calib_text)[r0:r1], " ", tok, args.nsamples, args.seqlen)
-    names = [f"model.layers.{b}.{m}" for b in args.blocks for m in args.modules]
-    hessians = input_hessians(model, names, calib)
-    cal = CalibSpec("calib", args.nsamples, args.seqlen)
+    model, _, names, hessians, cal = real_layers(args)
     spec = QuantSpec.build("m", "qtip", args.bits, -1, calib=cal,
                            options={"trellis_L": args.trellis_L, "code_1mad": True})
     solver = LayerSolver(spec)

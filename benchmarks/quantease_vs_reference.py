@@ -26,14 +26,11 @@ from pathlib import Path
 
 import torch
 
-from layer_objectives import input_hessians, windows
-from quantlib.access.datasets import read_texts
+from layer_objectives import add_layer_arguments, real_layers
 from quantlib.stats.hessian import layer_error
 from quantlib.artifacts.atomic import versions
-from quantlib.access.models import load_model, load_tokenizer
 from quantlib.solvers import quantease
 from quantlib.solvers.contract import solve_layer
-from quantlib.catalog.names import CalibSpec
 from quantlib.catalog.spec import QuantSpec
 
 import record as record_file  # benchmarks/record.py: where records go
@@ -67,14 +64,7 @@ def reference_solve(QuantEase, Quantizer, W, H, bits, group_size, iterations):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference-dir", required=True, help="a checkout of linkedin/QuantEase")
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--calib-text", required=True, help="parquet/jsonl with a text column")
-    ap.add_argument("--calib-rows", type=int, nargs=2, default=[1100, 1600])
-    ap.add_argument("--nsamples", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--blocks", type=int, nargs="+", default=[2, 15])
-    ap.add_argument("--modules", nargs="+", default=["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"])
-    ap.add_argument("--bits", type=int, default=3)
+    add_layer_arguments(ap, 16, [2, 15], 3)
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[-1, 64])
     ap.add_argument("--iterations", type=int, default=30)
     record_file.add_argument(ap)
@@ -82,12 +72,7 @@ def main() -> None:
     QuantEase, Quantizer = load_reference(args.reference_dir)
     torch.manual_seed(0)
 
-    model, tok = load_model(args.model_dir), load_tokenizer(args.model_dir)
-    r0, r1 = args.calib_rows
-    calib = windows(read_texts(args.calib_text)[r0:r1], " ", tok, args.nsamples, args.seqlen)
-    names = [f"model.layers.{b}.{m}" for b in args.blocks for m in args.modules]
-    hessians = input_hessians(model, names, calib)
-    cal = CalibSpec("calib", args.nsamples, args.seqlen)
+    model, _, names, hessians, cal = real_layers(args)
 
     rows = []
     for name in names:
