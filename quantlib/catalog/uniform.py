@@ -66,7 +66,6 @@ register(Component(
 ))
 
 
-
 def _check_mse(spec) -> None:
     if spec.opt("mse_norm") <= 0 or spec.opt("mse_grid") < 1 or not 0 < spec.opt("mse_maxshrink") < 1:
         raise ConfigError("mse: mse_norm must be > 0, mse_grid >= 1 and mse_maxshrink in (0, 1)")
@@ -85,6 +84,7 @@ register(Component(
          "(row, group) the min-max range shrunk by the factor, of 1, 0.99, ..., 0.21, whose rounding error sum "
          "|w_hat - w|^2.4 is smallest",
 ))
+
 
 def clip_beta_default(bits: int, group_size: int) -> float:
     """The clipping factor NeUQI's reference gives MagR's init: 0.8 at 2 bits, 0.9 at 3, none (1) from 4 bits; with

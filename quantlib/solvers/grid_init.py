@@ -56,7 +56,6 @@ def minmax_init(W: torch.Tensor, spec, hdiag: torch.Tensor | None = None) -> Uni
     return UniformGrid(scale, zero, spec.bits, spec.group_size)
 
 
-
 def mse_params(W: torch.Tensor, bits: int, group_size: int, sym: bool, norm: float = 2.4, grid: int = 100,
                maxshrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's quantizer with its `mse` search (the weight clipping QuaRot and SpinQuant run with, `--w_clip`): per
