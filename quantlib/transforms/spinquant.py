@@ -6,10 +6,11 @@ and, optionally, its weights fake-quantized per output channel (symmetric round-
 weights are a function of the rotations (`rotation.rotated_state`), evaluated with `torch.func.functional_call`, so
 the model's own parameters are untouched until the learned rotations are applied at the end.
 
-Optimiser: SGD on the Stiefel manifold by the Cayley transform (Li, Fuxin and Todorovic 2020): with the Euclidean
-gradient G of an orthogonal R, A = G R^T - R G^T is skew-symmetric and R <- (I + a/2 A)^-1 (I - a/2 A) R stays
-exactly orthogonal (solved here, not iterated), moving along -A R, a descent direction. The learning rate follows
-the reference's cosine schedule without warm-up, lr (1 + cos(pi t / T)) / 2 at step t of T.
+Optimiser: SpinQuant's, SGD on the Stiefel manifold by the Cayley transform (Li, Fuxin and Todorovic 2020,
+`cayley_step`): with the Euclidean gradient G of an orthogonal R, W = (R^T G - G^T R) / 2 is skew-symmetric and
+R^T <- (I - a/2 W)^-1 (I + a/2 W) R^T stays exactly orthogonal (solved here, not iterated), a descent step of
+a = min(lr, 1 / ||W||_1). The learning rate follows the reference's cosine schedule without warm-up,
+lr (1 + cos(pi t / T)) / 2 at step t of T.
 """
 
 from __future__ import annotations
@@ -36,10 +37,15 @@ log = logging.getLogger("quantlib")
 
 
 def cayley_step(R: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
-    """One Cayley SGD step of an orthogonal R (float64) along its Euclidean gradient G."""
-    A = G @ R.T - R @ G.T
+    """One step of SpinQuant's optimiser (SGD-G of Li et al. 2020 without momentum, as SpinQuant trains) on an
+    orthogonal R (float64) with Euclidean gradient G: the skew matrix W = (R^T G - G^T R) / 2, the step
+    a = min(lr, 1 / ||W||_1) (the optimiser's own bound on the step, which the reference applies at every step), and
+    R^T <- (I - a/2 W)^-1 (I + a/2 W) R^T, solved exactly where the reference iterates its fixed point. To first
+    order R moves by -a (G - R G^T R) / 2: a times the Riemannian gradient."""
+    W = 0.5 * (R.T @ G - G.T @ R)
+    a = min(lr, 1.0 / (float(W.abs().sum(0).max()) + 1e-8))
     eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-    return torch.linalg.solve(eye + (lr / 2) * A, (eye - (lr / 2) * A) @ R)
+    return torch.linalg.solve(eye - (a / 2) * W, (eye + (a / 2) * W) @ R.T).T
 
 
 def _weight_quant(W: torch.Tensor, bits: int) -> torch.Tensor:

@@ -99,3 +99,25 @@ def test_cosine_schedule_is_the_references():
     lrs = [cosine_lr(1.5, t, 100) for t in range(100)]
     assert lrs[0] == 1.5 and abs(lrs[50] - 0.75) < 1e-12 and 0 < lrs[99] < 1e-3
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_cayley_step_is_the_reference_optimisers():
+    # SGD-G as SpinQuant runs it (momentum 0): the step is the Cayley transform of W = (R^T G - G^T R) / 2 applied to
+    # R^T, of length min(lr, 1 / ||W||_1); its first-order move is -a (G - R G^T R) / 2. Written out here with the
+    # reference's own fixed-point iteration (to convergence) in place of the exact solve.
+    g = torch.Generator().manual_seed(3)
+    R, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    for scale, lr in ((1e-3, 1.5), (10.0, 1.5), (10.0, 1e-4)):
+        G = torch.randn(16, 16, generator=g, dtype=torch.float64) * scale
+        W = 0.5 * (R.T @ G - G.T @ R)
+        a = min(lr, 1 / (W.abs().sum(0).max().item() + 1e-8))
+        Y = R.T + a * W @ R.T
+        for _ in range(200):
+            Y = R.T + a * W @ (0.5 * (R.T + Y))
+        new = S.cayley_step(R, G, lr)
+        assert torch.allclose(new, Y.T, atol=1e-12)
+        assert _orthogonality_error(new) < 1e-12
+        if scale == 10.0 and lr == 1.5:
+            assert a < lr  # the bound binds for large gradients
+        small = S.cayley_step(R, G, 1e-6)
+        assert torch.allclose((small - R) / 1e-6, -0.5 * (G - R @ G.T @ R), atol=1e-4 * scale)
