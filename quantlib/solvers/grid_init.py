@@ -62,22 +62,18 @@ def mse_params(W: torch.Tensor, bits: int, group_size: int, sym: bool, norm: flo
     (row, group), the min-max range of `minmax_params` shrunk by p = 1 - i / grid, i = 0 .. maxshrink * grid - 1,
     keeping the p whose round-to-nearest error sum |w_hat - w|^norm is smallest (the first on ties, p = 1 included,
     so the result is never worse than min-max in that norm)."""
-    maxq = 2 ** bits - 1
-    G = grouped(W, group_size)
     scale0, zero0 = minmax_params(W, bits, group_size, sym)
     scales = []
-    rows, step = _chunks(G.shape[0], 3 * G.shape[1] * G.shape[2])
+    rows, step = _chunks(W.shape[0], 3 * W.shape[1])
     for r0 in rows:
-        g, s0, z0 = G[r0:r0 + step], scale0[r0:r0 + step], zero0[r0:r0 + step]
+        w, s0, z0 = W[r0:r0 + step], scale0[r0:r0 + step], zero0[r0:r0 + step]
         # Shrinking the range [xmin, xmax] by p scales the step by p and leaves the zero point round(-xmin / step)
-        # where it was (symmetric: fixed), so each candidate is (p * s0, z0).
-        best = (s0, torch.full_like(s0, float("inf")))
+        # where it was (symmetric: fixed), so each candidate is (p * s0, z0), rounded on the grid the solvers use.
+        best = (s0, z0, torch.full_like(s0, float("inf")))
         for i in range(int(maxshrink * grid)):
             s = s0 * (1 - i / grid)
-            q = torch.clamp(torch.round(g / s[..., None]) + z0[..., None], 0, maxq)
-            err = ((q - z0[..., None]) * s[..., None] - g).abs_().pow_(norm).sum(-1)
-            better = err < best[1]
-            best = (torch.where(better, s, best[0]), torch.where(better, err, best[1]))
+            err = grouped(UniformGrid(s, z0, bits, group_size).round(w) - w, group_size).abs_().pow_(norm).sum(-1)
+            best = _keep_better(best, (s, z0, err))
         scales.append(best[0])
     return torch.cat(scales), zero0
 
