@@ -37,6 +37,28 @@ def _check_qtip(spec) -> None:
                           "bits (tile_rows tile_cols k >= L)")
 
 
+def viterbi_chunk(steps: int, L: int, kv: int) -> int:
+    """Sequences per Viterbi search (`quantlib.formats.trellis.Trellis.viterbi`): its back-pointers (steps x
+    sequences x 2^(L - kV) bytes) and one float32 cost per state and sequence kept to about 64 MB together."""
+    return max(1, (1 << 26) // (steps * 2 ** (L - kv) + 4 * 2 ** L))
+
+
+def viterbi_bytes(spec, rows: int) -> int:
+    """Peak bytes of one Viterbi search of BlockLDLQ's block step on a layer of `rows` output rows (one sequence per
+    tile of the block's columns, float32 targets): the back-pointers, the running cost and the step's errors of
+    every state ((2 + V) floats: HYB's V = 2 errors are summed from a V-wide copy), the best predecessor and its
+    int64 index per shared part, and the paths found (the free search's and the tail-biting one's, int64). Measured
+    (peak RSS of a search, 1MAD w2): L = 8, 3072 rows 4.2 MB (this 4.5); L = 12, 3072 rows 58 MB (60); L = 16, 240
+    and 960 rows 66 and 83 MB (74, 74: the allocator keeps some of each chunk's freed back-pointers)."""
+    V = 2 if code(spec) == "hyb" else 1
+    L, kv = spec.opt("trellis_L"), spec.bits * V
+    steps = spec.opt("tile_rows") * spec.opt("tile_cols") // V
+    sequences = max(1, rows // spec.opt("tile_rows"))
+    c = min(sequences, viterbi_chunk(steps, L, kv))
+    states, shared = 2 ** L, 2 ** (L - kv)
+    return steps * c * shared + c * states * 4 * (2 + V) + c * shared * 12 + 2 * sequences * steps * 8
+
+
 def code(spec) -> str:
     """The trellis code a spec names: HYB unless 1mad or 3inst is set."""
     return "1mad" if spec.opt("code_1mad") else "3inst" if spec.opt("code_3inst") else "hyb"

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quantlib.catalog.vector import viterbi_chunk
 from quantlib.errors import ConfigError
 from quantlib.formats.uniform import pack_codes, unpack_codes
 from quantlib.transforms.incoherence import Incoherence
@@ -157,8 +158,8 @@ class Trellis:
         """
         B = X.shape[0]
         n = self.steps(X.shape[1])
-        if chunk is None:  # back-pointers are n x chunk x 2^(L-kV) bytes: about 64 MB per chunk
-            chunk = max(1, (1 << 26) // (n * 2 ** (self.L - self.kv) + 4 * 2 ** self.L))
+        if chunk is None:  # back-pointers and costs of about 64 MB per chunk
+            chunk = viterbi_chunk(n, self.L, self.kv)
         if B > chunk:
             parts = [self.viterbi(X[i:i + chunk], None if overlap is None else overlap[i:i + chunk], chunk)
                      for i in range(0, B, chunk)]

@@ -15,9 +15,10 @@ Peak = runtime + the largest of its phases (b: bytes per element of the compute 
             float64 sum and mean, its factored copies; the solve's also rows x d_in x the solver's bytes per
             weight, the weights' working copies; measured for LDLQ on Llama-2-7B shapes, where down_proj's 11008^2
             Hessian makes it the largest term, and per solver family on the offline model:
-            `solve_bytes_per_weight`); the statistics read for the block (the FP Hessians of
-            every subgroup; the Fisher, one float per weight); block-wise training (a window per forward): the
-            trainable quantizer's state per weight (TRAINING_FLOATS_PER_WEIGHT) and one step's graph
+            `solve_bytes_per_weight`; a trellis solver's Viterbi search too, `viterbi_bytes`); the statistics
+            read for the block (the FP Hessians of every subgroup; the Fisher, one float per weight); block-wise
+            training (a window per forward): the trainable quantizer's state per weight
+            (TRAINING_FLOATS_PER_WEIGHT) and one step's graph
   finish    the tensors outside the blocks (embeddings, norms, an untied head) as the checkpoint's last shard,
             twice (safetensors serialises each tensor to bytes before writing)
 With streams on disk, the activation term is one chunk instead of N tokens. A quantized forward (activations, KV
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from quantlib.access.adapters import get_adapter
 from quantlib.catalog import registry
 from quantlib.catalog.contract import forward_settings
+from quantlib.catalog.vector import viterbi_bytes
 from quantlib.errors import ConfigError
 
 MB = 1 << 20
@@ -196,7 +198,8 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
                                       4 if mode == "block" else 2, b)
     per_weight = solve_bytes_per_weight(spec)
     captured, solving = solve_square_floats(spec)
-    solve = max(max(captured * d * d * 4, solving * d * d * 4 + per_weight * rows * d)
+    search = viterbi_bytes if spec.format == "trellis" else (lambda spec, rows: 0)
+    solve = max(max(captured * d * d * 4, solving * d * d * 4 + per_weight * rows * d + search(spec, rows))
                 for d, rows in shapes.subgroups)
     stats = sum(statistic_bytes(shapes, name, "read_bytes") for name in spec.statistics())
     training = 0

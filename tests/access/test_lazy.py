@@ -269,3 +269,25 @@ def test_held_representations_keep_no_checkpoint_file_mapped(sharded_dir, tmp_pa
     maps = Path("/proc/self/maps")
     if maps.exists():
         assert str(out.resolve()) not in maps.read_text()
+
+
+def test_memory_model_counts_the_trellis_search():
+    from quantlib.catalog.vector import viterbi_bytes, viterbi_chunk
+
+    cfg = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+           "num_hidden_layers": 32, "vocab_size": 32000}
+    shapes = Shapes.of(cfg)
+    rows = max(r for _, r in shapes.subgroups)
+
+    def block(method):
+        return quantize_phases(shapes, QuantSpec.parse(f"m.c4.n32.L512.{method}"), 65536, "memory")["block"]
+
+    # the search adds to the largest subgroup's solve; at the paper's L = 16 the back-pointers of 2^14 shared parts
+    # per step would be 256 x 22016 / 16 x 2^14 bytes = 5.8 GB for gate/up at once: chunked, they stay near 64 MB
+    spec = QuantSpec.parse("m.c4.n32.L512.qtip.w2.1mad")
+    assert viterbi_chunk(256, 16, 2) < rows // 16
+    assert 64 << 20 < viterbi_bytes(spec, rows) < 96 << 20
+    # down_proj's 11008^2 Hessian makes its solve the largest: its search of 4096 rows is the one added
+    assert block("qtip.w2.1mad") - block("qtip.w2.1mad.tl8") == \
+        viterbi_bytes(spec, 4096) - viterbi_bytes(QuantSpec.parse("m.c4.n32.L512.qtip.w2.1mad.tl8"), 4096)
+    assert block("qtip.w2.1mad") - block("ldlq.w2") > viterbi_bytes(spec, 4096)
