@@ -36,6 +36,8 @@ def _check_spinquant(spec) -> None:
     _check_rotation(spec)
     if spec.opt("spin_iters") < 1 or spec.opt("spin_lr") <= 0 or spec.opt("spin_batch") < 1:
         raise ConfigError("spinquant: spin_iters and spin_batch must be >= 1 and spin_lr > 0")
+    if spec.opt("spin_clip") < 0:
+        raise ConfigError(f"spinquant: spin_clip is a gradient norm (0: no clip), got {spec.opt('spin_clip')}")
     if spec.calib is not None and spec.opt("spin_batch") > spec.calib.nsamples:
         raise ConfigError(f"spinquant: spin_batch ({spec.opt('spin_batch')}) is larger than the "
                           f"{spec.calib.nsamples} calibration windows")
@@ -61,7 +63,10 @@ register(Component(
              # more.
              Option("spin_iters", 100, int, "spit", "Cayley SGD steps of SpinQuant's rotation training"),
              Option("spin_lr", 1.5, float, "splr", "Cayley SGD's learning rate (cosine schedule to 0)"),
-             Option("spin_batch", 1, int, "spbs", "calibration windows per Cayley SGD step")),
+             Option("spin_batch", 1, int, "spbs", "calibration windows per Cayley SGD step"),
+             # the reference's Trainer clips the gradients' global norm to its default max_grad_norm
+             Option("spin_clip", 1.0, float, "spclip",
+                    "largest global norm of R1's and the R2s' gradients per step (0: no clip)")),
     check=_check_spinquant,
     help="SpinQuant (Liu et al. 2024): QuaRot's rotations with R1 and R2 learned by Cayley SGD on the Stiefel "
          "manifold, the next-token loss of the model with its quantized forward in the loop (and its weights "

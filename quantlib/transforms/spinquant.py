@@ -10,7 +10,10 @@ Optimiser: SpinQuant's, SGD on the Stiefel manifold by the Cayley transform (Li,
 `cayley_step`): with the Euclidean gradient G of an orthogonal R, W = (R^T G - G^T R) / 2 is skew-symmetric and
 R^T <- (I - a/2 W)^-1 (I + a/2 W) R^T stays exactly orthogonal (solved here, not iterated), a descent step of
 a = min(lr, 1 / ||W||_1). The learning rate follows the reference's cosine schedule without warm-up,
-lr (1 + cos(pi t / T)) / 2 at step t of T.
+lr (1 + cos(pi t / T)) / 2 at step t of T, and the gradients of R1 and every R2 are first scaled together to a global
+norm of at most `clip` (1.0: the reference trains through transformers' Trainer, whose default `max_grad_norm` its
+script keeps; benchmarks/spinquant_vs_reference.py measured gradient norms of about 20 on the offline model, so
+without it every step sits at SGD-G's bound and the rotations wander ~20 times further).
 """
 
 from __future__ import annotations
@@ -63,11 +66,12 @@ def cosine_lr(lr: float, step: int, steps: int) -> float:
 
 
 def learn_rotations(model, tokens: torch.Tensor, fq: ForwardQuant, iters: int, lr: float, batch: int = 1,
-                    weight_bits: int | None = None, seed: int = 0, progress: bool = False
+                    weight_bits: int | None = None, seed: int = 0, progress: bool = False, clip: float = 1.0
                     ) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
     """Learn (Q1, Q2s) on `tokens` (n, seqlen). Folds the norms and applies R4's weight side to `model` in place
-    (as `rotate_model` would) and leaves R1/R2 to the caller. Returns the rotations (float64) and diagnostics
-    (losses per step, seconds)."""
+    (as `rotate_model` would) and leaves R1/R2 to the caller. `clip`: the largest global norm of the step's
+    gradients (0: none). Returns the rotations (float64) and diagnostics (losses and gradient norms before the
+    clip per step, seconds)."""
     t0 = time.time()
     fold_norms(model)
     rotate_down_inputs(model)
@@ -77,7 +81,7 @@ def learn_rotations(model, tokens: torch.Tensor, fq: ForwardQuant, iters: int, l
     block_linears = [n for n in base if ".layers." in n and n.endswith(".weight")]
     Q1, Q2s = quarot_rotations(model, seed)
     g = torch.Generator().manual_seed(seed)
-    losses = []
+    losses, grad_norms = [], []
     was_training = model.training
     model.eval()  # no dropout; gradients flow regardless
     for step in range(iters):
@@ -92,13 +96,15 @@ def learn_rotations(model, tokens: torch.Tensor, fq: ForwardQuant, iters: int, l
         out = torch.func.functional_call(model, state, (x,), {"labels": x, "use_cache": False})
         out.loss.backward()
         losses.append(float(out.loss.detach()))
+        # what transformers' Trainer does with max_grad_norm: one norm over every rotation's gradient
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_([R1, *R2s], clip if clip > 0 else float("inf"))))
         step_lr = cosine_lr(lr, step, iters)
         Q1 = cayley_step(Q1, R1.grad.double(), step_lr)
         Q2s = [cayley_step(Q, R.grad.double(), step_lr) for Q, R in zip(Q2s, R2s)]
         if progress and (step % 10 == 0 or step == iters - 1):
             log.info("spinquant step %d/%d: loss %.4f", step + 1, iters, losses[-1])
     model.train(was_training)
-    return Q1, Q2s, {"losses": losses, "seconds": round(time.time() - t0, 2)}
+    return Q1, Q2s, {"losses": losses, "grad_norms": grad_norms, "seconds": round(time.time() - t0, 2)}
 
 
 def apply_learned(model, Q1: torch.Tensor, Q2s: list[torch.Tensor]) -> None:
@@ -117,8 +123,10 @@ def spinquant(model, spec, tokens=None) -> dict:
     fq = ForwardQuant(**forward_settings(spec))
     weight_bits = spec.bits if spec.mode == "data_free" else None
     Q1, Q2s, diag = learn_rotations(model, tokens, fq, spec.opt("spin_iters"), spec.opt("spin_lr"),
-                                    spec.opt("spin_batch"), weight_bits, spec.opt("rotation_seed"), progress=True)
+                                    spec.opt("spin_batch"), weight_bits, spec.opt("rotation_seed"), progress=True,
+                                    clip=spec.opt("spin_clip"))
     apply_learned(model, Q1, Q2s)
-    log.info("spinquant: %d steps in %.1fs, loss %.4f -> %.4f", len(diag["losses"]), diag["seconds"],
-             diag["losses"][0], diag["losses"][-1])
+    log.info("spinquant: %d steps in %.1fs, loss %.4f -> %.4f, gradient norm %.3g -> %.3g (clipped to %g)",
+             len(diag["losses"]), diag["seconds"], diag["losses"][0], diag["losses"][-1], diag["grad_norms"][0],
+             diag["grad_norms"][-1], spec.opt("spin_clip"))
     return diag

@@ -121,3 +121,25 @@ def test_cayley_step_is_the_reference_optimisers():
             assert a < lr  # the bound binds for large gradients
         small = S.cayley_step(R, G, 1e-6)
         assert torch.allclose((small - R) / 1e-6, -0.5 * (G - R @ G.T @ R), atol=1e-4 * scale)
+
+
+def test_gradients_are_clipped_together_as_the_references_trainer_does(monkeypatch):
+    # transformers' Trainer (max_grad_norm 1.0, which SpinQuant's script keeps) scales R1's and every R2's gradient by
+    # one factor, max_norm / global norm: the step must see those gradients, and no clip (0) the raw ones
+    x = calib_tokens(2, 16)
+    fq = A.ForwardQuant(act_bits=4, kv_bits=4, rotated=True)
+    seen = []
+    step = S.cayley_step
+    monkeypatch.setattr(S, "cayley_step", lambda R, G, lr: seen.append(G.clone()) or step(R, G, lr))
+    for clip in (0.0, 0.01):
+        seen.clear()
+        _, _, diag = S.learn_rotations(tiny_model("llama"), x, fq, iters=1, lr=0.5, batch=2, seed=0, clip=clip)
+        norm = torch.sqrt(sum(G.pow(2).sum() for G in seen)).item()
+        if clip == 0:
+            raw, raw_grads = diag["grad_norms"][0], [G.clone() for G in seen]
+            assert abs(norm - raw) < 1e-6 * raw and raw > 0.01
+        else:
+            assert diag["grad_norms"][0] == pytest.approx(raw)  # the norm before the clip
+            assert norm == pytest.approx(0.01, rel=1e-4)
+            for G, R in zip(seen, raw_grads):  # one factor for all
+                assert torch.allclose(G, R * (0.01 / raw), rtol=1e-4, atol=1e-12)
