@@ -147,15 +147,17 @@ class Ours:
         return Q1, Q2s, losses
 
 
+def mean(v):
+    return sum(v) / len(v)
+
+
+def sd(v):
+    m = mean(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / max(1, len(v) - 1))
+
+
 def forward_table(losses, ref, n):
     """Print the forward losses, ours vs the reference's, per case; return the rows."""
-    def mean(v):
-        return sum(v) / len(v)
-
-    def sd(v):
-        m = mean(v)
-        return math.sqrt(sum((x - m) ** 2 for x in v) / max(1, len(v) - 1))
-
     print(f"\nforward loss, mean of {n} calibration windows at the start R1/R2 (d: per-window ref - ours, "
           "mean +- sd; ours_f64: ours with float64 rotation products, the round-off noise floor)")
     print(f"{'case':<20}{'ours':>10}{'ours_f64':>10}{'ref':>10}{'d mean':>10}{'d sd':>9}{'f64-f32 sd':>11}")
@@ -377,13 +379,6 @@ def run(args, ours, proc, io, Q1, Q2s, probe, heldout, train_pool, train_seq, or
                           "W_1norm": float(skew(R, G).abs().sum(0).max())}
 
     # ---- tables
-    def mean(v):
-        return sum(v) / len(v)
-
-    def sd(v):
-        m = mean(v)
-        return math.sqrt(sum((x - m) ** 2 for x in v) / max(1, len(v) - 1))
-
     print(f"\nplain FP loss (unrotated, no quantizer) on {len(probe)} windows: ours (transformers 5) {mean(plain):.6f} "
           f"reference (transformers 4.44) {mean(ref['plain_fp_loss']):.6f}")
     print(f"R4 ({inter}) ours vs reference's matmul_hadU_cuda with our had12: max |diff| "
