@@ -198,8 +198,8 @@ def quantize_phases(shapes: Shapes, spec, chunk_tokens: int, streams: str, dtype
                                       4 if mode == "block" else 2, b)
     per_weight = solve_bytes_per_weight(spec)
     captured, solving = solve_square_floats(spec)
-    search = viterbi_bytes if spec.format == "trellis" else (lambda spec, rows: 0)
-    solve = max(max(captured * d * d * 4, solving * d * d * 4 + per_weight * rows * d + search(spec, rows))
+    solve = max(max(captured * d * d * 4, solving * d * d * 4 + per_weight * rows * d
+                    + (viterbi_bytes(spec, rows) if spec.format == "trellis" else 0))
                 for d, rows in shapes.subgroups)
     stats = sum(statistic_bytes(shapes, name, "read_bytes") for name in spec.statistics())
     training = 0
