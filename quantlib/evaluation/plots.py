@@ -68,7 +68,7 @@ def plot_table(df: pd.DataFrame, params: dict, out_png) -> None:
             for (method, group), g in msub[msub.method != "fp"].groupby(["method", "group"], sort=False):
                 offset = (series.index((method, group)) - (len(series) - 1) / 2) * spread
                 g = g.assign(b=g["bits"].astype(int) + offset).sort_values("b")
-                name = f"{prefix}{row_labels.get(method, method)}, {'g' + group if group != 'per-channel' else group}"
+                name = f"{prefix}{row_labels.get(method, method)}, {'g' + group if group.isdigit() else group}"
                 gi = groups.index(group) if group in groups else 0
                 (h,) = ax.plot(g["b"], g["value"], marker=markers[gi % len(markers)], ms=4,
                                color=colors.get(method, "k"), ls=styles[(gi + model_i) % len(styles)])

@@ -16,7 +16,8 @@ import pandas as pd
 
 from quantlib.artifacts.atomic import atomic_file
 from quantlib.catalog.names import require_setting
-from quantlib.errors import DataError
+from quantlib.catalog.spec import QuantSpec
+from quantlib.errors import ConfigError, DataError
 from quantlib.evaluation.metrics import LOWER_IS_BETTER as _LOWER_TASK_METRICS
 from quantlib.evaluation.plots import plot_table
 
@@ -114,8 +115,21 @@ def _evaluation_bits(record: dict) -> int | None:
     return {"float32": 32, "float16": 16, "bfloat16": 16}.get(str(dtype).replace("torch.", ""))
 
 
+def _vector_group(name: str) -> str | None:
+    """The group column of a vector-quantized row: its tiles (a trellis layer has no groups of a row, one scale per
+    layer or row block, and codes per tile), or None for any other row."""
+    try:
+        spec = QuantSpec.parse(name)
+        vector = spec.format == "trellis"
+    except ConfigError:  # not a quantized model's name
+        return None
+    return f"{spec.opt('tile_rows')}x{spec.opt('tile_cols')} tiles" if vector else None
+
+
 def _row(cell, metric, value, unit, field, protocol, paper, bits_per_weight=None) -> dict:
     bits, group = _setting_parts(cell["setting"])
+    if cell["setting"] is not None and cell.get("name"):
+        group = _vector_group(cell["name"]) or group
     ref = _paper_value(paper, cell["model"], cell["row"], cell["setting"], metric)
     return {"model": cell["model"], "method": cell["row"], "setting": cell["setting"] or "fp", "bits": bits,
             "group": group, "metric": metric, "value": value, "paper": ref,

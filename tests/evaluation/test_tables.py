@@ -179,3 +179,20 @@ def test_average_short_form():
     cfg["tables"]["t"]["averages"] = {"avg": "arc_easy.acc"}
     with pytest.raises(ConfigError, match="tables.t.averages.avg"):
         Experiment(cfg)
+
+
+def test_a_trellis_row_names_its_tiles_not_a_group(tmp_path):
+    """QTIP's layers have one scale per layer (or row block) and codes per tile: 'per-channel' would misdescribe them."""
+    cfg = copy.deepcopy(CFG)
+    cfg["methods"].append({"id": "qtip", "label": "QTIP", "solver": "qtip", "settings": ["w2"],
+                           "options": {"trellis_L": 8, "code_1mad": True},
+                           "calibration": {"dataset": "wiki", "nsamples": 4, "seqlen": 32}})
+    cfg["tables"]["t"] = {"title": "Vector", "rows": ["rtn", "qtip"], "metrics": ["wiki"]}
+    cfg["methods"][0]["group_size"] = [32, -1]
+    params = Experiment(cfg).table_params("t")
+    for cell in params["cells"]:
+        cell["path"] = str(tmp_path / cell["name"])
+        write_json(cell["path"], _ppl_record(12.0))
+    groups = dict(zip(collect(params)["name"], collect(params)["group"]))
+    assert groups == {"m.rtn.w4g32": "32", "m.rtn.w3g32": "32", "m.rtn.w4": "per-channel", "m.rtn.w3": "per-channel",
+                      "m.wiki.n4.L32.qtip.w2.1mad.tl8": "16x16 tiles"}
