@@ -164,8 +164,10 @@ def solve_square_floats(spec) -> tuple[int, int]:
 
 
 def solve_bytes_per_weight(spec) -> int:
-    if spec.format == "lut":
-        return 64
+    if spec.format == "lut":  # refitted 2026-12-07 on LNQ w2, one layer of 3072 x 576: 380 MiB above the solve's
+        # start (flash1dkmeans's first compile, table_update's 2^22-entry float64 chunks, the k-means' float64 copies);
+        # whole jobs on the offline model measured 834-908 MB against 676 with the 64 it had
+        return 225
     if spec.format == "bcq":  # refitted 2026-12-07 on ALTERNATING w2 / w3 / w4: 856 / 896 / 1090 MB measured
         return 70 + 66 * spec.bits
     return 20
