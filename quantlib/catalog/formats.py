@@ -17,7 +17,9 @@ register_format(Format("spqr", "quantlib.formats.spqr:SpqrQuantized", "SpQR",
 
 register_format(Format("trellis", "quantlib.formats.trellis:TrellisQuantized", "trellis (QTIP)",
                        help="k bits per weight: tail-biting bitshift-trellis codes of incoherence-processed 16 x 16 "
-                            "tiles, a scale and two Hadamard sign seeds per layer"))
+                            "tiles, a scale and two Hadamard sign seeds per layer",
+                       # no groups within a row: one scale per layer (or row block), codes per tile
+                       grouping=lambda spec: f"{spec.opt('tile_rows')}x{spec.opt('tile_cols')} tiles"))
 register_format(Format("bcq", "quantlib.formats.bcq:BcqQuantized", "binary coding",
                        help="b sign planes (1 bit per weight each) with b float16 scales and a float16 offset per "
                             "(row, group)"))

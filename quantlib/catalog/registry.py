@@ -120,6 +120,8 @@ class Format:
     impl: str
     label: str
     help: str = ""
+    # What a table's Group column says of a layer in this format, from its spec; None: the setting's group size.
+    grouping: Callable[[Any], str] | None = None
 
     def load(self):
         return load_impl(self.impl)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from quantlib.artifacts.atomic import atomic_file
 from quantlib.catalog.names import require_setting
+from quantlib.catalog.registry import format_entry
 from quantlib.catalog.spec import QuantSpec
 from quantlib.errors import ConfigError, DataError
 from quantlib.evaluation.metrics import LOWER_IS_BETTER as _LOWER_TASK_METRICS
@@ -115,21 +116,21 @@ def _evaluation_bits(record: dict) -> int | None:
     return {"float32": 32, "float16": 16, "bfloat16": 16}.get(str(dtype).replace("torch.", ""))
 
 
-def _vector_group(name: str) -> str | None:
-    """The group column of a vector-quantized row: its tiles (a trellis layer has no groups of a row, one scale per
-    layer or row block, and codes per tile), or None for any other row."""
+def _format_group(name: str) -> str | None:
+    """The group column its storage format gives a quantized row (the catalog's `Format.grouping`), or None: the
+    setting's group size stands."""
     try:
         spec = QuantSpec.parse(name)
-        vector = spec.format == "trellis"
+        grouping = format_entry(spec.format).grouping
     except ConfigError:  # not a quantized model's name
         return None
-    return f"{spec.opt('tile_rows')}x{spec.opt('tile_cols')} tiles" if vector else None
+    return grouping(spec) if grouping is not None else None
 
 
 def _row(cell, metric, value, unit, field, protocol, paper, bits_per_weight=None) -> dict:
     bits, group = _setting_parts(cell["setting"])
     if cell["setting"] is not None and cell.get("name"):
-        group = _vector_group(cell["name"]) or group
+        group = _format_group(cell["name"]) or group
     ref = _paper_value(paper, cell["model"], cell["row"], cell["setting"], metric)
     return {"model": cell["model"], "method": cell["row"], "setting": cell["setting"] or "fp", "bits": bits,
             "group": group, "metric": metric, "value": value, "paper": ref,

@@ -193,6 +193,7 @@ def test_a_trellis_row_names_its_tiles_not_a_group(tmp_path):
     for cell in params["cells"]:
         cell["path"] = str(tmp_path / cell["name"])
         write_json(cell["path"], _ppl_record(12.0))
-    groups = dict(zip(collect(params)["name"], collect(params)["group"]))
+    df = collect(params)
+    groups = dict(zip(df["name"], df["group"]))
     assert groups == {"m.rtn.w4g32": "32", "m.rtn.w3g32": "32", "m.rtn.w4": "per-channel", "m.rtn.w3": "per-channel",
                       "m.wiki.n4.L32.qtip.w2.1mad.tl8": "16x16 tiles"}
