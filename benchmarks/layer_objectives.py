@@ -71,10 +71,11 @@ def input_hessians(model, names: list[str], ids: torch.Tensor, batch: int = 8) -
 
 
 def add_layer_arguments(ap, nsamples: int, blocks: list[int], bits: int,
-                        modules=("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")) -> None:
-    """The options every real-layer benchmark takes: the model, the calibration text and windows, the layers, bits."""
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--calib-text", required=True, help="parquet/jsonl with a text column")
+                        modules=("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"), required: bool = True) -> None:
+    """The options every real-layer benchmark takes: the model, the calibration text and windows, the layers, bits
+    (`required`: the model and the text must be given)."""
+    ap.add_argument("--model-dir", required=required)
+    ap.add_argument("--calib-text", required=required, help="parquet/jsonl with a text column")
     ap.add_argument("--calib-rows", type=int, nargs=2, default=[1100, 1600])
     ap.add_argument("--nsamples", type=int, default=nsamples)
     ap.add_argument("--seqlen", type=int, default=512)

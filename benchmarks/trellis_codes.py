@@ -63,10 +63,8 @@ def main() -> None:
     ap.add_argument("--gaussian-L", type=int, nargs="+", help="the synthetic test at these L (no model read)")
     synthetic = ap.parse_known_args()[0].gaussian_L
     add_layer_arguments(ap, 32, [2, 15, 28], 2,
-                        ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"))
-    if synthetic:  # no model, no calibration text
-        for action in ap._actions:
-            action.required = False
+                        ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"),
+                        required=not synthetic)  # the synthetic test reads no model and no text
     ap.add_argument("--trellis-L", type=int, default=8)
     ap.add_argument("--hyb-bits", type=int, default=7, help="HYB's Q (below L; the paper's 9 needs L >= 10)")
     ap.add_argument("--threads", type=int, default=1)
@@ -80,7 +78,7 @@ def main() -> None:
 
     model, _, names, H_cal, cal = real_layers(args)
     codes = {"1mad": {"code_1mad": True}, "3inst": {"code_3inst": True}, "hyb": {"hyb_bits": args.hyb_bits}}
-    ratios, rel_errors, seconds, bits = (defaultdict(list) for _ in range(4))
+    per_type = defaultdict(list)  # (layer type, code): each layer's row
     for name in names:
         W, H = model.get_submodule(name).weight.data.float(), H_cal[name]
         ref = float(((W.double() @ H.double()) * W.double()).sum())
@@ -97,18 +95,17 @@ def main() -> None:
         kind = name.rsplit(".", 1)[-1]
         for code in codes:
             row[code]["vs_1mad"] = round(err[code] / err["1mad"], 4)
-            ratios[(kind, code)].append(row[code]["vs_1mad"])
-            rel_errors[(kind, code)].append(row[code]["rel_error"])
-            seconds[(kind, code)].append(row[code]["s"])
-            bits[(kind, code)].append(row[code]["bits"])
+            per_type[(kind, code)].append(row[code])
         print(json.dumps({"layer": name, **row}), flush=True)
 
+    def median(rows, key, digits):
+        return round(statistics.median(r[key] for r in rows), digits)
+
     summary = defaultdict(dict)
-    for (kind, code), v in sorted(ratios.items()):
-        summary[kind][code] = {"median_vs_1mad": round(statistics.median(v), 3),
-                               "median_rel_error": round(statistics.median(rel_errors[(kind, code)]), 5),
-                               "median_s": round(statistics.median(seconds[(kind, code)]), 1),
-                               "bits_per_weight": round(statistics.median(bits[(kind, code)]), 4)}
+    for (kind, code), rows in sorted(per_type.items()):
+        summary[kind][code] = {"median_vs_1mad": median(rows, "vs_1mad", 3),
+                               "median_rel_error": median(rows, "rel_error", 5),
+                               "median_s": median(rows, "s", 1), "bits_per_weight": median(rows, "bits", 4)}
     record = {"benchmark": "trellis_codes", "model": Path(args.model_dir).name, "bits": args.bits,
               "trellis_L": args.trellis_L, "hyb_bits": args.hyb_bits,
               "blocks": args.blocks, "calibration": f"{args.nsamples}x{args.seqlen}", "threads": args.threads,
